@@ -1,0 +1,375 @@
+//! Device callbacks (`MemoryRegionOps`) and the rules that legalise an access
+//! before it reaches them.
+//!
+//! The legalisation follows modern QEMU: the validity check of 5.1+
+//! (`accepts`, alignment, `valid` sizes), then `access_with_adjusted_size`
+//! (split to `impl.max`, round up to `impl.min` without aligning down,
+//! big-endian aware placement), then the device's byte order. Accesses that
+//! come from an address space were already cut to naturally aligned pieces
+//! when `impl.unaligned` is false (see `AddressSpace::read`).
+
+use crate::error::{Error, Result};
+use crate::types::{Endianness, HwAddr, MemTxResult};
+use crate::sync::Arc;
+
+/// The callbacks of an I/O region, QEMU's `MemoryRegionOps` read/write/accepts.
+///
+/// `addr` is relative to the region; `size` is 1, 2, 4 or 8 bytes, already
+/// legalised by the region's [`OpsConfig`]. Values are in the device's own
+/// byte order ([`OpsConfig::endianness`]). Implementations are called from any
+/// vCPU thread at once and must synchronise their own state (the device actor
+/// harness in `topos-devices` does that for device models).
+pub trait MemoryRegionOps: Send + Sync + 'static {
+    /// A read of `size` bytes at `addr`.
+    fn read(&self, addr: HwAddr, size: u32) -> u64;
+
+    /// A write of the low `size` bytes of `value` at `addr`.
+    fn write(&self, addr: HwAddr, value: u64, size: u32);
+
+    /// Like [`read`](Self::read), but able to fail (modern QEMU's
+    /// `read_with_attrs`). The default calls `read` and succeeds.
+    fn read_with_result(&self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        (self.read(addr, size), MemTxResult::Ok)
+    }
+
+    /// Like [`write`](Self::write), but able to fail. The default calls
+    /// `write` and succeeds.
+    fn write_with_result(&self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        self.write(addr, value, size);
+        MemTxResult::Ok
+    }
+
+    /// QEMU's `valid.accepts`: return false to refuse the access, which then
+    /// reads 0 and returns [`MemTxResult::DecodeError`].
+    fn accepts(&self, _addr: HwAddr, _size: u32, _is_write: bool) -> bool {
+        true
+    }
+}
+
+/// Guest-visible access constraints (`ops->valid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ValidConstraints {
+    /// Smallest valid access size; 0 means 1.
+    pub min_access_size: u32,
+    /// Largest valid access size; 0 means "any size is valid" for the
+    /// validity check and 4 for how address spaces cut accesses.
+    pub max_access_size: u32,
+    /// Unaligned accesses are valid.
+    pub unaligned: bool,
+}
+
+/// Implementation constraints (`ops->impl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImplConstraints {
+    /// Smallest size the callbacks implement (0 = 1); smaller accesses are
+    /// rounded up.
+    pub min_access_size: u32,
+    /// Largest size the callbacks implement (0 = 4); larger accesses are split.
+    pub max_access_size: u32,
+    /// The callbacks handle unaligned accesses; otherwise accesses from an
+    /// address space are cut into naturally aligned pieces first.
+    pub unaligned: bool,
+}
+
+/// The static part of `MemoryRegionOps`: byte order and constraints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpsConfig {
+    /// Byte order of the device's registers.
+    pub endianness: Endianness,
+    /// Guest-visible constraints.
+    pub valid: ValidConstraints,
+    /// Implementation constraints.
+    pub impl_: ImplConstraints,
+}
+
+impl OpsConfig {
+    /// Little-endian/native device with the given implemented size range.
+    pub fn with_impl(min: u32, max: u32) -> Self {
+        OpsConfig {
+            impl_: ImplConstraints { min_access_size: min, max_access_size: max, unaligned: false },
+            ..Default::default()
+        }
+    }
+
+    /// Checks that sizes are 0 or powers of two up to 8 and that min ≤ max.
+    pub fn validate(&self) -> Result<()> {
+        fn ok(s: u32) -> bool {
+            s == 0 || (s <= 8 && s.is_power_of_two())
+        }
+        let pairs = [
+            ("valid", self.valid.min_access_size, self.valid.max_access_size),
+            ("impl", self.impl_.min_access_size, self.impl_.max_access_size),
+        ];
+        for (what, min, max) in pairs {
+            if !ok(min) || !ok(max) {
+                return Err(Error::InvalidConstraints(format!(
+                    "{what} sizes must be 0 or a power of two up to 8 (min {min}, max {max})"
+                )));
+            }
+            if min != 0 && max != 0 && min > max {
+                return Err(Error::InvalidConstraints(format!("{what}.min {min} > {what}.max {max}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ops of a region together with their configuration.
+#[derive(Clone)]
+pub(crate) struct RegionOps {
+    pub(crate) ops: Arc<dyn MemoryRegionOps>,
+    pub(crate) config: OpsConfig,
+}
+
+fn mask_of(size: u32) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+fn swap(value: u64, size: u32) -> u64 {
+    match size {
+        2 => (value as u16).swap_bytes() as u64,
+        4 => (value as u32).swap_bytes() as u64,
+        8 => value.swap_bytes(),
+        _ => value,
+    }
+}
+
+impl RegionOps {
+    /// `memory_region_access_valid` of QEMU 5.1+.
+    pub(crate) fn access_valid(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
+        let v = &self.config.valid;
+        if !self.ops.accepts(addr, size, is_write) {
+            tracing::debug!(addr, size, is_write, "invalid access: rejected");
+            return false;
+        }
+        if !v.unaligned && addr & (size as u64 - 1) != 0 {
+            tracing::debug!(addr, size, is_write, "invalid access: unaligned");
+            return false;
+        }
+        if v.max_access_size == 0 {
+            return true;
+        }
+        if size > v.max_access_size || size < v.min_access_size {
+            tracing::debug!(addr, size, is_write, "invalid access: size");
+            return false;
+        }
+        true
+    }
+
+    /// How wide a piece of an `l`-byte access at region offset `addr` may be
+    /// (QEMU's `memory_access_size`).
+    pub(crate) fn access_size(&self, l: u64, addr: HwAddr) -> u32 {
+        let mut max = match self.config.valid.max_access_size {
+            0 => 4,
+            m => m as u64,
+        };
+        if !self.config.impl_.unaligned {
+            let align = addr & addr.wrapping_neg();
+            if align != 0 && align < max {
+                max = align;
+            }
+        }
+        let l = l.min(max).max(1);
+        // pow2floor
+        (1u64 << (63 - l.leading_zeros())) as u32
+    }
+
+    fn adjusted_sizes(&self, size: u32) -> (u32, u64) {
+        let imin = self.config.impl_.min_access_size.max(1);
+        let imax = match self.config.impl_.max_access_size {
+            0 => 4,
+            m => m,
+        };
+        let access = size.min(imax).max(imin);
+        (access, mask_of(access))
+    }
+
+    /// `memory_region_dispatch_read` minus the alias step: validity, split or
+    /// round-up, then byte order. Returns the value in target (little-endian)
+    /// register layout.
+    pub(crate) fn dispatch_read(&self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        if !self.access_valid(addr, size, false) {
+            return (0, MemTxResult::DecodeError);
+        }
+        let (access, mask) = self.adjusted_sizes(size);
+        let big = self.config.endianness.is_big();
+        let mut value = 0u64;
+        let mut result = MemTxResult::Ok;
+        let mut i = 0u32;
+        while i < size {
+            let (tmp, r) = self.ops.read_with_result(addr.wrapping_add(i as u64), access);
+            result = result.combine(r);
+            let shift: i64 = if big {
+                (size as i64 - access as i64 - i as i64) * 8
+            } else {
+                i as i64 * 8
+            };
+            let piece = tmp & mask;
+            value |= if shift >= 0 {
+                piece.checked_shl(shift as u32).unwrap_or(0)
+            } else {
+                piece.checked_shr((-shift) as u32).unwrap_or(0)
+            };
+            i += access;
+        }
+        if big {
+            value = swap(value, size);
+        }
+        (value, result)
+    }
+
+    /// `memory_region_dispatch_write` minus the alias and eventfd steps.
+    /// `value` is in target (little-endian) register layout.
+    pub(crate) fn dispatch_write(&self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        if !self.access_valid(addr, size, true) {
+            return MemTxResult::DecodeError;
+        }
+        let big = self.config.endianness.is_big();
+        let value = if big { swap(value, size) } else { value };
+        let (access, mask) = self.adjusted_sizes(size);
+        let mut result = MemTxResult::Ok;
+        let mut i = 0u32;
+        while i < size {
+            let shift: i64 = if big {
+                (size as i64 - access as i64 - i as i64) * 8
+            } else {
+                i as i64 * 8
+            };
+            let piece = if shift >= 0 {
+                value.checked_shr(shift as u32).unwrap_or(0)
+            } else {
+                value.checked_shl((-shift) as u32).unwrap_or(0)
+            } & mask;
+            result = result.combine(self.ops.write_with_result(addr.wrapping_add(i as u64), piece, access));
+            i += access;
+        }
+        result
+    }
+}
+
+/// The ops of QEMU's `io` root region (`unassigned_io_ops`): reads return
+/// all-ones, writes are ignored, and both succeed. Give it to the root of an
+/// I/O-port address space so that unclaimed ports read all-ones.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnassignedIo;
+
+impl MemoryRegionOps for UnassignedIo {
+    fn read(&self, _addr: HwAddr, _size: u32) -> u64 {
+        u64::MAX
+    }
+    fn write(&self, _addr: HwAddr, _value: u64, _size: u32) {}
+}
+
+/// A read handler of an old-style table ([`PortioTable`], [`MmioTable`]).
+pub type OldRead = Arc<dyn Fn(HwAddr) -> u64 + Send + Sync>;
+/// A write handler of an old-style table.
+pub type OldWrite = Arc<dyn Fn(HwAddr, u64) + Send + Sync>;
+
+/// One entry of an old-style port I/O table (QEMU's `MemoryRegionPortio`):
+/// `len` ports from `offset`, accessed with width `size`.
+#[derive(Clone)]
+pub struct PortioEntry {
+    /// First port offset within the region.
+    pub offset: u32,
+    /// Number of ports covered.
+    pub len: u32,
+    /// Access width in bytes (1, 2 or 4).
+    pub size: u32,
+    /// Read handler, called with the absolute region offset.
+    pub read: Option<OldRead>,
+    /// Write handler.
+    pub write: Option<OldWrite>,
+}
+
+/// Adapter from an old-style port table (`old_portio`) to [`MemoryRegionOps`].
+///
+/// As QEMU does: an access is served by the entry that covers its offset with
+/// its width; a 2-byte access with no entry becomes two 1-byte accesses; an
+/// unmatched read returns all-ones of the width and an unmatched write is
+/// dropped.
+#[derive(Clone)]
+pub struct PortioTable {
+    entries: Vec<PortioEntry>,
+}
+
+impl PortioTable {
+    /// A table from its entries (QEMU's list up to `PORTIO_END_OF_LIST`).
+    pub fn new(entries: Vec<PortioEntry>) -> Self {
+        PortioTable { entries }
+    }
+
+    /// The ops configuration that goes with the table: 1–4 byte accesses,
+    /// implemented at the size the guest uses.
+    pub fn config() -> OpsConfig {
+        OpsConfig {
+            valid: ValidConstraints { min_access_size: 1, max_access_size: 4, unaligned: true },
+            impl_: ImplConstraints { min_access_size: 1, max_access_size: 4, unaligned: true },
+            ..Default::default()
+        }
+    }
+
+    fn find(&self, addr: HwAddr, size: u32, write: bool) -> Option<&PortioEntry> {
+        self.entries.iter().find(|e| {
+            e.size == size
+                && addr >= e.offset as u64
+                && addr < e.offset as u64 + e.len as u64
+                && if write { e.write.is_some() } else { e.read.is_some() }
+        })
+    }
+}
+
+impl MemoryRegionOps for PortioTable {
+    fn read(&self, addr: HwAddr, size: u32) -> u64 {
+        if let Some(read) = self.find(addr, size, false).and_then(|e| e.read.as_ref()) {
+            return read(addr) & mask_of(size);
+        }
+        if size == 2 {
+            return (self.read(addr, 1) & 0xff) | ((self.read(addr + 1, 1) & 0xff) << 8);
+        }
+        mask_of(size)
+    }
+
+    fn write(&self, addr: HwAddr, value: u64, size: u32) {
+        if let Some(write) = self.find(addr, size, true).and_then(|e| e.write.as_ref()) {
+            write(addr, value & mask_of(size));
+        } else if size == 2 {
+            self.write(addr, value & 0xff, 1);
+            self.write(addr + 1, (value >> 8) & 0xff, 1);
+        }
+    }
+}
+
+/// Adapter from an old-style MMIO table (`old_mmio`: one handler per width,
+/// index 0 = byte, 1 = word, 2 = long) to [`MemoryRegionOps`]. Accesses are
+/// split to the implemented widths like any other ops (QEMU 1.6+). A missing
+/// handler reads 0 and drops writes.
+#[derive(Clone, Default)]
+pub struct MmioTable {
+    /// Read handlers by width index.
+    pub read: [Option<OldRead>; 3],
+    /// Write handlers by width index.
+    pub write: [Option<OldWrite>; 3],
+}
+
+fn width_index(size: u32) -> usize {
+    match size {
+        1 => 0,
+        2 => 1,
+        _ => 2,
+    }
+}
+
+impl MemoryRegionOps for MmioTable {
+    fn read(&self, addr: HwAddr, size: u32) -> u64 {
+        self.read[width_index(size)].as_ref().map_or(0, |f| f(addr) & mask_of(size))
+    }
+    fn write(&self, addr: HwAddr, value: u64, size: u32) {
+        if let Some(f) = &self.write[width_index(size)] {
+            f(addr, value & mask_of(size));
+        }
+    }
+}
