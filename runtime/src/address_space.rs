@@ -25,7 +25,13 @@ pub(crate) struct AsEventfd {
 
 impl AsEventfd {
     pub(crate) fn key(&self) -> (HwAddr, u64, bool, u64, usize) {
-        (self.addr, self.size, self.match_data, if self.match_data { self.data } else { 0 }, Arc::as_ptr(&self.notifier) as usize)
+        (
+            self.addr,
+            self.size,
+            self.match_data,
+            if self.match_data { self.data } else { 0 },
+            Arc::as_ptr(&self.notifier) as usize,
+        )
     }
 
     /// The section QEMU passes to eventfd callbacks: no region.
@@ -74,7 +80,12 @@ impl AsInner {
             shared,
             ioeventfds: Mutex::new(Vec::new()),
             destroyed: AtomicBool::new(false),
-            bounce: Mutex::new(BounceState { used: 0, budget: DEFAULT_BOUNCE_BUDGET, clients: Vec::new(), next_client: 1 }),
+            bounce: Mutex::new(BounceState {
+                used: 0,
+                budget: DEFAULT_BOUNCE_BUDGET,
+                clients: Vec::new(),
+                next_client: 1,
+            }),
         }
     }
 
@@ -277,7 +288,8 @@ pub(crate) fn region_write(shared: &TopoShared, mr: &MemoryRegion, addr: HwAddr,
                     value
                 };
                 for fd in fds.iter() {
-                    if fd.addr == addr && (fd.size == size as u64 || fd.size == 0) && (!fd.match_data || fd.data == dev) {
+                    if fd.addr == addr && (fd.size == size as u64 || fd.size == 0) && (!fd.match_data || fd.data == dev)
+                    {
                         if let Err(e) = fd.notifier.write(1) {
                             tracing::warn!(region = mr.name(), error = %e, "ioeventfd signal failed");
                         }

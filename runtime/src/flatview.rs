@@ -208,7 +208,13 @@ pub(crate) fn render(root: Option<&MemoryRegion>) -> FlatView {
 }
 
 /// `render_memory_region`: `base` may go below zero through alias offsets.
-fn render_region(pieces: &mut BTreeMap<u128, Piece>, mr: &MemoryRegion, base: i128, clip: (u128, u128), readonly: bool) {
+fn render_region(
+    pieces: &mut BTreeMap<u128, Piece>,
+    mr: &MemoryRegion,
+    base: i128,
+    clip: (u128, u128),
+    readonly: bool,
+) {
     let st = mr.0.state.lock();
     if !st.enabled {
         return;
@@ -260,10 +266,7 @@ fn render_region(pieces: &mut BTreeMap<u128, Piece>, mr: &MemoryRegion, base: i1
         gaps.push((pos, clip.1));
     }
     for (s, e) in gaps {
-        pieces.insert(
-            s,
-            Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly },
-        );
+        pieces.insert(s, Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly });
     }
 }
 

@@ -79,7 +79,16 @@ impl Printer<'_> {
                 );
             }
         } else if show {
-            let _ = writeln!(self.out, "{:016x}-{:016x} (prio {}, {}): {}{}", cur_start, cur_end, prio, region_type(mr), mr.name(), suffix);
+            let _ = writeln!(
+                self.out,
+                "{:016x}-{:016x} (prio {}, {}): {}{}",
+                cur_start,
+                cur_end,
+                prio,
+                region_type(mr),
+                mr.name(),
+                suffix
+            );
         }
         // Children by ascending address, higher priority first at equal
         // addresses, list order otherwise (QEMU's insertion rule).

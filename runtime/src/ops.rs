@@ -9,8 +9,8 @@
 //! when `impl.unaligned` is false (see `AddressSpace::read`).
 
 use crate::error::{Error, Result};
-use crate::types::{Endianness, HwAddr, MemTxResult};
 use crate::sync::Arc;
+use crate::types::{Endianness, HwAddr, MemTxResult};
 
 /// The callbacks of an I/O region, QEMU's `MemoryRegionOps` read/write/accepts.
 ///
@@ -203,11 +203,7 @@ impl RegionOps {
         while i < size {
             let (tmp, r) = self.ops.read_with_result(addr.wrapping_add(i as u64), access);
             result = result.combine(r);
-            let shift: i64 = if big {
-                (size as i64 - access as i64 - i as i64) * 8
-            } else {
-                i as i64 * 8
-            };
+            let shift: i64 = if big { (size as i64 - access as i64 - i as i64) * 8 } else { i as i64 * 8 };
             let piece = tmp & mask;
             value |= if shift >= 0 {
                 piece.checked_shl(shift as u32).unwrap_or(0)
@@ -234,11 +230,7 @@ impl RegionOps {
         let mut result = MemTxResult::Ok;
         let mut i = 0u32;
         while i < size {
-            let shift: i64 = if big {
-                (size as i64 - access as i64 - i as i64) * 8
-            } else {
-                i as i64 * 8
-            };
+            let shift: i64 = if big { (size as i64 - access as i64 - i as i64) * 8 } else { i as i64 * 8 };
             let piece = if shift >= 0 {
                 value.checked_shr(shift as u32).unwrap_or(0)
             } else {

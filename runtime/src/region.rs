@@ -564,11 +564,8 @@ impl MemoryRegion {
             let child_enabled = child.is_enabled();
             let mut st = self.0.state.lock();
             // Insert before the first sibling whose priority is <= ours.
-            let pos = st
-                .subregions
-                .iter()
-                .position(|o| o.0.state.lock().priority <= priority)
-                .unwrap_or(st.subregions.len());
+            let pos =
+                st.subregions.iter().position(|o| o.0.state.lock().priority <= priority).unwrap_or(st.subregions.len());
             st.subregions.insert(pos, child.clone());
             let pending = st.enabled && child_enabled;
             drop(st);
@@ -780,7 +777,14 @@ impl MemoryRegion {
     /// (matching `data` if `match_data`; size 0 matches any size) signals
     /// `notifier` instead of calling the device. `data` is given as the
     /// guest writes it to a device of this region's byte order.
-    pub fn add_eventfd(&self, addr: HwAddr, size: u64, match_data: bool, data: u64, notifier: &EventNotifier) -> Result<()> {
+    pub fn add_eventfd(
+        &self,
+        addr: HwAddr,
+        size: u64,
+        match_data: bool,
+        data: u64,
+        notifier: &EventNotifier,
+    ) -> Result<()> {
         let fd = self.make_ioeventfd(addr, size, match_data, data, notifier)?;
         self.mutate(|topo| {
             let mut st = self.0.state.lock();
@@ -796,7 +800,14 @@ impl MemoryRegion {
 
     /// `memory_region_del_eventfd`: removes a matching ioeventfd (a zero size
     /// on either side matches any size).
-    pub fn del_eventfd(&self, addr: HwAddr, size: u64, match_data: bool, data: u64, notifier: &EventNotifier) -> Result<()> {
+    pub fn del_eventfd(
+        &self,
+        addr: HwAddr,
+        size: u64,
+        match_data: bool,
+        data: u64,
+        notifier: &EventNotifier,
+    ) -> Result<()> {
         let fd = self.make_ioeventfd(addr, size, match_data, data, notifier)?;
         self.mutate(|topo| {
             let mut st = self.0.state.lock();
@@ -812,7 +823,14 @@ impl MemoryRegion {
         })
     }
 
-    fn make_ioeventfd(&self, addr: HwAddr, size: u64, match_data: bool, data: u64, notifier: &EventNotifier) -> Result<Ioeventfd> {
+    fn make_ioeventfd(
+        &self,
+        addr: HwAddr,
+        size: u64,
+        match_data: bool,
+        data: u64,
+        notifier: &EventNotifier,
+    ) -> Result<Ioeventfd> {
         if size > 8 || (size != 0 && !size.is_power_of_two()) {
             return Err(Error::InvalidConstraints(format!("ioeventfd size {size} is not 0, 1, 2, 4 or 8")));
         }

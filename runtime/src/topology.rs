@@ -173,7 +173,13 @@ impl Topology {
     }
 
     /// Like [`new_io`](Self::new_io) with shared ops.
-    pub fn new_io_arc(&self, name: &str, ops: Arc<dyn MemoryRegionOps>, config: OpsConfig, size: u128) -> Result<MemoryRegion> {
+    pub fn new_io_arc(
+        &self,
+        name: &str,
+        ops: Arc<dyn MemoryRegionOps>,
+        config: OpsConfig,
+        size: u128,
+    ) -> Result<MemoryRegion> {
         check_size(name, size)?;
         config.validate()?;
         Ok(MemoryRegion::new(self, name, size, RegionKind::Io(RegionOps { ops, config })))
@@ -222,12 +228,24 @@ impl Topology {
     /// `memory_region_init_rom_device`: backing RAM served directly for reads
     /// while in romd mode (the default); writes, and reads outside romd mode,
     /// go to `ops`.
-    pub fn new_rom_device(&self, name: &str, ops: impl MemoryRegionOps, config: OpsConfig, size: u128) -> Result<MemoryRegion> {
+    pub fn new_rom_device(
+        &self,
+        name: &str,
+        ops: impl MemoryRegionOps,
+        config: OpsConfig,
+        size: u128,
+    ) -> Result<MemoryRegion> {
         self.new_rom_device_arc(name, Arc::new(ops), config, size)
     }
 
     /// Like [`new_rom_device`](Self::new_rom_device) with shared ops.
-    pub fn new_rom_device_arc(&self, name: &str, ops: Arc<dyn MemoryRegionOps>, config: OpsConfig, size: u128) -> Result<MemoryRegion> {
+    pub fn new_rom_device_arc(
+        &self,
+        name: &str,
+        ops: Arc<dyn MemoryRegionOps>,
+        config: OpsConfig,
+        size: u128,
+    ) -> Result<MemoryRegion> {
         check_size(name, size)?;
         config.validate()?;
         let ram = RamBlock::new_anonymous(name, size)?;
@@ -475,7 +493,12 @@ impl Topology {
     /// space: `begin`, `log_global_start` if global logging is on, then for
     /// each range `region_add`, `coalesced_mmio_add` and `log_start`, then the
     /// ioeventfds (`eventfd_add`), then `commit`.
-    pub fn listener_register(&self, listener: Arc<dyn MemoryListener>, priority: i32, filter: Option<&AddressSpace>) -> Result<ListenerId> {
+    pub fn listener_register(
+        &self,
+        listener: Arc<dyn MemoryListener>,
+        priority: i32,
+        filter: Option<&AddressSpace>,
+    ) -> Result<ListenerId> {
         if let Some(f) = filter {
             if f.0.topo_id() != self.0.id {
                 return Err(Error::ForeignObject(f.name().to_string()));
@@ -774,7 +797,9 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
     // Delete pass.
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        if i < o.len() && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j]))) {
+        if i < o.len()
+            && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j])))
+        {
             let fr = &o[i];
             let sec = MemoryRegionSection::from_range(fr, asp);
             if !fr.region.0.state.lock().coalesced.is_empty() {
@@ -797,7 +822,9 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
     // Add pass.
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        if i < o.len() && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j]))) {
+        if i < o.len()
+            && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j])))
+        {
             i += 1;
         } else if i < o.len() && j < n.len() && o[i].same_as(&n[j]) {
             let (fo, fr) = (&o[i], &n[j]);
