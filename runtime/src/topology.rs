@@ -764,9 +764,25 @@ impl Topology {
 }
 
 impl TopoShared {
+    /// Runs the flush hook, unless this thread is already inside it (the
+    /// writes a flush replays may reach regions that flush, or begin
+    /// transactions; QEMU guards the same re-entry with a flag).
     pub(crate) fn flush(&self) {
+        thread_local! {
+            static FLUSHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
         let hook = self.flush_hook.load();
         if let Some(h) = hook.as_ref().as_ref() {
+            if FLUSHING.with(|f| f.replace(true)) {
+                return;
+            }
+            struct Reset;
+            impl Drop for Reset {
+                fn drop(&mut self) {
+                    FLUSHING.with(|f| f.set(false));
+                }
+            }
+            let _reset = Reset;
             h();
         }
     }
