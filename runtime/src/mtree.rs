@@ -51,10 +51,12 @@ impl Printer<'_> {
         let overflow = cur_start < base || cur_end < cur_start;
         let show = enabled || self.disabled;
         let suffix = if enabled { "" } else { " [disabled]" };
+        // QEMU prints the overflow warning before deciding whether the line
+        // itself is shown.
+        if overflow {
+            self.out.push_str("[DETECTED OVERFLOW!] ");
+        }
         if show {
-            if overflow {
-                self.out.push_str("[DETECTED OVERFLOW!] ");
-            }
             for _ in 0..level {
                 self.out.push_str("  ");
             }
