@@ -108,9 +108,25 @@ impl std::fmt::Debug for FlatView {
     }
 }
 
+static LIVE_VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many FlatViews exist in the process right now (published, held by
+/// readers, or waiting for their last reader). Stress tests use it to check
+/// that retired views are freed.
+pub fn live_views() -> usize {
+    LIVE_VIEWS.load(std::sync::atomic::Ordering::Acquire)
+}
+
+impl Drop for FlatView {
+    fn drop(&mut self) {
+        LIVE_VIEWS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl FlatView {
     pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>) -> FlatView {
         let starts = ranges.iter().map(|r| r.start).collect();
+        LIVE_VIEWS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         FlatView { ranges, starts, root }
     }
 

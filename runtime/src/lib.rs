@@ -39,7 +39,7 @@ pub mod types;
 
 pub use address_space::{AddressSpace, MapClientId, Mapping, DEFAULT_BOUNCE_BUDGET};
 pub use error::{Error, Result};
-pub use flatview::{FlatRange, FlatView};
+pub use flatview::{live_views, FlatRange, FlatView};
 pub use listener::{
     CommitDiff, DiffSubscriber, EventfdRecord, ListenerId, MemoryListener, MemoryRegionSection, Observed, RangeRecord,
     Snapshot, SpaceDiff,

@@ -5,3 +5,4 @@
 //! with their own issues.
 
 pub mod board;
+pub mod stress;
