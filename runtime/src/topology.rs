@@ -505,6 +505,11 @@ impl Topology {
             }
         }
         self.with_mutation(|| {
+            if let Some(f) = filter {
+                if f.0.destroyed.load(Ordering::Acquire) {
+                    return Err(Error::AddressSpaceDestroyed(f.name().to_string()));
+                }
+            }
             let (id, ases) = {
                 let mut st = self.0.state.lock();
                 let id = ListenerId(st.next_listener);
