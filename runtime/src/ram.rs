@@ -7,8 +7,8 @@
 
 use crate::dirty::DirtyBitmaps;
 use crate::error::{Error, Result};
-use crate::sync::{AtomicU64, Ordering};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where the bytes of a RAM block come from.
 #[derive(Debug)]

@@ -636,7 +636,16 @@ impl MemoryRegion {
                     p.add_subregion_common(addr, self, prio)
                 }
                 _ => {
-                    self.0.state.lock().addr = addr;
+                    // No container: QEMU only stores the address. The root of
+                    // an address space renders at its own address, though, so
+                    // re-render rather than leave its view stale.
+                    let moved = {
+                        let mut st = self.0.state.lock();
+                        let moved = st.addr != addr;
+                        st.addr = addr;
+                        moved && st.enabled
+                    };
+                    topo.mark_pending(moved && self.0.as_roots.load(Ordering::Acquire) > 0);
                     Ok(())
                 }
             }

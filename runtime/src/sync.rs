@@ -16,13 +16,38 @@
 
 #[cfg(not(topos_loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-#[cfg(not(topos_loom))]
+// Reference counting stays std's under loom too: loom's `Arc` has no `Weak`
+// and no unsized values, and the protocols under test are the publication,
+// locking and atomics around the counts, not the counts themselves.
 pub(crate) use std::sync::{Arc, Weak};
 
 #[cfg(topos_loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(not(topos_loom))]
+pub(crate) use std::thread_local;
+
 #[cfg(topos_loom)]
-pub(crate) use loom::sync::{Arc, Weak};
+pub(crate) use loom::thread_local;
+
+/// The identity of the calling thread (loom's simulated thread under loom).
+#[cfg(not(topos_loom))]
+pub(crate) fn current_thread_id() -> std::thread::ThreadId {
+    std::thread::current().id()
+}
+
+/// The identity of the calling thread (loom's simulated thread under loom).
+#[cfg(topos_loom)]
+pub(crate) fn current_thread_id() -> loom::thread::ThreadId {
+    loom::thread::current().id()
+}
+
+/// The type of [`current_thread_id`].
+#[cfg(not(topos_loom))]
+pub(crate) type ThreadId = std::thread::ThreadId;
+/// The type of [`current_thread_id`].
+#[cfg(topos_loom)]
+pub(crate) type ThreadId = loom::thread::ThreadId;
 
 #[cfg(not(topos_loom))]
 use std::sync as imp;

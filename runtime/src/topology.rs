@@ -25,11 +25,12 @@ use crate::listener::{
 use crate::ops::{MemoryRegionOps, OpsConfig, RegionOps};
 use crate::ram::RamBlock;
 use crate::region::{check_size, MemoryRegion, RegionId, RegionKind};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, Rcu};
+use crate::sync::{
+    current_thread_id, thread_local, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, Rcu, ThreadId,
+};
 use crate::types::HwAddr;
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::thread::ThreadId;
 
 /// The hook that drains a coalesced-MMIO ring (installed by a backend).
 pub type FlushHook = Arc<dyn Fn() + Send + Sync>;
@@ -272,7 +273,7 @@ impl Topology {
     // ----- the turn --------------------------------------------------------
 
     fn enter(&self, mutation: bool) -> Result<()> {
-        let me = std::thread::current().id();
+        let me = current_thread_id();
         let mut t = self.0.turn.m.lock();
         if t.owner == Some(me) {
             if t.committing && mutation {
@@ -290,7 +291,7 @@ impl Topology {
     }
 
     fn leave(&self) -> Result<bool> {
-        let me = std::thread::current().id();
+        let me = current_thread_id();
         let mut t = self.0.turn.m.lock();
         if t.owner != Some(me) || t.depth == 0 {
             return Err(Error::NotInTransaction);
@@ -319,7 +320,7 @@ impl Topology {
 
     fn in_commit(&self) -> bool {
         let t = self.0.turn.m.lock();
-        t.owner == Some(std::thread::current().id()) && t.committing
+        t.owner == Some(current_thread_id()) && t.committing
     }
 
     /// `memory_region_transaction_begin`: changes made until the matching
@@ -772,9 +773,11 @@ impl TopoShared {
     /// Runs the flush hook, unless this thread is already inside it (the
     /// writes a flush replays may reach regions that flush, or begin
     /// transactions; QEMU guards the same re-entry with a flag).
+    // loom's `thread_local!` has no `const` form.
+    #[allow(clippy::missing_const_for_thread_local)]
     pub(crate) fn flush(&self) {
         thread_local! {
-            static FLUSHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            static FLUSHING: std::cell::Cell<bool> = std::cell::Cell::new(false);
         }
         let hook = self.flush_hook.load();
         if let Some(h) = hook.as_ref().as_ref() {
