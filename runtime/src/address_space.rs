@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::flatview::{FlatRange, FlatView};
 use crate::listener::MemoryRegionSection;
 use crate::region::{EventNotifier, MemoryRegion, RegionKind};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Rcu, RcuGuard, Weak};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, Rcu, RcuGuard, Weak};
 use crate::topology::{TopoInner, TopoShared, Topology};
 use crate::types::{HwAddr, MemTxResult};
 
@@ -61,6 +61,9 @@ pub(crate) struct AsInner {
     pub(crate) name: Arc<str>,
     pub(crate) root: MemoryRegion,
     pub(crate) view: Rcu<FlatView>,
+    /// Bumped (Release) after every publication of `view`, so accessors can
+    /// tell with one load whether their cached view is still current.
+    pub(crate) view_gen: AtomicU64,
     topo: Weak<TopoInner>,
     pub(crate) shared: Arc<TopoShared>,
     /// The registered ioeventfd set, sorted; owned by the topology actor.
@@ -70,12 +73,19 @@ pub(crate) struct AsInner {
 }
 
 impl AsInner {
+    /// Publishes a new view (topology actor only).
+    pub(crate) fn publish(&self, view: Arc<FlatView>) {
+        self.view.swap(view);
+        self.view_gen.fetch_add(1, Ordering::Release);
+    }
+
     pub(crate) fn new(id: u64, name: &str, root: MemoryRegion, topo: Weak<TopoInner>, shared: Arc<TopoShared>) -> Self {
         AsInner {
             id,
             name: Arc::from(name),
             root,
             view: Rcu::new(Arc::new(FlatView::empty())),
+            view_gen: AtomicU64::new(0),
             topo,
             shared,
             ioeventfds: Mutex::new(Vec::new()),
@@ -408,6 +418,12 @@ impl AddressSpace {
         self.0.topo.upgrade().map(Topology).ok_or(Error::TopologyGone)
     }
 
+    /// A per-thread access path with a view and range cache (see
+    /// [`Accessor`]).
+    pub fn accessor(&self) -> Accessor {
+        Accessor { asp: self.0.clone(), view: self.0.view.load_full(), gen: u64::MAX, last: usize::MAX }
+    }
+
     /// The current FlatView (a reader's snapshot; holding it keeps it alive).
     pub fn view(&self) -> Arc<FlatView> {
         self.0.view.load_full()
@@ -610,6 +626,114 @@ impl AddressSpace {
             offset_within_address_space: s as u64,
             readonly: fr.readonly,
         })
+    }
+}
+
+/// A per-thread (per-vCPU) access path with a cache: it keeps the view it
+/// last used and the range it last hit, and revalidates both with a single
+/// atomic load per access. Repeated accesses to the same range skip the
+/// lookup entirely.
+///
+/// The cached view stays alive (with its regions and devices) until the next
+/// access that finds a newer one, or [`release`](Self::release); a vCPU that
+/// goes idle should release it.
+pub struct Accessor {
+    asp: Arc<AsInner>,
+    view: Arc<FlatView>,
+    gen: u64,
+    last: usize,
+}
+
+impl std::fmt::Debug for Accessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accessor").field("address_space", &self.asp.name).field("gen", &self.gen).finish()
+    }
+}
+
+impl Accessor {
+    #[inline]
+    fn current(&mut self) -> &FlatView {
+        let g = self.asp.view_gen.load(Ordering::Acquire);
+        if g != self.gen {
+            self.view = self.asp.view.load_full();
+            self.gen = g;
+            self.last = usize::MAX;
+        }
+        &self.view
+    }
+
+    /// The range containing `addr`, through the cache.
+    #[inline]
+    pub fn lookup(&mut self, addr: HwAddr) -> Option<&FlatRange> {
+        self.current();
+        if let Some(r) = self.view.ranges.get(self.last) {
+            if r.contains(addr) {
+                return Some(r);
+            }
+        }
+        let i = self.view.lookup_index(addr)?;
+        self.last = i;
+        Some(&self.view.ranges[i])
+    }
+
+    /// Like [`AddressSpace::read`], through the cache.
+    #[inline]
+    pub fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
+        if let Some(r) = self.fast_range(addr, buf.len(), false) {
+            let off = r.offset_in_region + (addr - r.start);
+            if let Some(b) = r.region.ram_block() {
+                b.read_at(off, buf);
+                return MemTxResult::Ok;
+            }
+        }
+        rw_view(&self.asp.shared, &self.view, addr, buf, false)
+    }
+
+    /// Like [`AddressSpace::write`], through the cache.
+    #[inline]
+    pub fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
+        if let Some(r) = self.fast_range(addr, buf.len(), true) {
+            let off = r.offset_in_region + (addr - r.start);
+            if let Some(b) = r.region.ram_block() {
+                b.write_at(off, buf);
+                r.region.dirty_after_write(off, buf.len() as u64, r.dirty_log_mask);
+                return MemTxResult::Ok;
+            }
+        }
+        let mut tmp = buf.to_vec();
+        rw_view(&self.asp.shared, &self.view, addr, &mut tmp, true)
+    }
+
+    /// The cached range if the whole access is a direct RAM access in it.
+    #[inline]
+    fn fast_range(&mut self, addr: HwAddr, len: usize, is_write: bool) -> Option<&FlatRange> {
+        let r = self.lookup(addr)?;
+        let fits = (addr as u128 + len as u128) <= r.end();
+        let direct = if is_write { direct_write(r) } else { direct_read(r) };
+        (fits && direct).then_some(r)
+    }
+
+    /// Reads a little-endian value of 1, 2, 4 or 8 bytes.
+    #[inline]
+    pub fn read_u64(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        let mut b = [0u8; 8];
+        let n = (size as usize).min(8);
+        let r = self.read(addr, &mut b[..n]);
+        (u64::from_le_bytes(b), r)
+    }
+
+    /// Writes a little-endian value of 1, 2, 4 or 8 bytes.
+    #[inline]
+    pub fn write_u64(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        let n = (size as usize).min(8);
+        self.write(addr, &value.to_le_bytes()[..n])
+    }
+
+    /// Drops the cached view (it is reloaded on the next access).
+    pub fn release(&mut self) {
+        self.view = Arc::new(FlatView::empty());
+        self.gen = u64::MAX;
+        self.last = usize::MAX;
     }
 }
 

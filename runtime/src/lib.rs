@@ -37,7 +37,7 @@ pub(crate) mod sync;
 pub mod topology;
 pub mod types;
 
-pub use address_space::{AddressSpace, MapClientId, Mapping, DEFAULT_BOUNCE_BUDGET};
+pub use address_space::{Accessor, AddressSpace, MapClientId, Mapping, DEFAULT_BOUNCE_BUDGET};
 pub use error::{Error, Result};
 pub use flatview::{live_views, FlatRange, FlatView};
 pub use listener::{

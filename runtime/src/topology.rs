@@ -732,7 +732,7 @@ impl Topology {
                     if listeners.any_for(asp.0.id) || want_diff {
                         topology_passes(asp, &old, &new, &listeners, &mut sd);
                     }
-                    asp.0.view.swap(new);
+                    asp.0.publish(new);
                 }
             }
             update_ioeventfds(asp, &listeners, &mut sd);

@@ -48,3 +48,45 @@ fn retired_views_are_freed_once_no_reader_holds_them() {
     // The counter of live views covers at least the current one.
     assert!(live_views() >= 1);
 }
+
+#[test]
+fn accessor_caches_but_always_follows_commits() {
+    use topos_runtime::{MemTxResult, MemoryRegionOps, OpsConfig};
+    struct Tag(u64);
+    impl MemoryRegionOps for Tag {
+        fn read(&self, _a: u64, _s: u32) -> u64 {
+            self.0
+        }
+        fn write(&self, _a: u64, _v: u64, _s: u32) {}
+    }
+    let topo = Topology::new();
+    let root = topo.new_container("root", 0x10000).unwrap();
+    let asp = topo.address_space_init(&root, "m").unwrap();
+    let ram = topo.new_ram("ram", 0x2000).unwrap();
+    root.add_subregion(0, &ram).unwrap();
+    let dev = topo.new_io("dev", Tag(0xabcd), OpsConfig::default(), 0x1000).unwrap();
+    root.add_subregion(0x4000, &dev).unwrap();
+    let mut acc = asp.accessor();
+    assert!(acc.write(0x10, &[1, 2, 3, 4]).is_ok());
+    assert_eq!(acc.read_u64(0x10, 4), (0x0403_0201, MemTxResult::Ok));
+    // A write straddling the end of RAM goes through the general path.
+    assert_eq!(acc.write(0x1ffe, &[9, 9, 9, 9]), MemTxResult::DecodeError);
+    assert_eq!(acc.read_u64(0x4000, 2), (0xabcd, MemTxResult::Ok));
+    assert_eq!(acc.lookup(0x4000).map(|r| r.region().name().to_string()), Some("dev".into()));
+    // Move the device: the very next access through the same accessor sees it.
+    dev.set_address(0x8000).unwrap();
+    assert_eq!(acc.read_u64(0x4000, 2), (0, MemTxResult::DecodeError));
+    assert_eq!(acc.read_u64(0x8000, 2), (0xabcd, MemTxResult::Ok));
+    // RAM writes through the accessor dirty pages like any other write.
+    ram.reset_dirty(0, 0x2000, topos_runtime::DirtyClient::Vga).unwrap();
+    ram.set_log(true, topos_runtime::DirtyClient::Vga).unwrap();
+    assert!(acc.write(0x1008, &[7]).is_ok());
+    assert!(ram.get_dirty(0x1000, 1, topos_runtime::DirtyClient::Vga).unwrap());
+    assert!(!ram.get_dirty(0, 1, topos_runtime::DirtyClient::Vga).unwrap());
+    // Releasing drops the cached view; the next access reloads it.
+    let weak = std::sync::Arc::downgrade(&asp.view());
+    acc.release();
+    root.del_subregion(&dev).unwrap();
+    assert!(weak.upgrade().is_none());
+    assert_eq!(acc.read_u64(0x8000, 2).1, MemTxResult::DecodeError);
+}

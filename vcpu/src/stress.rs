@@ -214,6 +214,7 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
             let seed = cfg.seed.wrapping_add(1000 + i as u64);
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(seed);
+                let mut acc = mem.accessor();
                 let mut obs = Vec::new();
                 let mut n = 0u64;
                 let base = i as u64 * RAM_PER_READER;
@@ -223,7 +224,11 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
                             let slot = rng.random_range(0..slots);
                             let g0 = topo.generation();
                             READER_G0.with(|c| c.set(g0));
-                            let (v, r) = mem.read_u64(WINDOW + slot * SLOT + 8 * rng.random_range(0..4u64), 8);
+                            let addr = WINDOW + slot * SLOT + 8 * rng.random_range(0..4u64);
+                            // Half through the plain path, half through the
+                            // per-thread cached accessor.
+                            let (v, r) =
+                                if rng.random_bool(0.5) { mem.read_u64(addr, 8) } else { acc.read_u64(addr, 8) };
                             let g1 = topo.generation();
                             let seen = match r {
                                 MemTxResult::Ok => Some((v >> 32, v & 0xffff_ffff)),
@@ -238,8 +243,8 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
                         } else {
                             let off = base + rng.random_range(0..RAM_PER_READER / 8) * 8;
                             let val: u64 = rng.random();
-                            let _ = mem.write_u64(off, val, 8);
-                            if mem.read_u64(off, 8).0 != val {
+                            let _ = acc.write_u64(off, val, 8);
+                            if mem.read_u64(off, 8).0 != val || acc.read_u64(off, 8).0 != val {
                                 ram_mismatches.fetch_add(1, Ordering::Relaxed);
                             }
                         }
