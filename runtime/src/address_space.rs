@@ -2,7 +2,7 @@
 //! access paths through it (`address_space_rw`, `map`/`unmap`, `find`).
 
 use crate::error::{Error, Result};
-use crate::flatview::{FlatRange, FlatView};
+use crate::flatview::{FlatRange, FlatView, Pos};
 use crate::listener::MemoryRegionSection;
 use crate::region::{EventNotifier, MemoryRegion, RegionKind};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, Ordering, Rcu, RcuGuard, Weak};
@@ -21,10 +21,18 @@ pub(crate) struct AsEventfd {
     pub(crate) match_data: bool,
     pub(crate) data: u64,
     pub(crate) notifier: EventNotifier,
+    /// Start of the flat range that registered it.
+    pub(crate) owner: HwAddr,
 }
 
+/// Sort key of an address-space ioeventfd (QEMU's "before" order).
+pub(crate) type EventfdKey = (HwAddr, u64, bool, u64, usize);
+
+/// An address space's registered ioeventfds, in QEMU's order.
+pub(crate) type EventfdSet = std::collections::BTreeMap<EventfdKey, AsEventfd>;
+
 impl AsEventfd {
-    pub(crate) fn key(&self) -> (HwAddr, u64, bool, u64, usize) {
+    pub(crate) fn key(&self) -> EventfdKey {
         (
             self.addr,
             self.size,
@@ -66,8 +74,9 @@ pub(crate) struct AsInner {
     pub(crate) view_gen: AtomicU64,
     topo: Weak<TopoInner>,
     pub(crate) shared: Arc<TopoShared>,
-    /// The registered ioeventfd set, sorted; owned by the topology actor.
-    pub(crate) ioeventfds: Mutex<Vec<AsEventfd>>,
+    /// The registered ioeventfd set, owned by the topology actor; `None`
+    /// while nobody observes the address space.
+    pub(crate) ioeventfds: Mutex<Option<EventfdSet>>,
     pub(crate) destroyed: AtomicBool,
     bounce: Mutex<BounceState>,
 }
@@ -88,7 +97,7 @@ impl AsInner {
             view_gen: AtomicU64::new(0),
             topo,
             shared,
-            ioeventfds: Mutex::new(Vec::new()),
+            ioeventfds: Mutex::new(None),
             destroyed: AtomicBool::new(false),
             bounce: Mutex::new(BounceState {
                 used: 0,
@@ -331,10 +340,10 @@ fn rw_view(shared: &TopoShared, view: &FlatView, addr: HwAddr, buf: &mut [u8], i
             return result.combine(MemTxResult::DecodeError);
         };
         let remaining = (len - done) as u64;
-        let Some(i) = view.lookup_index(a) else {
+        let Some(pos) = view.lookup_pos(a) else {
             // A hole: up to the next range.
-            let next = view.first_at_or_after(a);
-            let gap_end = view.ranges.get(next).map_or(u128::MAX, |r| r.start as u128);
+            let next = view.pos_at_or_after(a).and_then(|p| view.get(p));
+            let gap_end = next.map_or(u128::MAX, |r| r.start as u128);
             let l = (gap_end - a as u128).min(remaining as u128) as usize;
             if !is_write {
                 buf[done..done + l].fill(0);
@@ -344,7 +353,7 @@ fn rw_view(shared: &TopoShared, view: &FlatView, addr: HwAddr, buf: &mut [u8], i
             done += l;
             continue;
         };
-        let fr = &view.ranges[i];
+        let Some(fr) = view.get(pos) else { break };
         let off = fr.offset_in_region + (a - fr.start);
         let in_range = (fr.end() - a as u128).min(remaining as u128) as usize;
         let chunk = &mut buf[done..done + in_range];
@@ -421,7 +430,7 @@ impl AddressSpace {
     /// A per-thread access path with a view and range cache (see
     /// [`Accessor`]).
     pub fn accessor(&self) -> Accessor {
-        Accessor { asp: self.0.clone(), view: self.0.view.load_full(), gen: u64::MAX, last: usize::MAX }
+        Accessor { asp: self.0.clone(), view: self.0.view.load_full(), gen: u64::MAX, last: None }
     }
 
     /// The current FlatView (a reader's snapshot; holding it keeps it alive).
@@ -508,16 +517,16 @@ impl AddressSpace {
             return None;
         }
         let view = self.0.view.load();
-        if let Some(i) = view.lookup_index(addr) {
-            let fr = &view.ranges[i];
+        if let Some(pos) = view.lookup_pos(addr) {
+            let fr = view.get(pos).expect("looked up");
             let direct = if is_write { direct_write(fr) } else { direct_read(fr) };
             if direct {
                 let offset = fr.offset_in_region + (addr - fr.start);
                 let mut mapped = (fr.end() - addr as u128).min(len as u128);
                 let mut next_off = offset as u128 + mapped;
-                let mut j = i + 1;
+                let mut j = view.next_pos(pos);
                 while mapped < len as u128 {
-                    let Some(n) = view.ranges.get(j) else { break };
+                    let Some(n) = j.and_then(|p| view.get(p)) else { break };
                     let contiguous = n.start as u128 == addr as u128 + mapped
                         && n.region == fr.region
                         && n.offset_in_region as u128 == next_off
@@ -528,7 +537,7 @@ impl AddressSpace {
                     let take = n.size().min(len as u128 - mapped);
                     mapped += take;
                     next_off += take;
-                    j += 1;
+                    j = j.and_then(|p| view.next_pos(p));
                 }
                 return Some(Mapping {
                     asp: self.0.clone(),
@@ -610,8 +619,7 @@ impl AddressSpace {
     /// to it (`memory_region_find` on an address-space address).
     pub fn find(&self, addr: HwAddr, size: u128) -> Option<MemoryRegionSection> {
         let view = self.0.view.load();
-        let idx = view.first_at_or_after(addr);
-        let fr = view.ranges.get(idx)?;
+        let fr = view.pos_at_or_after(addr).and_then(|p| view.get(p))?;
         let qend = addr as u128 + size;
         if !(qend > fr.start as u128 && (addr as u128) < fr.end()) {
             return None;
@@ -641,7 +649,7 @@ pub struct Accessor {
     asp: Arc<AsInner>,
     view: Arc<FlatView>,
     gen: u64,
-    last: usize,
+    last: Option<Pos>,
 }
 
 impl std::fmt::Debug for Accessor {
@@ -657,7 +665,7 @@ impl Accessor {
         if g != self.gen {
             self.view = self.asp.view.load_full();
             self.gen = g;
-            self.last = usize::MAX;
+            self.last = None;
         }
         &self.view
     }
@@ -666,14 +674,14 @@ impl Accessor {
     #[inline]
     pub fn lookup(&mut self, addr: HwAddr) -> Option<&FlatRange> {
         self.current();
-        if let Some(r) = self.view.ranges.get(self.last) {
+        if let Some(r) = self.last.and_then(|p| self.view.get(p)) {
             if r.contains(addr) {
-                return Some(r);
+                return self.last.and_then(|p| self.view.get(p));
             }
         }
-        let i = self.view.lookup_index(addr)?;
-        self.last = i;
-        Some(&self.view.ranges[i])
+        let p = self.view.lookup_pos(addr)?;
+        self.last = Some(p);
+        self.view.get(p)
     }
 
     /// Like [`AddressSpace::read`], through the cache.
@@ -733,7 +741,7 @@ impl Accessor {
     pub fn release(&mut self) {
         self.view = Arc::new(FlatView::empty());
         self.gen = u64::MAX;
-        self.last = usize::MAX;
+        self.last = None;
     }
 }
 

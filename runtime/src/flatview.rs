@@ -2,9 +2,11 @@
 //! rendering rules that produce them (QEMU's `render_memory_region` and
 //! `flatview_simplify`).
 
-use crate::region::{MemoryRegion, RegionKind};
+use crate::region::{MemoryRegion, RegionId, RegionKind};
+use crate::sync::Arc;
 use crate::types::HwAddr;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 
 /// One range of a FlatView: addresses `[start, start + size)` map to
 /// `region` at `offset_in_region`. The region is always a terminating one
@@ -90,24 +92,6 @@ impl std::fmt::Debug for FlatRange {
     }
 }
 
-/// An immutable, sorted list of non-overlapping [`FlatRange`]s: what a guest
-/// access resolves against. Published by RCU; a reader that holds one keeps it
-/// and every region it references alive.
-pub struct FlatView {
-    pub(crate) ranges: Vec<FlatRange>,
-    /// Start addresses, for the lookup (kept apart so a search touches only
-    /// these).
-    starts: Vec<u64>,
-    /// The region that was rendered (the address space's "physical root").
-    pub(crate) root: Option<MemoryRegion>,
-}
-
-impl std::fmt::Debug for FlatView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(&self.ranges).finish()
-    }
-}
-
 static LIVE_VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many FlatViews exist in the process right now (published, held by
@@ -117,17 +101,122 @@ pub fn live_views() -> usize {
     LIVE_VIEWS.load(std::sync::atomic::Ordering::Acquire)
 }
 
+/// Ranges per chunk. A commit that changes a few ranges rebuilds only the
+/// chunks around them; the others are shared with the previous view.
+const CHUNK: usize = 64;
+
+/// A run of consecutive ranges, shared between views.
+pub(crate) struct Chunk {
+    pub(crate) ranges: Vec<FlatRange>,
+    starts: Vec<u64>,
+}
+
+impl Chunk {
+    fn new(ranges: Vec<FlatRange>) -> Arc<Chunk> {
+        let starts = ranges.iter().map(|r| r.start).collect();
+        Arc::new(Chunk { ranges, starts })
+    }
+}
+
+/// A position in a view: chunk and index within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pos {
+    pub(crate) c: usize,
+    pub(crate) i: usize,
+}
+
+/// An immutable, sorted list of non-overlapping [`FlatRange`]s: what a guest
+/// access resolves against. Published by RCU; a reader that holds one keeps it
+/// and every region it references alive.
+pub struct FlatView {
+    chunks: Vec<Arc<Chunk>>,
+    /// First start address of each chunk (the top level of the lookup).
+    firsts: Vec<u64>,
+    /// Flat index of each chunk's first range.
+    offsets: Vec<usize>,
+    len: usize,
+    flat: OnceLock<Vec<FlatRange>>,
+    /// The region that was rendered (the address space's "physical root").
+    pub(crate) root: Option<MemoryRegion>,
+}
+
+impl std::fmt::Debug for FlatView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 impl Drop for FlatView {
     fn drop(&mut self) {
         LIVE_VIEWS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
+/// Splits sorted ranges into balanced chunks.
+fn chunkify(ranges: Vec<FlatRange>) -> Vec<Arc<Chunk>> {
+    let n = ranges.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let parts = n.div_ceil(CHUNK);
+    let per = n.div_ceil(parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut it = ranges.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(Chunk::new(it.by_ref().take(per).collect()));
+    }
+    out
+}
+
+/// `flatview_simplify`'s merge test (§2.4).
+fn can_merge(a: &FlatRange, b: &FlatRange) -> bool {
+    a.end() == b.start as u128
+        && a.region == b.region
+        && a.offset_in_region as u128 + a.size() == b.offset_in_region as u128
+        && a.dirty_log_mask == b.dirty_log_mask
+        && a.romd == b.romd
+        && a.readonly == b.readonly
+}
+
+/// Merges adjacent mergeable ranges of a sorted list, in place.
+fn simplify(ranges: Vec<FlatRange>) -> Vec<FlatRange> {
+    let mut out: Vec<FlatRange> = Vec::with_capacity(ranges.len());
+    for fr in ranges {
+        if let Some(prev) = out.last_mut() {
+            if can_merge(prev, &fr) {
+                prev.last = fr.last;
+                continue;
+            }
+        }
+        out.push(fr);
+    }
+    out
+}
+
+/// The part `[s, e)` of a range, with its offset adjusted.
+fn cut(fr: &FlatRange, s: u128, e: u128) -> FlatRange {
+    let mut c = fr.clone();
+    c.offset_in_region = fr.offset_in_region + (s - fr.start as u128) as u64;
+    c.start = s as u64;
+    c.last = (e - 1) as u64;
+    c
+}
+
 impl FlatView {
-    pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>) -> FlatView {
-        let starts = ranges.iter().map(|r| r.start).collect();
+    fn from_chunks(chunks: Vec<Arc<Chunk>>, root: Option<MemoryRegion>) -> FlatView {
+        let firsts = chunks.iter().map(|c| c.starts[0]).collect();
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut len = 0;
+        for c in &chunks {
+            offsets.push(len);
+            len += c.ranges.len();
+        }
         LIVE_VIEWS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        FlatView { ranges, starts, root }
+        FlatView { chunks, firsts, offsets, len, flat: OnceLock::new(), root }
+    }
+
+    pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>) -> FlatView {
+        FlatView::from_chunks(chunkify(ranges), root)
     }
 
     /// The empty view.
@@ -135,9 +224,25 @@ impl FlatView {
         FlatView::new(Vec::new(), None)
     }
 
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The ranges in address order.
+    pub fn iter(&self) -> impl Iterator<Item = &FlatRange> + '_ {
+        self.chunks.iter().flat_map(|c| c.ranges.iter())
+    }
+
+    /// The ranges in address order, as one slice (materialised on first
+    /// use; prefer [`iter`](Self::iter) on hot paths).
     pub fn ranges(&self) -> &[FlatRange] {
-        &self.ranges
+        self.flat.get_or_init(|| self.iter().cloned().collect())
     }
 
     /// The rendered root region, if any.
@@ -145,31 +250,188 @@ impl FlatView {
         self.root.as_ref()
     }
 
-    /// Index of the range containing `addr`.
+    /// Position of the range containing `addr`.
     #[inline]
-    pub fn lookup_index(&self, addr: HwAddr) -> Option<usize> {
-        let i = self.starts.partition_point(|&s| s <= addr);
-        if i == 0 {
+    pub(crate) fn lookup_pos(&self, addr: HwAddr) -> Option<Pos> {
+        let c = self.firsts.partition_point(|&s| s <= addr);
+        if c == 0 {
             return None;
         }
-        let r = &self.ranges[i - 1];
-        (addr <= r.last).then_some(i - 1)
+        let ch = &self.chunks[c - 1];
+        let i = ch.starts.partition_point(|&s| s <= addr) - 1;
+        (addr <= ch.ranges[i].last).then_some(Pos { c: c - 1, i })
+    }
+
+    /// The range at a position.
+    #[inline]
+    pub(crate) fn get(&self, p: Pos) -> Option<&FlatRange> {
+        self.chunks.get(p.c).and_then(|c| c.ranges.get(p.i))
+    }
+
+    /// The position after `p`.
+    #[inline]
+    pub(crate) fn next_pos(&self, p: Pos) -> Option<Pos> {
+        if p.i + 1 < self.chunks[p.c].ranges.len() {
+            Some(Pos { c: p.c, i: p.i + 1 })
+        } else if p.c + 1 < self.chunks.len() {
+            Some(Pos { c: p.c + 1, i: 0 })
+        } else {
+            None
+        }
+    }
+
+    /// Position of the first range that contains `addr` or lies above it.
+    pub(crate) fn pos_at_or_after(&self, addr: HwAddr) -> Option<Pos> {
+        let c = self.firsts.partition_point(|&s| s <= addr);
+        if c == 0 {
+            return (!self.chunks.is_empty()).then_some(Pos { c: 0, i: 0 });
+        }
+        let ch = &self.chunks[c - 1];
+        let i = ch.starts.partition_point(|&s| s <= addr);
+        if ch.ranges[i - 1].last >= addr {
+            Some(Pos { c: c - 1, i: i - 1 })
+        } else if i < ch.ranges.len() {
+            Some(Pos { c: c - 1, i })
+        } else if c < self.chunks.len() {
+            Some(Pos { c, i: 0 })
+        } else {
+            None
+        }
+    }
+
+    /// The ranges that contain `addr` or lie above it, in order.
+    pub(crate) fn iter_from(&self, addr: HwAddr) -> impl Iterator<Item = &FlatRange> + '_ {
+        let mut p = self.pos_at_or_after(addr);
+        std::iter::from_fn(move || {
+            let cur = p?;
+            p = self.next_pos(cur);
+            self.get(cur)
+        })
+    }
+
+    /// Index (in [`ranges`](Self::ranges)) of the range containing `addr`.
+    #[inline]
+    pub fn lookup_index(&self, addr: HwAddr) -> Option<usize> {
+        self.lookup_pos(addr).map(|p| self.offsets[p.c] + p.i)
     }
 
     /// The range containing `addr`.
     #[inline]
     pub fn lookup(&self, addr: HwAddr) -> Option<&FlatRange> {
-        self.lookup_index(addr).map(|i| &self.ranges[i])
+        self.lookup_pos(addr).and_then(|p| self.get(p))
     }
 
-    /// Index of the first range that ends after `addr` (that contains it or
-    /// lies above it).
-    pub(crate) fn first_at_or_after(&self, addr: HwAddr) -> usize {
-        let i = self.starts.partition_point(|&s| s <= addr);
-        if i > 0 && self.ranges[i - 1].last >= addr {
-            i - 1
-        } else {
-            i
+    /// Grows each window (sorted, disjoint) until its ends fall on range
+    /// boundaries of this view, and merges windows that come to touch.
+    pub(crate) fn expand(&self, windows: &[(u128, u128)]) -> Vec<(u128, u128)> {
+        let mut out: Vec<(u128, u128)> = Vec::new();
+        for &(mut s, mut e) in windows {
+            if s < crate::types::SIZE_MAX {
+                if let Some(r) = self.lookup((s as u64).min(u64::MAX)) {
+                    s = s.min(r.start as u128);
+                }
+            }
+            if e > 0 {
+                if let Some(r) = self.lookup((e - 1) as u64) {
+                    e = e.max(r.end());
+                }
+            }
+            match out.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
+    /// A new view equal to this one outside `windows` (sorted, disjoint) and
+    /// made of `pieces` (sorted, inside the windows) within them. Only the
+    /// chunks around the windows are rebuilt; the rest are shared.
+    pub(crate) fn splice(
+        &self,
+        windows: &[(u128, u128)],
+        pieces: Vec<FlatRange>,
+        root: Option<MemoryRegion>,
+    ) -> FlatView {
+        if self.chunks.is_empty() {
+            return FlatView::new(simplify(pieces), root);
+        }
+        let n = self.chunks.len();
+        // Chunk spans to rebuild: the chunks each window touches (or the one
+        // before it), one more on each side so merges at the edges are seen.
+        let chunk_of = |a: u128| -> usize {
+            let a = a.min(u64::MAX as u128) as u64;
+            self.firsts.partition_point(|&s| s <= a).saturating_sub(1)
+        };
+        let mut spans: Vec<(usize, usize, Vec<(u128, u128)>)> = Vec::new();
+        for &(ws, we) in windows {
+            let lo = chunk_of(ws).saturating_sub(1);
+            let hi = (chunk_of(we.saturating_sub(1)) + 1).min(n - 1);
+            match spans.last_mut() {
+                Some(last) if last.1 + 1 >= lo => {
+                    last.1 = last.1.max(hi);
+                    last.2.push((ws, we));
+                }
+                _ => spans.push((lo, hi, vec![(ws, we)])),
+            }
+        }
+        let mut pieces = pieces.into_iter().peekable();
+        let mut chunks: Vec<Arc<Chunk>> = Vec::with_capacity(n + 2);
+        let mut next = 0;
+        for (lo, hi, wins) in spans {
+            chunks.extend(self.chunks[next..lo].iter().cloned());
+            let span_end = if hi + 1 < n { self.firsts[hi + 1] as u128 } else { u128::MAX };
+            let mut merged: Vec<FlatRange> = Vec::new();
+            for fr in self.chunks[lo..=hi].iter().flat_map(|c| c.ranges.iter()) {
+                // Keep the parts of the old range outside every window.
+                let (mut s, e) = (fr.start as u128, fr.end());
+                for &(ws, we) in &wins {
+                    if we <= s || ws >= e {
+                        continue;
+                    }
+                    if ws > s {
+                        merged.push(cut(fr, s, ws));
+                    }
+                    s = s.max(we);
+                }
+                if s < e {
+                    merged.push(cut(fr, s, e));
+                }
+            }
+            while let Some(p) = pieces.next_if(|p| (p.start as u128) < span_end) {
+                merged.push(p);
+            }
+            merged.sort_by_key(|r| r.start);
+            chunks.extend(chunkify(simplify(merged)));
+            next = hi + 1;
+        }
+        chunks.extend(self.chunks[next..].iter().cloned());
+        FlatView::from_chunks(chunks, root)
+    }
+}
+
+/// Where a region was rendered: the base its children are placed from and
+/// the part of the address space it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) base: i128,
+    pub(crate) start: u128,
+    pub(crate) end: u128,
+}
+
+/// Every placement recorded while rendering one view.
+#[derive(Default)]
+pub(crate) struct Placements {
+    pub(crate) map: HashMap<RegionId, Vec<Placement>>,
+    pub(crate) count: usize,
+}
+
+impl Placements {
+    fn record(&mut self, id: RegionId, p: Placement) {
+        let v = self.map.entry(id).or_default();
+        if !v.contains(&p) {
+            v.push(p);
+            self.count += 1;
         }
     }
 }
@@ -182,22 +444,38 @@ struct Piece {
     readonly: bool,
 }
 
+struct Renderer<'a> {
+    pieces: BTreeMap<u128, Piece>,
+    win: (u128, u128),
+    placements: &'a mut Placements,
+}
+
 /// Renders the tree under `root` into a FlatView (QEMU's
-/// `generate_memory_topology`).
-pub(crate) fn render(root: Option<&MemoryRegion>) -> FlatView {
-    let mut pieces: BTreeMap<u128, Piece> = BTreeMap::new();
+/// `generate_memory_topology`), recording placements afresh.
+pub(crate) fn render(root: Option<&MemoryRegion>, placements: &mut Placements) -> FlatView {
+    *placements = Placements::default();
+    let pieces = render_window(root, (0, crate::types::SIZE_MAX), placements);
+    FlatView::new(simplify(pieces), root.cloned())
+}
+
+/// Renders only the addresses in `win`, returning the (unmerged) pieces.
+pub(crate) fn render_window(
+    root: Option<&MemoryRegion>,
+    win: (u128, u128),
+    placements: &mut Placements,
+) -> Vec<FlatRange> {
+    let mut r = Renderer { pieces: BTreeMap::new(), win, placements };
     if let Some(root) = root {
-        render_region(&mut pieces, root, 0, (0, crate::types::SIZE_MAX), false);
+        r.region(root, 0, (0, crate::types::SIZE_MAX), false);
     }
-    // Convert and merge (`flatview_simplify`).
-    let mut out: Vec<FlatRange> = Vec::with_capacity(pieces.len());
-    for (start, p) in pieces {
+    let mut out = Vec::with_capacity(r.pieces.len());
+    for (start, p) in r.pieces {
         let (romd, own_mask) = {
             let st = p.region.0.state.lock();
             (st.romd, st.dirty_log_mask)
         };
         let mask = p.region.effective_dirty_mask(own_mask);
-        let fr = FlatRange {
+        out.push(FlatRange {
             offset_in_region: p.offset as u64,
             start: start as u64,
             last: (p.end - 1) as u64,
@@ -205,84 +483,79 @@ pub(crate) fn render(root: Option<&MemoryRegion>) -> FlatView {
             romd,
             dirty_log_mask: mask,
             region: p.region,
-        };
-        if let Some(prev) = out.last_mut() {
-            if prev.end() == fr.start as u128
-                && prev.region == fr.region
-                && prev.offset_in_region as u128 + prev.size() == fr.offset_in_region as u128
-                && prev.dirty_log_mask == fr.dirty_log_mask
-                && prev.romd == fr.romd
-                && prev.readonly == fr.readonly
-            {
-                prev.last = fr.last;
-                continue;
-            }
-        }
-        out.push(fr);
+        });
     }
-    FlatView::new(out, root.cloned())
+    out
 }
 
-/// `render_memory_region`: `base` may go below zero through alias offsets.
-fn render_region(
-    pieces: &mut BTreeMap<u128, Piece>,
-    mr: &MemoryRegion,
-    base: i128,
-    clip: (u128, u128),
-    readonly: bool,
-) {
-    let st = mr.0.state.lock();
-    if !st.enabled {
-        return;
-    }
-    let base = base + st.addr as i128;
-    let readonly = readonly || st.readonly;
-    // Intersect the region's own range with the clip; empty renders nothing.
-    let own_start = base;
-    let own_end = base + mr.size() as i128;
-    let start = own_start.max(clip.0 as i128);
-    let end = own_end.min(clip.1 as i128);
-    if start >= end {
-        return;
-    }
-    let clip = (start as u128, end as u128);
+impl Renderer<'_> {
+    /// `render_memory_region`: `base` may go below zero through alias offsets.
+    fn region(&mut self, mr: &MemoryRegion, base: i128, clip: (u128, u128), readonly: bool) {
+        let st = mr.0.state.lock();
+        if !st.enabled {
+            return;
+        }
+        let base = base + st.addr as i128;
+        let readonly = readonly || st.readonly;
+        // Intersect the region's own range with the clip; empty renders nothing.
+        let start = base.max(clip.0 as i128);
+        let end = (base + mr.size() as i128).min(clip.1 as i128);
+        if start >= end {
+            return;
+        }
+        let clip = (start as u128, end as u128);
+        self.placements.record(mr.id(), Placement { base, start: clip.0, end: clip.1 });
+        let w = (clip.0.max(self.win.0), clip.1.min(self.win.1));
+        if w.0 >= w.1 {
+            return;
+        }
 
-    if let RegionKind::Alias { target } = &mr.0.kind {
-        let target_addr = target.0.state.lock().addr;
-        let base = base - target_addr as i128 - st.alias_offset as i128;
+        if let RegionKind::Alias { target } = &mr.0.kind {
+            let target_addr = target.0.state.lock().addr;
+            let base = base - target_addr as i128 - st.alias_offset as i128;
+            drop(st);
+            self.region(target, base, clip, readonly);
+            return;
+        }
+
+        for (child, g) in st.subregions.iter().zip(st.child_geo.iter()) {
+            // Skip, without locking it, a child that cannot reach the window.
+            if !g.live {
+                continue;
+            }
+            let cs = base + g.start as i128;
+            let ce = base + g.last as i128 + 1;
+            if ce <= w.0 as i128 || cs >= w.1 as i128 {
+                continue;
+            }
+            self.region(child, base, clip, readonly);
+        }
         drop(st);
-        render_region(pieces, target, base, clip, readonly);
-        return;
-    }
-
-    for child in &st.subregions {
-        render_region(pieces, child, base, clip, readonly);
-    }
-    drop(st);
-    if !mr.terminates() {
-        return;
-    }
-
-    // Fill the gaps of the clip that nothing rendered earlier claims.
-    let mut gaps = Vec::new();
-    let mut pos = clip.0;
-    if let Some((_, p)) = pieces.range(..clip.0).next_back() {
-        pos = pos.max(p.end);
-    }
-    for (&s, p) in pieces.range(clip.0..clip.1) {
-        if s > pos {
-            gaps.push((pos, s));
+        if !mr.terminates() {
+            return;
         }
-        pos = pos.max(p.end);
-        if pos >= clip.1 {
-            break;
+
+        // Fill the gaps of the window that nothing rendered earlier claims.
+        let mut gaps = Vec::new();
+        let mut pos = w.0;
+        if let Some((_, p)) = self.pieces.range(..w.0).next_back() {
+            pos = pos.max(p.end);
         }
-    }
-    if pos < clip.1 {
-        gaps.push((pos, clip.1));
-    }
-    for (s, e) in gaps {
-        pieces.insert(s, Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly });
+        for (&s, p) in self.pieces.range(w.0..w.1) {
+            if s > pos {
+                gaps.push((pos, s));
+            }
+            pos = pos.max(p.end);
+            if pos >= w.1 {
+                break;
+            }
+        }
+        if pos < w.1 {
+            gaps.push((pos, w.1));
+        }
+        for (s, e) in gaps {
+            self.pieces.insert(s, Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly });
+        }
     }
 }
 

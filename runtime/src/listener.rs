@@ -73,6 +73,13 @@ impl MemoryRegionSection {
 /// nothing; see the [module documentation](self) for the order of calls.
 #[allow(unused_variables)]
 pub trait MemoryListener: Send + Sync + 'static {
+    /// Whether the listener wants `region_nop` for every unchanged range of
+    /// every commit (QEMU's behaviour, the default). A listener that returns
+    /// false lets the runtime diff only what changed, which keeps commits on
+    /// large topologies cheap; it still gets every other callback.
+    fn wants_region_nop(&self) -> bool {
+        true
+    }
     /// A commit starts.
     fn begin(&self) {}
     /// A commit ends.
@@ -112,6 +119,7 @@ pub(crate) struct ListenerEntry {
     pub(crate) id: ListenerId,
     pub(crate) priority: i32,
     pub(crate) filter: Option<u64>,
+    pub(crate) wants_nop: bool,
     pub(crate) listener: Arc<dyn MemoryListener>,
 }
 
@@ -133,6 +141,9 @@ impl Listeners {
     }
     pub(crate) fn reverse_for(&self, as_id: u64) -> impl Iterator<Item = &ListenerEntry> {
         self.0.iter().rev().filter(move |l| l.wants(as_id))
+    }
+    pub(crate) fn nop_for(&self, as_id: u64) -> bool {
+        self.0.iter().any(|l| l.wants_nop && l.wants(as_id))
     }
     pub(crate) fn any_for(&self, as_id: u64) -> bool {
         self.0.iter().any(|l| l.wants(as_id))

@@ -175,11 +175,11 @@ impl Topology {
                 out.push('\n');
             }
             let _ = writeln!(out, " Root memory region: {}", view.root().map_or("(none)", |r| r.name()));
-            if view.ranges().is_empty() {
+            if view.is_empty() {
                 out.push_str("  No rendered FlatView\n\n");
                 continue;
             }
-            for fr in view.ranges() {
+            for fr in view.iter() {
                 let mr = fr.region();
                 let ty = if fr.readonly() { "rom" } else { region_type(mr) };
                 let _ = write!(

@@ -110,6 +110,22 @@ pub(crate) enum RegionKind {
     Reservation,
 }
 
+/// Where a subregion sits in its container: `[start, last]`, and whether it
+/// can render anything at all (enabled and not empty).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChildGeo {
+    pub(crate) start: u64,
+    pub(crate) last: u64,
+    pub(crate) live: bool,
+}
+
+impl ChildGeo {
+    fn of(addr: u64, size: u128, enabled: bool) -> ChildGeo {
+        let last = (addr as u128 + size.max(1) - 1).min(u64::MAX as u128) as u64;
+        ChildGeo { start: addr, last, live: enabled && size > 0 }
+    }
+}
+
 /// The mutable attributes of a region; changed only by the topology actor.
 pub(crate) struct RegionState {
     pub(crate) parent: Option<Weak<RegionInner>>,
@@ -121,6 +137,9 @@ pub(crate) struct RegionState {
     pub(crate) alias_offset: HwAddr,
     /// Sorted by descending priority, newest first among equals.
     pub(crate) subregions: Vec<MemoryRegion>,
+    /// Placement of each subregion (same order), so rendering can skip
+    /// children far from the addresses it renders without locking them.
+    pub(crate) child_geo: Vec<ChildGeo>,
     /// Coalesced ranges within the region: (offset, size).
     pub(crate) coalesced: Vec<(HwAddr, u128)>,
     pub(crate) dirty_log_mask: u8,
@@ -146,6 +165,8 @@ pub(crate) struct RegionInner {
     pub(crate) alias_refs: AtomicUsize,
     /// Number of live address spaces rooted here.
     pub(crate) as_roots: AtomicUsize,
+    /// The aliases whose target this region is.
+    pub(crate) aliases: Mutex<Vec<Weak<RegionInner>>>,
 }
 
 impl Drop for RegionInner {
@@ -202,7 +223,7 @@ impl MemoryRegion {
         if let RegionKind::Alias { target } = &kind {
             target.0.alias_refs.fetch_add(1, Ordering::AcqRel);
         }
-        MemoryRegion(Arc::new(RegionInner {
+        let r = MemoryRegion(Arc::new(RegionInner {
             id: RegionId(NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             name: Arc::from(name),
             size,
@@ -219,6 +240,7 @@ impl MemoryRegion {
                 romd: true,
                 alias_offset: 0,
                 subregions: Vec::new(),
+                child_geo: Vec::new(),
                 coalesced: Vec::new(),
                 dirty_log_mask: 0,
                 ioeventfds: Vec::new(),
@@ -228,7 +250,19 @@ impl MemoryRegion {
             eventfds: Rcu::new(Arc::new(Vec::new())),
             alias_refs: AtomicUsize::new(0),
             as_roots: AtomicUsize::new(0),
-        }))
+            aliases: Mutex::new(Vec::new()),
+        }));
+        if let RegionKind::Alias { target } = &r.0.kind {
+            let mut list = target.0.aliases.lock();
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Arc::downgrade(&r.0));
+        }
+        r
+    }
+
+    /// The live aliases whose target is this region.
+    pub(crate) fn aliases(&self) -> Vec<MemoryRegion> {
+        self.0.aliases.lock().iter().filter_map(Weak::upgrade).map(MemoryRegion).collect()
     }
 
     // ----- queries -------------------------------------------------------
@@ -567,9 +601,11 @@ impl MemoryRegion {
             let pos =
                 st.subregions.iter().position(|o| o.0.state.lock().priority <= priority).unwrap_or(st.subregions.len());
             st.subregions.insert(pos, child.clone());
+            st.child_geo.insert(pos, ChildGeo::of(offset, child.size(), child_enabled));
             let pending = st.enabled && child_enabled;
             drop(st);
             topo.mark_pending(pending);
+            topo.damage_child(self, offset, child.size());
             Ok(())
         })
     }
@@ -595,11 +631,17 @@ impl MemoryRegion {
                 return Err(Error::NotAChild { region: child.name().to_string(), container: self.name().to_string() });
             };
             let removed = st.subregions.remove(pos);
+            st.child_geo.remove(pos);
             let pending = st.enabled && child.is_enabled();
             drop(st);
-            removed.0.state.lock().parent = None;
+            let addr = {
+                let mut cs = removed.0.state.lock();
+                cs.parent = None;
+                cs.addr
+            };
             drop(removed);
             topo.mark_pending(pending);
+            topo.damage_child(self, addr, child.size());
             Ok(())
         })
     }
@@ -612,8 +654,17 @@ impl MemoryRegion {
                 return Ok(());
             }
             st.enabled = enabled;
+            let parent = st.parent.as_ref().and_then(Weak::upgrade);
+            let geo = ChildGeo::of(st.addr, self.size(), enabled);
             drop(st);
+            if let Some(p) = parent {
+                let mut ps = p.state.lock();
+                if let Some(k) = ps.subregions.iter().position(|c| Arc::ptr_eq(&c.0, &self.0)) {
+                    ps.child_geo[k] = geo;
+                }
+            }
             topo.mark_pending(true);
+            topo.damage_enable(self);
             Ok(())
         })
     }
@@ -646,6 +697,9 @@ impl MemoryRegion {
                         moved && st.enabled
                     };
                     topo.mark_pending(moved && self.0.as_roots.load(Ordering::Acquire) > 0);
+                    if moved {
+                        topo.damage_region(self);
+                    }
                     Ok(())
                 }
             }
@@ -666,6 +720,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_pending(pending);
+            topo.damage_region(self);
             Ok(())
         })
     }
@@ -681,6 +736,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_pending(pending);
+            topo.damage_region(self);
             Ok(())
         })
     }
@@ -701,6 +757,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_pending(pending);
+            topo.damage_region(self);
             Ok(())
         })
     }
@@ -718,6 +775,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_pending(pending);
+            topo.damage_region(self);
             Ok(())
         })
     }
@@ -803,6 +861,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_ioeventfd_pending(pending);
+            topo.damage_eventfds(self);
             Ok(())
         })
     }
@@ -828,6 +887,7 @@ impl MemoryRegion {
             let pending = st.enabled;
             drop(st);
             topo.mark_ioeventfd_pending(pending);
+            topo.damage_eventfds(self);
             Ok(())
         })
     }
@@ -878,11 +938,20 @@ impl MemoryRegion {
             if self.0.as_roots.load(Ordering::Acquire) > 0 {
                 return Err(Error::IsAddressSpaceRoot(self.name().to_string()));
             }
-            let children = std::mem::take(&mut self.0.state.lock().subregions);
+            let children = {
+                let mut st = self.0.state.lock();
+                st.child_geo.clear();
+                std::mem::take(&mut st.subregions)
+            };
             let enabled = self.is_enabled();
             for c in &children {
-                c.0.state.lock().parent = None;
+                let addr = {
+                    let mut cs = c.0.state.lock();
+                    cs.parent = None;
+                    cs.addr
+                };
                 topo.mark_pending(enabled && c.is_enabled());
+                topo.damage_child(self, addr, c.size());
             }
             self.0.state.lock().destroyed = true;
             if let RegionKind::Alias { target } = &self.0.kind {

@@ -15,9 +15,9 @@
 //!
 //! Readers never take the turn: guest accesses load the published views.
 
-use crate::address_space::{AddressSpace, AsEventfd, AsInner};
+use crate::address_space::{AddressSpace, AsEventfd, AsInner, EventfdSet};
 use crate::error::{Error, Result};
-use crate::flatview::{physical_root, render, FlatRange, FlatView};
+use crate::flatview::{physical_root, render, render_window, FlatRange, FlatView, Placements};
 use crate::listener::{
     CommitDiff, DiffSubscriber, EventfdRecord, ListenerEntry, ListenerId, Listeners, MemoryListener,
     MemoryRegionSection, RangeRecord, Snapshot, SpaceDiff,
@@ -63,6 +63,64 @@ pub(crate) struct TopoState {
     next_listener: u64,
     pending: bool,
     ioeventfd_pending: bool,
+    /// One rendered view per physical root, with what is needed to render
+    /// only what changed.
+    caches: HashMap<RegionId, RenderCache>,
+    /// The shared empty view (address spaces with nothing to render).
+    empty: Arc<FlatView>,
+}
+
+/// The rendering state of one physical root.
+struct RenderCache {
+    root: MemoryRegion,
+    view: Arc<FlatView>,
+    placements: Placements,
+    /// Placements right after the last full render (bounds their growth).
+    full_count: usize,
+    full: bool,
+    /// Address windows to re-render at the next commit.
+    windows: Vec<(u128, u128)>,
+    /// Address windows whose ioeventfds changed (no re-render).
+    evwindows: Vec<(u128, u128)>,
+}
+
+impl RenderCache {
+    fn new(root: MemoryRegion, empty: &Arc<FlatView>) -> RenderCache {
+        RenderCache {
+            root,
+            view: empty.clone(),
+            placements: Placements::default(),
+            full_count: 0,
+            full: true,
+            windows: Vec::new(),
+            evwindows: Vec::new(),
+        }
+    }
+}
+
+/// Sorts windows and merges those that overlap or touch.
+fn normalize(mut w: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    w.retain(|x| x.0 < x.1);
+    w.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(w.len());
+    for (s, e) in w {
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// What the commit rendered for one physical root.
+struct Rendered {
+    old: Arc<FlatView>,
+    new: Arc<FlatView>,
+    /// Where the views may differ (range-aligned in both), or `None` when
+    /// everything was re-rendered.
+    spans: Option<Vec<(u128, u128)>>,
+    /// Where ioeventfds may have changed without a re-render.
+    evspans: Vec<(u128, u128)>,
 }
 
 pub(crate) struct TopoInner {
@@ -139,6 +197,8 @@ impl Topology {
                 next_listener: 1,
                 pending: false,
                 ioeventfd_pending: false,
+                caches: HashMap::new(),
+                empty: Arc::new(FlatView::empty()),
             }),
             shared: Arc::new(TopoShared {
                 global_dirty: AtomicBool::new(false),
@@ -396,6 +456,124 @@ impl Topology {
         self.0.shared.generation.load(Ordering::Acquire)
     }
 
+    // ----- damage: what the next commit must re-render ------------------------
+
+    /// `child` of `parent` changed at `[addr, addr + size)` of the parent:
+    /// re-render that window wherever the parent is rendered.
+    pub(crate) fn damage_child(&self, parent: &MemoryRegion, addr: HwAddr, size: u128) {
+        let mut st = self.0.state.lock();
+        for c in st.caches.values_mut() {
+            if c.full {
+                continue;
+            }
+            if let Some(ps) = c.placements.map.get(&parent.id()) {
+                for p in ps {
+                    let s = (p.base + addr as i128).max(p.start as i128);
+                    let e = (p.base + addr as i128 + size as i128).min(p.end as i128);
+                    if s < e {
+                        c.windows.push((s as u128, e as u128));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Something about `r` itself changed: re-render wherever it is rendered
+    /// (everything, for a view rooted at it).
+    pub(crate) fn damage_region(&self, r: &MemoryRegion) {
+        let mut st = self.0.state.lock();
+        for c in st.caches.values_mut() {
+            if c.root == *r {
+                c.full = true;
+            }
+            if c.full {
+                continue;
+            }
+            if let Some(ps) = c.placements.map.get(&r.id()) {
+                c.windows.extend(ps.iter().map(|p| (p.start, p.end)));
+            }
+        }
+    }
+
+    /// `r` was enabled or disabled: re-render where it is, or would be,
+    /// rendered (through its container or any alias of it).
+    pub(crate) fn damage_enable(&self, r: &MemoryRegion) {
+        let parent = r.container();
+        let (addr, aliases) = (r.addr(), r.aliases());
+        self.damage_region(r);
+        if let Some(p) = parent {
+            self.damage_child(&p, addr, r.size());
+        }
+        for a in aliases {
+            self.damage_region(&a);
+        }
+    }
+
+    /// The ioeventfds of `r` changed: recompute them where it is rendered.
+    pub(crate) fn damage_eventfds(&self, r: &MemoryRegion) {
+        let mut st = self.0.state.lock();
+        for c in st.caches.values_mut() {
+            if let Some(ps) = c.placements.map.get(&r.id()) {
+                c.evwindows.extend(ps.iter().map(|p| (p.start, p.end)));
+            }
+        }
+    }
+
+    /// Every view must be rendered again (e.g. dirty-log masks changed).
+    fn damage_all(&self) {
+        let mut st = self.0.state.lock();
+        for c in st.caches.values_mut() {
+            c.full = true;
+        }
+    }
+
+    /// Brings every needed render cache up to date and returns the result
+    /// per physical root.
+    fn render_caches(&self, roots: &[Option<MemoryRegion>]) -> HashMap<RegionId, Rendered> {
+        let mut st = self.0.state.lock();
+        let st = &mut *st;
+        let mut out: HashMap<RegionId, Rendered> = HashMap::new();
+        for root in roots.iter().flatten() {
+            if out.contains_key(&root.id()) {
+                continue;
+            }
+            let c = st.caches.entry(root.id()).or_insert_with(|| RenderCache::new(root.clone(), &st.empty));
+            let old = c.view.clone();
+            let stale = c.placements.count > 4 * c.full_count + 4096;
+            let (new, spans) = if c.full || stale {
+                let v = Arc::new(render(Some(root), &mut c.placements));
+                c.full_count = c.placements.count;
+                (v, None)
+            } else if !c.windows.is_empty() {
+                let windows = normalize(std::mem::take(&mut c.windows));
+                let mut pieces = Vec::new();
+                for &w in &windows {
+                    pieces.extend(render_window(Some(root), w, &mut c.placements));
+                }
+                let v = Arc::new(old.splice(&windows, pieces, Some(root.clone())));
+                // Grow the windows to range boundaries of both views.
+                let mut sp = windows;
+                loop {
+                    let grown = v.expand(&old.expand(&sp));
+                    if grown == sp {
+                        break;
+                    }
+                    sp = grown;
+                }
+                (v, Some(sp))
+            } else {
+                (old.clone(), Some(Vec::new()))
+            };
+            let evspans = new.expand(&normalize(std::mem::take(&mut c.evwindows)));
+            c.full = false;
+            c.windows.clear();
+            c.view = new.clone();
+            out.insert(root.id(), Rendered { old, new, spans, evspans });
+        }
+        st.caches.retain(|id, _| out.contains_key(id));
+        out
+    }
+
     // ----- coalesced MMIO -------------------------------------------------
 
     /// Installs the hook that drains a backend's coalesced-MMIO ring. It is
@@ -419,7 +597,7 @@ impl Topology {
         };
         for asp in &ases {
             let view = asp.0.view.load_full();
-            for fr in view.ranges.iter().filter(|fr| fr.region == *mr) {
+            for fr in view.iter().filter(|fr| fr.region == *mr) {
                 if let Some((s, l)) = coalesced_piece(fr, off, size) {
                     let sec = MemoryRegionSection::from_range(fr, asp);
                     if add {
@@ -515,7 +693,13 @@ impl Topology {
                 let mut st = self.0.state.lock();
                 let id = ListenerId(st.next_listener);
                 st.next_listener += 1;
-                let entry = ListenerEntry { id, priority, filter: filter.map(|f| f.0.id), listener: listener.clone() };
+                let entry = ListenerEntry {
+                    id,
+                    priority,
+                    filter: filter.map(|f| f.0.id),
+                    wants_nop: listener.wants_region_nop(),
+                    listener: listener.clone(),
+                };
                 let pos = st.listeners.iter().position(|l| l.priority > priority).unwrap_or(st.listeners.len());
                 st.listeners.insert(pos, entry);
                 (id, st.address_spaces.clone())
@@ -527,7 +711,7 @@ impl Topology {
                     listener.log_global_start();
                 }
                 let view = asp.0.view.load_full();
-                for fr in view.ranges.iter() {
+                for fr in view.iter() {
                     let sec = MemoryRegionSection::from_range(fr, asp);
                     listener.region_add(&sec);
                     for_coalesced(fr, |s, l| listener.coalesced_mmio_add(&sec, s, l));
@@ -535,7 +719,8 @@ impl Topology {
                         listener.log_start(&sec, 0, fr.dirty_log_mask);
                     }
                 }
-                for fd in asp.0.ioeventfds.lock().iter() {
+                update_ioeventfds(asp, &view, None, None, &mut SpaceDiff::default());
+                for fd in asp.0.ioeventfds.lock().iter().flat_map(|s| s.values()) {
                     listener.eventfd_add(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
                 }
                 listener.commit();
@@ -561,7 +746,7 @@ impl Topology {
             for asp in ases.iter().filter(|a| entry.wants(a.0.id)) {
                 listener.begin();
                 let view = asp.0.view.load_full();
-                for fr in view.ranges.iter() {
+                for fr in view.iter() {
                     let sec = MemoryRegionSection::from_range(fr, asp);
                     if fr.dirty_log_mask != 0 {
                         listener.log_stop(&sec, fr.dirty_log_mask, 0);
@@ -569,7 +754,7 @@ impl Topology {
                     listener.region_del(&sec);
                     for_coalesced(fr, |s, l| listener.coalesced_mmio_del(&sec, s, l));
                 }
-                for fd in asp.0.ioeventfds.lock().iter() {
+                for fd in asp.0.ioeventfds.lock().iter().flat_map(|s| s.values()) {
                     listener.eventfd_del(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
                 }
                 listener.commit();
@@ -612,6 +797,7 @@ impl Topology {
                 l.listener.log_global_start();
             }
             self.mark_pending(true);
+            self.damage_all();
             Ok(())
         })
     }
@@ -622,6 +808,9 @@ impl Topology {
         let was_on = self.with_mutation(|| {
             let was = self.0.shared.global_dirty.swap(false, Ordering::AcqRel);
             self.mark_pending(was);
+            if was {
+                self.damage_all();
+            }
             Ok(was)
         })?;
         if was_on {
@@ -645,7 +834,7 @@ impl Topology {
             for l in &listeners {
                 for asp in ases.iter().filter(|a| l.wants(a.0.id)) {
                     let view = asp.0.view.load_full();
-                    for fr in view.ranges.iter() {
+                    for fr in view.iter() {
                         if fr.dirty_log_mask != 0 && only.is_none_or(|m| *m == fr.region) {
                             l.listener.log_sync(&MemoryRegionSection::from_range(fr, asp));
                         }
@@ -706,36 +895,48 @@ impl Topology {
         let want_diff = self.0.shared.diffs.receiver_count() > 0;
         let mut diff = CommitDiff { generation, spaces: Vec::new() };
 
-        let new_views: Vec<Option<Arc<FlatView>>> = if topo {
-            let mut cache: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
-            let views = ases
-                .iter()
-                .map(|asp| {
-                    let phys = if asp.0.destroyed.load(Ordering::Acquire) { None } else { physical_root(&asp.0.root) };
-                    let key = phys.as_ref().map(MemoryRegion::id);
-                    Some(cache.entry(key).or_insert_with(|| Arc::new(render(phys.as_ref()))).clone())
-                })
-                .collect();
+        let roots: Vec<Option<MemoryRegion>> = ases
+            .iter()
+            .map(|a| if a.0.destroyed.load(Ordering::Acquire) { None } else { physical_root(&a.0.root) })
+            .collect();
+        let rendered = self.render_caches(&roots);
+        let empty = self.0.state.lock().empty.clone();
+        if topo {
             for l in listeners.forward() {
                 l.listener.begin();
             }
-            views
-        } else {
-            vec![None; ases.len()]
-        };
+        }
 
-        for (asp, new) in ases.iter().zip(new_views) {
+        for (asp, root) in ases.iter().zip(&roots) {
             let mut sd = SpaceDiff { address_space: asp.0.id, name: asp.0.name.clone(), ..Default::default() };
-            if let Some(new) = new {
-                let old = asp.0.view.load_full();
-                if !Arc::ptr_eq(&old, &new) {
-                    if listeners.any_for(asp.0.id) || want_diff {
-                        topology_passes(asp, &old, &new, &listeners, &mut sd);
-                    }
-                    asp.0.publish(new);
-                }
+            let old = asp.0.view.load_full();
+            let r = root.as_ref().and_then(|r| rendered.get(&r.id()));
+            let new = r.map_or_else(|| empty.clone(), |r| r.new.clone());
+            // Incremental spans are valid only against the view this address
+            // space had (it may have switched roots).
+            let (spans, evspans) = match r {
+                Some(r) if Arc::ptr_eq(&r.old, &old) => (r.spans.clone(), r.evspans.clone()),
+                _ => (None, Vec::new()),
+            };
+            let changed = !Arc::ptr_eq(&old, &new);
+            let nops = topo && listeners.nop_for(asp.0.id);
+            let observed = listeners.any_for(asp.0.id) || want_diff;
+            if (changed || nops) && observed {
+                topology_passes(asp, &old, &new, &listeners, &mut sd, if nops { None } else { spans.as_deref() });
             }
-            update_ioeventfds(asp, &listeners, &mut sd);
+            if changed {
+                asp.0.publish(new.clone());
+            }
+            if observed {
+                let windows = match (&spans, changed) {
+                    (Some(sp), _) => Some(normalize(sp.iter().chain(evspans.iter()).copied().collect())),
+                    (None, true) => None,
+                    (None, false) => Some(evspans.clone()),
+                };
+                update_ioeventfds(asp, &new, windows.as_deref(), Some(&listeners), &mut sd);
+            } else {
+                *asp.0.ioeventfds.lock() = None;
+            }
             if asp.0.destroyed.load(Ordering::Acquire) {
                 sd.destroyed = true;
             }
@@ -814,17 +1015,46 @@ fn for_coalesced(fr: &FlatRange, mut f: impl FnMut(HwAddr, u64)) {
     }
 }
 
-/// QEMU's `address_space_update_topology_pass`, both passes.
-fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &Listeners, sd: &mut SpaceDiff) {
+/// The ranges of `view` inside `spans` (all of them for `None`).
+fn ranges_in<'a>(view: &'a FlatView, spans: Option<&[(u128, u128)]>) -> Vec<&'a FlatRange> {
+    match spans {
+        None => view.iter().collect(),
+        Some(sp) => {
+            let mut out = Vec::new();
+            for &(s, e) in sp {
+                if s > u64::MAX as u128 {
+                    continue;
+                }
+                out.extend(view.iter_from(s as u64).take_while(|r| (r.start as u128) < e));
+            }
+            out
+        }
+    }
+}
+
+/// QEMU's `address_space_update_topology_pass`, both passes, over the
+/// ranges inside `spans` (where the views may differ; outside them they are
+/// identical), or over everything for `None`. `region_nop` goes only to
+/// listeners that want it.
+fn topology_passes(
+    asp: &AddressSpace,
+    old: &FlatView,
+    new: &FlatView,
+    ls: &Listeners,
+    sd: &mut SpaceDiff,
+    spans: Option<&[(u128, u128)]>,
+) {
     let id = asp.0.id;
-    let (o, n) = (&old.ranges, &new.ranges);
+    let o = ranges_in(old, spans);
+    let n = ranges_in(new, spans);
+    let deleted = |i: usize, j: usize| {
+        i < o.len() && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(n[j])))
+    };
     // Delete pass.
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        if i < o.len()
-            && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j])))
-        {
-            let fr = &o[i];
+        if deleted(i, j) {
+            let fr = o[i];
             let sec = MemoryRegionSection::from_range(fr, asp);
             if !fr.region.0.state.lock().coalesced.is_empty() {
                 for l in ls.reverse_for(id) {
@@ -836,7 +1066,7 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
             }
             sd.removed.push(RangeRecord::of(fr));
             i += 1;
-        } else if i < o.len() && j < n.len() && o[i].same_as(&n[j]) {
+        } else if i < o.len() && j < n.len() && o[i].same_as(n[j]) {
             i += 1;
             j += 1;
         } else {
@@ -846,14 +1076,12 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
     // Add pass.
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        if i < o.len()
-            && (j == n.len() || o[i].start < n[j].start || (o[i].start == n[j].start && !o[i].same_as(&n[j])))
-        {
+        if deleted(i, j) {
             i += 1;
-        } else if i < o.len() && j < n.len() && o[i].same_as(&n[j]) {
-            let (fo, fr) = (&o[i], &n[j]);
+        } else if i < o.len() && j < n.len() && o[i].same_as(n[j]) {
+            let (fo, fr) = (o[i], n[j]);
             let sec = MemoryRegionSection::from_range(fr, asp);
-            for l in ls.forward_for(id) {
+            for l in ls.forward_for(id).filter(|l| l.wants_nop) {
                 l.listener.region_nop(&sec);
             }
             if fr.dirty_log_mask & !fo.dirty_log_mask != 0 {
@@ -872,7 +1100,7 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
             i += 1;
             j += 1;
         } else {
-            let fr = &n[j];
+            let fr = n[j];
             let sec = MemoryRegionSection::from_range(fr, asp);
             for l in ls.forward_for(id) {
                 l.listener.region_add(&sec);
@@ -888,58 +1116,116 @@ fn topology_passes(asp: &AddressSpace, old: &FlatView, new: &FlatView, ls: &List
     }
 }
 
-/// QEMU's `address_space_update_ioeventfds` and `_add_del_ioeventfds`.
-fn update_ioeventfds(asp: &AddressSpace, ls: &Listeners, sd: &mut SpaceDiff) {
-    let view = asp.0.view.load_full();
-    let mut new: Vec<AsEventfd> = Vec::new();
-    for fr in view.ranges.iter() {
+/// The ioeventfds that the ranges of `view` inside `windows` register
+/// (QEMU's `address_space_update_ioeventfds`, restricted).
+fn eventfds_in(view: &FlatView, windows: Option<&[(u128, u128)]>) -> EventfdSet {
+    let mut set = EventfdSet::new();
+    for fr in ranges_in(view, windows) {
         let fds = fr.region.0.eventfds.load();
         if fds.is_empty() {
             continue;
         }
         let shift = fr.start as i128 - fr.offset_in_region as i128;
+        let (fs, fe) = (fr.start as i128, fr.end() as i128);
         for fd in fds.iter() {
             let a = fd.addr as i128 + shift;
             let e = a + fd.size as i128;
-            let (fs, fe) = (fr.start as i128, fr.end() as i128);
             let intersects = if fd.size == 0 { a >= fs && a < fe } else { a < fe && e > fs };
             if intersects && a >= 0 && a <= u64::MAX as i128 {
-                new.push(AsEventfd {
+                let ev = AsEventfd {
                     addr: a as u64,
                     size: fd.size,
                     match_data: fd.match_data,
                     data: fd.data,
                     notifier: fd.notifier.clone(),
-                });
+                    owner: fr.start,
+                };
+                set.insert(ev.key(), ev);
             }
         }
     }
-    new.sort_by_key(AsEventfd::key);
-    let mut old_guard = asp.0.ioeventfds.lock();
-    let old = std::mem::take(&mut *old_guard);
+    set
+}
+
+/// Recomputes an address space's ioeventfd set against `view`, inside
+/// `windows` or entirely (`None`), and reports the difference
+/// (`address_space_add_del_ioeventfds`: deletes Forward, adds Reverse, in
+/// the set's order). Without listeners it only updates the set.
+pub(crate) fn update_ioeventfds(
+    asp: &AddressSpace,
+    view: &FlatView,
+    windows: Option<&[(u128, u128)]>,
+    ls: Option<&Listeners>,
+    sd: &mut SpaceDiff,
+) {
+    let mut guard = asp.0.ioeventfds.lock();
+    let Some(set) = guard.as_mut() else {
+        // Not maintained until now: build it silently.
+        *guard = Some(eventfds_in(view, None));
+        return;
+    };
+    if windows.is_some_and(|w| w.is_empty()) {
+        return;
+    }
+    let new = eventfds_in(view, windows);
+    // The old entries the recomputed ranges owned.
+    let old: EventfdSet = match windows {
+        None => std::mem::take(set),
+        Some(w) => {
+            let mut taken = EventfdSet::new();
+            for &(ws, we) in w {
+                let lo = (ws.min(u64::MAX as u128) as u64).saturating_sub(8);
+                let keys: Vec<_> = set
+                    .range((lo, 0, false, 0, 0)..)
+                    .take_while(|(k, _)| (k.0 as u128) < we)
+                    .filter(|(_, v)| (v.owner as u128) >= ws && (v.owner as u128) < we)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in keys {
+                    if let Some(v) = set.remove(&k) {
+                        taken.insert(k, v);
+                    }
+                }
+            }
+            taken
+        }
+    };
     let id = asp.0.id;
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        if i < old.len() && (j == new.len() || old[i].key() < new[j].key()) {
-            let fd = &old[i];
-            for l in ls.forward_for(id) {
-                l.listener.eventfd_del(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
+    let mut oi = old.iter().peekable();
+    let mut ni = new.iter().peekable();
+    loop {
+        let take_old = match (oi.peek(), ni.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(o), Some(n)) => {
+                if o.0 == n.0 {
+                    oi.next();
+                    ni.next();
+                    continue;
+                }
+                o.0 < n.0
+            }
+        };
+        if take_old {
+            let (_, fd) = oi.next().expect("peeked");
+            if let Some(ls) = ls {
+                for l in ls.forward_for(id) {
+                    l.listener.eventfd_del(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
+                }
             }
             sd.eventfds_removed.push(fd.record());
-            i += 1;
-        } else if j < new.len() && (i == old.len() || new[j].key() < old[i].key()) {
-            let fd = &new[j];
-            for l in ls.reverse_for(id) {
-                l.listener.eventfd_add(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
+        } else {
+            let (_, fd) = ni.next().expect("peeked");
+            if let Some(ls) = ls {
+                for l in ls.reverse_for(id) {
+                    l.listener.eventfd_add(&fd.section(asp), fd.match_data, fd.data, &fd.notifier);
+                }
             }
             sd.eventfds_added.push(fd.record());
-            j += 1;
-        } else {
-            i += 1;
-            j += 1;
         }
     }
-    *old_guard = new;
+    set.extend(new);
 }
 
 impl AsEventfd {
