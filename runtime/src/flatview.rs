@@ -327,7 +327,7 @@ impl FlatView {
         let mut out: Vec<(u128, u128)> = Vec::new();
         for &(mut s, mut e) in windows {
             if s < crate::types::SIZE_MAX {
-                if let Some(r) = self.lookup((s as u64).min(u64::MAX)) {
+                if let Some(r) = self.lookup(s as u64) {
                     s = s.min(r.start as u128);
                 }
             }
@@ -363,7 +363,9 @@ impl FlatView {
             let a = a.min(u64::MAX as u128) as u64;
             self.firsts.partition_point(|&s| s <= a).saturating_sub(1)
         };
-        let mut spans: Vec<(usize, usize, Vec<(u128, u128)>)> = Vec::new();
+        /// First and last chunk of a run to rebuild, with its windows.
+        type Span = (usize, usize, Vec<(u128, u128)>);
+        let mut spans: Vec<Span> = Vec::new();
         for &(ws, we) in windows {
             let lo = chunk_of(ws).saturating_sub(1);
             let hi = (chunk_of(we.saturating_sub(1)) + 1).min(n - 1);
