@@ -103,7 +103,7 @@ pub fn live_views() -> usize {
 
 /// Ranges per chunk. A commit that changes a few ranges rebuilds only the
 /// chunks around them; the others are shared with the previous view.
-const CHUNK: usize = 64;
+const CHUNK: usize = 32;
 
 /// A run of consecutive ranges, shared between views.
 pub(crate) struct Chunk {
@@ -134,6 +134,12 @@ pub struct FlatView {
     firsts: Vec<u64>,
     /// Flat index of each chunk's first range.
     offsets: Vec<usize>,
+    /// Bucket index over the chunks: the address span from `firsts[0]` is
+    /// cut into `top.len()` buckets of `1 << top_shift` bytes; `top[b]` is
+    /// the chunk holding the bucket's first address. A lookup reads its
+    /// bucket, then searches only the chunks the bucket spans.
+    top: Vec<u32>,
+    top_shift: u32,
     len: usize,
     flat: OnceLock<Vec<FlatRange>>,
     /// The region that was rendered (the address space's "physical root").
@@ -166,6 +172,49 @@ fn chunkify(ranges: Vec<FlatRange>) -> Vec<Arc<Chunk>> {
         out.push(Chunk::new(it.by_ref().take(per).collect()));
     }
     out
+}
+
+/// How many elements of the sorted slice are ≤ `x` (a branch-free binary
+/// search: the comparisons compile to conditional moves).
+#[inline]
+fn count_le(sorted: &[u64], x: u64) -> usize {
+    let mut base = 0usize;
+    let mut n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    while n > 1 {
+        let half = n / 2;
+        // In bounds: base + half < base + n <= len.
+        base = if sorted[base + half] <= x { base + half } else { base };
+        n -= half;
+    }
+    base + (sorted[base] <= x) as usize
+}
+
+/// Builds the bucket index over chunk first starts (see `FlatView::top`).
+fn build_top(firsts: &[u64], last: Option<u64>) -> (Vec<u32>, u32) {
+    let (Some(&first), Some(last)) = (firsts.first(), last) else {
+        return (vec![0], 63);
+    };
+    let span = (last - first) as u128 + 1;
+    let buckets = (firsts.len() * 2).next_power_of_two().max(1) as u128;
+    // Smallest shift with span >> shift <= buckets.
+    let mut shift = 0u32;
+    while shift < 64 && (span >> shift) > buckets {
+        shift += 1;
+    }
+    let n = ((span - 1) >> shift) as usize + 1;
+    let mut top = Vec::with_capacity(n);
+    let mut c = 0usize;
+    for b in 0..n {
+        let start = first as u128 + ((b as u128) << shift);
+        while c + 1 < firsts.len() && (firsts[c + 1] as u128) <= start {
+            c += 1;
+        }
+        top.push(c as u32);
+    }
+    (top, shift)
 }
 
 /// `flatview_simplify`'s merge test (§2.4).
@@ -204,15 +253,16 @@ fn cut(fr: &FlatRange, s: u128, e: u128) -> FlatRange {
 
 impl FlatView {
     fn from_chunks(chunks: Vec<Arc<Chunk>>, root: Option<MemoryRegion>) -> FlatView {
-        let firsts = chunks.iter().map(|c| c.starts[0]).collect();
+        let firsts: Vec<u64> = chunks.iter().map(|c| c.starts[0]).collect();
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut len = 0;
         for c in &chunks {
             offsets.push(len);
             len += c.ranges.len();
         }
+        let (top, top_shift) = build_top(&firsts, chunks.last().map(|c| c.ranges[c.ranges.len() - 1].last));
         LIVE_VIEWS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        FlatView { chunks, firsts, offsets, len, flat: OnceLock::new(), root }
+        FlatView { chunks, firsts, offsets, top, top_shift, len, flat: OnceLock::new(), root }
     }
 
     pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>) -> FlatView {
@@ -250,16 +300,27 @@ impl FlatView {
         self.root.as_ref()
     }
 
+    /// Index of the chunk whose first start is the last one ≤ `addr`
+    /// (`addr` must be ≥ the view's first start).
+    #[inline]
+    fn chunk_for(&self, addr: HwAddr) -> usize {
+        let rel = addr - self.firsts[0];
+        let b = ((rel >> self.top_shift) as usize).min(self.top.len() - 1);
+        let lo = self.top[b] as usize;
+        let hi = self.top.get(b + 1).map_or(self.firsts.len() - 1, |&h| h as usize);
+        lo + count_le(&self.firsts[lo + 1..=hi], addr)
+    }
+
     /// Position of the range containing `addr`.
     #[inline]
     pub(crate) fn lookup_pos(&self, addr: HwAddr) -> Option<Pos> {
-        let c = self.firsts.partition_point(|&s| s <= addr);
-        if c == 0 {
+        if self.firsts.first().is_none_or(|&f| addr < f) {
             return None;
         }
-        let ch = &self.chunks[c - 1];
-        let i = ch.starts.partition_point(|&s| s <= addr) - 1;
-        (addr <= ch.ranges[i].last).then_some(Pos { c: c - 1, i })
+        let c = self.chunk_for(addr);
+        let ch = &self.chunks[c];
+        let i = count_le(&ch.starts, addr) - 1;
+        (addr <= ch.ranges[i].last).then_some(Pos { c, i })
     }
 
     /// The range at a position.
@@ -282,7 +343,7 @@ impl FlatView {
 
     /// Position of the first range that contains `addr` or lies above it.
     pub(crate) fn pos_at_or_after(&self, addr: HwAddr) -> Option<Pos> {
-        let c = self.firsts.partition_point(|&s| s <= addr);
+        let c = if self.firsts.first().is_none_or(|&f| addr < f) { 0 } else { self.chunk_for(addr) + 1 };
         if c == 0 {
             return (!self.chunks.is_empty()).then_some(Pos { c: 0, i: 0 });
         }
