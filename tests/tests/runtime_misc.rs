@@ -90,3 +90,54 @@ fn accessor_caches_but_always_follows_commits() {
     assert!(weak.upgrade().is_none());
     assert_eq!(acc.read_u64(0x8000, 2).1, MemTxResult::DecodeError);
 }
+
+#[test]
+fn a_flat_range_fits_in_64_bytes() {
+    assert!(
+        std::mem::size_of::<topos_runtime::FlatRange>() <= 64,
+        "{}",
+        std::mem::size_of::<topos_runtime::FlatRange>()
+    );
+}
+
+#[test]
+fn address_spaces_with_the_same_physical_root_share_one_view() {
+    let topo = Topology::new();
+    let s = topo.standard_spaces().unwrap();
+    let ram = topo.new_ram("ram", 0x10000).unwrap();
+    s.system.add_subregion(0, &ram).unwrap();
+    // Two spaces over the same root, and bus-master spaces whose root is an
+    // alias of all of system memory (as for every PCI device).
+    let cpu = topo.address_space_init(&s.system, "cpu-memory-0").unwrap();
+    let masters: Vec<_> = (0..8)
+        .map(|i| {
+            let alias = topo.new_alias(&format!("bus master {i}"), &s.system, 0, topos_runtime::SIZE_MAX).unwrap();
+            let root = topo.new_container(&format!("bus master container {i}"), topos_runtime::SIZE_MAX).unwrap();
+            root.add_subregion(0, &alias).unwrap();
+            topo.address_space_init(&root, &format!("dev{i}")).unwrap()
+        })
+        .collect();
+    assert!(cpu.shares_view_with(&s.memory));
+    for m in &masters {
+        assert!(m.shares_view_with(&s.memory), "{} has its own view", m.name());
+    }
+    assert!(!s.io_space.shares_view_with(&s.memory));
+    // A change to system memory re-renders once and stays shared.
+    let dev = topo.new_ram("bar", 0x1000).unwrap();
+    s.system.add_subregion(0x8000_0000, &dev).unwrap();
+    for m in &masters {
+        assert!(m.shares_view_with(&s.memory));
+        assert_eq!(m.view().lookup(0x8000_0000).map(|r| r.region().name().to_string()), Some("bar".into()));
+    }
+    // Disabling one device's bus mastering (its alias) gives it the empty
+    // view; the others keep sharing.
+    let alias0 = masters[0].root().subregions()[0].clone();
+    alias0.set_enabled(false).unwrap();
+    assert!(masters[0].view().ranges().is_empty());
+    assert!(masters[1].shares_view_with(&s.memory));
+    // A window that does not show all of system memory renders its own view.
+    let part = topo.new_alias("low", &s.system, 0, 0x1000).unwrap();
+    let low = topo.address_space_init(&part, "low").unwrap();
+    assert!(!low.shares_view_with(&s.memory));
+    assert_eq!(low.view().ranges().len(), 1);
+}
