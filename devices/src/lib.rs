@@ -1,8 +1,14 @@
 //! # topos-devices
 //!
-//! Device models for topos. The actor harness and the device models arrive
-//! with their own issue; this crate is a workspace member so that the layout
-//! is fixed from the start.
+//! Device models for topos, run as actors (see [`actor`]): each device owns
+//! its state, receives accesses through a mailbox, and never shares a lock
+//! with another device. All device behaviour is reached through address
+//! space accesses, as a guest would.
 #![forbid(unsafe_code)]
 
+pub mod actor;
+pub mod irq;
+
+pub use actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+pub use irq::{InterruptSink, IrqLine, LevelRecorder};
 pub use topos_runtime as runtime;

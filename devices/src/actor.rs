@@ -1,0 +1,504 @@
+//! The device actor harness.
+//!
+//! A device model implements [`Device`] over state it owns. The harness runs
+//! it as an actor: accesses become messages in a `flume` mailbox, processed
+//! one at a time in FIFO order by whoever holds the actor's *turn*. There is
+//! no dedicated thread:
+//!
+//! * **Inline fast path.** An access first tries to take the turn. If the
+//!   actor is idle it gets it, drains the mailbox (so earlier posted writes
+//!   are applied first) and runs the access on the calling thread, with
+//!   exclusive ownership of the device state. No thread hop.
+//! * **Busy actor.** Otherwise a write is posted and the caller returns at
+//!   once; a read (or [`ActorHandle::with`]) is posted and the caller waits
+//!   for the reply. The thread holding the turn drains the mailbox before it
+//!   gives the turn back, and re-checks it afterwards, so no message is ever
+//!   left behind.
+//!
+//! Either way the device sees accesses one at a time, in the order they were
+//! issued per caller, and a read sees every write the device received before
+//! it. Devices never share a lock with each other: two vCPUs on two devices
+//! run in parallel.
+//!
+//! Wake-ups other than guest accesses (ioeventfds, timers) come from a small
+//! tokio runtime ([`DeviceRuntime`]) and enter the same mailbox.
+//!
+//! **Lifetime.** Regions (and the FlatViews that name them) hold the actor.
+//! When the last of them goes, the actor drains its mailbox (no posted write
+//! is lost), tells the device it was unplugged, stops its ioeventfd and
+//! timer tasks, and is freed. [`ActorHandle`]s do not keep it alive.
+//!
+//! **Failure.** A device that panics is marked failed and reported through
+//! `tracing`; from then on it answers like an unassigned address with an
+//! error result ([`MemTxResult::AccessError`]) and is never called again.
+//! Nothing else is affected.
+
+use crate::irq::IrqLine;
+use std::cell::RefCell;
+use std::sync::atomic::{fence, AtomicBool, AtomicIsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use topos_runtime::{EventNotifier, HwAddr, MemTxResult, MemoryRegionOps};
+
+/// A device model run by the harness.
+///
+/// `region` is the index of the device's region the access hit (its BARs or
+/// port ranges, numbered as the device chooses when it makes them); `addr` is
+/// relative to that region. Values are in the device's byte order, as for
+/// [`MemoryRegionOps`].
+#[allow(unused_variables)]
+pub trait Device: Send + 'static {
+    /// A guest read.
+    fn read(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, size: u32) -> u64;
+    /// A guest write (posted: the guest does not wait for it).
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32);
+    /// The ioeventfd registered with index `index` fired.
+    fn eventfd(&mut self, ctx: &mut DeviceCtx<'_>, index: usize) {}
+    /// A timer set with [`DeviceCtx::set_timer`] expired.
+    fn timer(&mut self, ctx: &mut DeviceCtx<'_>, token: u64) {}
+    /// The last region referring to the device is gone; the mailbox has
+    /// been drained. Called once, as the actor stops.
+    fn unplugged(&mut self, ctx: &mut DeviceCtx<'_>) {}
+}
+
+/// The tokio runtime that delivers ioeventfd and timer wake-ups to actors.
+#[derive(Clone)]
+pub struct DeviceRuntime {
+    handle: tokio::runtime::Handle,
+    _rt: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+impl std::fmt::Debug for DeviceRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRuntime").finish_non_exhaustive()
+    }
+}
+
+impl DeviceRuntime {
+    /// A runtime of its own, with one worker thread.
+    pub fn new() -> std::io::Result<DeviceRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("topos-devices")
+            .enable_all()
+            .build()?;
+        Ok(DeviceRuntime { handle: rt.handle().clone(), _rt: Some(Arc::new(rt)) })
+    }
+
+    /// Uses an existing tokio runtime.
+    pub fn from_handle(handle: tokio::runtime::Handle) -> DeviceRuntime {
+        DeviceRuntime { handle, _rt: None }
+    }
+}
+
+/// What a device can do besides answering accesses.
+pub struct DeviceCtx<'a> {
+    shared: &'a Shared,
+}
+
+impl DeviceCtx<'_> {
+    /// Interrupt line `i` of the device, if it has one.
+    pub fn irq(&self, i: usize) -> Option<&IrqLine> {
+        self.shared.irqs.get(i)
+    }
+
+    /// Calls [`Device::timer`] with `token` after `after` (from the device
+    /// runtime). Timers of an unplugged device never fire.
+    pub fn set_timer(&self, after: Duration, token: u64) {
+        let post = self.shared.poster.clone();
+        let task = self.shared.runtime.handle.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(p) = post.get() {
+                p(Msg::Timer(token));
+            }
+        });
+        self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+/// Why a call to an actor did not run.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum ActorError {
+    /// The actor has stopped (no region refers to it any more).
+    #[error("the device is gone")]
+    Gone,
+    /// The device panicked earlier and is failed.
+    #[error("the device failed")]
+    Failed,
+    /// The device was called from inside its own handler.
+    #[error("re-entrant access to the device")]
+    Reentrant,
+}
+
+type Call<D> = Box<dyn FnOnce(&mut D, &mut DeviceCtx<'_>) + Send>;
+
+/// A message in an actor's mailbox. Type-erased messages (timers,
+/// ioeventfds) carry no device type.
+enum Msg {
+    Timer(u64),
+    Eventfd(usize),
+}
+
+enum Mail<D> {
+    Write { region: usize, addr: HwAddr, value: u64, size: u32 },
+    Read { region: usize, addr: HwAddr, size: u32, reply: flume::Sender<(u64, MemTxResult)> },
+    Call(Call<D>),
+    Wake(Msg),
+}
+
+/// Late-bound poster for type-erased wake-ups (set once the core exists).
+type Poster = Arc<OnceCell<Box<dyn Fn(Msg) + Send + Sync>>>;
+
+/// A cell set once.
+struct OnceCell<T>(std::sync::OnceLock<T>);
+impl<T> OnceCell<T> {
+    fn get(&self) -> Option<&T> {
+        self.0.get()
+    }
+}
+
+struct Shared {
+    name: String,
+    irqs: Vec<IrqLine>,
+    runtime: DeviceRuntime,
+    poster: Poster,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+thread_local! {
+    /// Actors whose turn this thread holds (for re-entrancy detection).
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Core<D: Device> {
+    /// The device state. Only the holder of the turn locks it, and the turn
+    /// *is* `try_lock`: nobody ever blocks on this mutex.
+    state: Mutex<D>,
+    tx: flume::Sender<Mail<D>>,
+    rx: flume::Receiver<Mail<D>>,
+    /// Messages sent and not yet taken (may dip below 0 transiently).
+    pending: AtomicIsize,
+    failed: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl<D: Device> Core<D> {
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    fn holding(&self) -> bool {
+        let id = self.id();
+        HELD.with(|h| h.borrow().contains(&id))
+    }
+
+    /// Tries to take the turn.
+    fn try_turn(&self) -> Option<MutexGuard<'_, D>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            // A panic inside the device poisoned the mutex; the device is
+            // failed and its state is only dropped from now on.
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Runs one message with the turn held.
+    fn handle(&self, dev: &mut D, mail: Mail<D>) {
+        match mail {
+            Mail::Write { region, addr, value, size } => {
+                self.run(dev, |d, ctx| d.write(ctx, region, addr, value, size));
+            }
+            Mail::Read { region, addr, size, reply } => {
+                let r = self.run(dev, |d, ctx| d.read(ctx, region, addr, size));
+                let _ = reply.send(r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok)));
+            }
+            Mail::Call(f) => {
+                self.run(dev, f);
+            }
+            Mail::Wake(Msg::Timer(t)) => {
+                self.run(dev, |d, ctx| d.timer(ctx, t));
+            }
+            Mail::Wake(Msg::Eventfd(i)) => {
+                self.run(dev, |d, ctx| d.eventfd(ctx, i));
+            }
+        }
+    }
+
+    /// Calls into the device, containing a panic.
+    fn run<R>(&self, dev: &mut D, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R) -> Option<R> {
+        if self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = self.id();
+        HELD.with(|h| h.borrow_mut().push(id));
+        let mut ctx = DeviceCtx { shared: &self.shared };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dev, &mut ctx)));
+        HELD.with(|h| {
+            h.borrow_mut().pop();
+        });
+        match r {
+            Ok(v) => Some(v),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                tracing::error!(device = %self.shared.name, panic = %msg, "device failed; it now answers as unassigned");
+                self.failed.store(true, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    /// Drains the mailbox with the turn held.
+    fn drain(&self, dev: &mut D) {
+        while let Ok(mail) = self.rx.try_recv() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.handle(dev, mail);
+        }
+    }
+
+    /// Gives the turn back, then makes sure nothing posted meanwhile is left
+    /// without a drainer.
+    fn release(&self, guard: MutexGuard<'_, D>) {
+        drop(guard);
+        fence(Ordering::SeqCst);
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            self.kick();
+        }
+    }
+
+    /// Drains the mailbox if the turn is free.
+    fn kick(&self) {
+        while let Some(mut g) = self.try_turn() {
+            self.drain(&mut g);
+            drop(g);
+            fence(Ordering::SeqCst);
+            if self.pending.load(Ordering::SeqCst) <= 0 {
+                return;
+            }
+        }
+    }
+
+    fn post(&self, mail: Mail<D>) {
+        if self.tx.send(mail).is_ok() {
+            self.pending.fetch_add(1, Ordering::SeqCst);
+            self.kick();
+        }
+    }
+
+    fn read(&self, region: usize, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        if self.failed.load(Ordering::Acquire) || self.holding() {
+            return (0, MemTxResult::AccessError);
+        }
+        if let Some(mut g) = self.try_turn() {
+            self.drain(&mut g);
+            let r = self.run(&mut g, |d, ctx| d.read(ctx, region, addr, size));
+            self.release(g);
+            return r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
+        }
+        let (tx, rx) = flume::bounded(1);
+        self.post(Mail::Read { region, addr, size, reply: tx });
+        rx.recv().unwrap_or((0, MemTxResult::AccessError))
+    }
+
+    fn write(&self, region: usize, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        if self.failed.load(Ordering::Acquire) || self.holding() {
+            return MemTxResult::AccessError;
+        }
+        if let Some(mut g) = self.try_turn() {
+            self.drain(&mut g);
+            let r = self.run(&mut g, |d, ctx| d.write(ctx, region, addr, value, size));
+            self.release(g);
+            return if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
+        }
+        self.post(Mail::Write { region, addr, value, size });
+        MemTxResult::Ok
+    }
+}
+
+impl<D: Device> Drop for Core<D> {
+    fn drop(&mut self) {
+        // Last reference: nobody else can hold the turn. Apply what is still
+        // queued, then say goodbye.
+        let mut dev = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while let Ok(mail) = self.rx.try_recv() {
+            self.handle(&mut dev, mail);
+        }
+        self.run(&mut dev, |d, ctx| d.unplugged(ctx));
+        drop(dev);
+        for t in self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.abort();
+        }
+        tracing::debug!(device = %self.shared.name, "device actor stopped");
+    }
+}
+
+/// The adapter from an actor to one of its regions' [`MemoryRegionOps`].
+struct ActorOps<D: Device> {
+    core: Arc<Core<D>>,
+    region: usize,
+}
+
+impl<D: Device> MemoryRegionOps for ActorOps<D> {
+    fn read(&self, addr: HwAddr, size: u32) -> u64 {
+        self.core.read(self.region, addr, size).0
+    }
+    fn write(&self, addr: HwAddr, value: u64, size: u32) {
+        let _ = self.core.write(self.region, addr, value, size);
+    }
+    fn read_with_result(&self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        self.core.read(self.region, addr, size)
+    }
+    fn write_with_result(&self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        self.core.write(self.region, addr, value, size)
+    }
+}
+
+/// A newly spawned actor. Use [`ops`](Self::ops) to make its regions; once
+/// this and every region are dropped, the actor stops.
+pub struct Spawned<D: Device> {
+    core: Arc<Core<D>>,
+}
+
+impl<D: Device> Spawned<D> {
+    /// Spawns `device` as an actor named `name` with interrupt lines `irqs`.
+    pub fn new(name: &str, device: D, irqs: Vec<IrqLine>, runtime: &DeviceRuntime) -> Spawned<D> {
+        let (tx, rx) = flume::unbounded();
+        let poster: Poster = Arc::new(OnceCell(std::sync::OnceLock::new()));
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            irqs,
+            runtime: runtime.clone(),
+            poster: poster.clone(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let core = Arc::new(Core {
+            state: Mutex::new(device),
+            tx,
+            rx,
+            pending: AtomicIsize::new(0),
+            failed: AtomicBool::new(false),
+            shared,
+        });
+        let weak = Arc::downgrade(&core);
+        let _ = poster.0.set(Box::new(move |m| {
+            if let Some(c) = weak.upgrade() {
+                c.post(Mail::Wake(m));
+            }
+        }));
+        Spawned { core }
+    }
+
+    /// The ops for the device's region number `region`.
+    pub fn ops(&self, region: usize) -> Arc<dyn MemoryRegionOps> {
+        Arc::new(ActorOps { core: self.core.clone(), region })
+    }
+
+    /// A handle that does not keep the actor alive.
+    pub fn handle(&self) -> ActorHandle<D> {
+        ActorHandle { core: Arc::downgrade(&self.core) }
+    }
+}
+
+/// A handle to an actor that does not keep it alive.
+pub struct ActorHandle<D: Device> {
+    core: Weak<Core<D>>,
+}
+
+impl<D: Device> Clone for ActorHandle<D> {
+    fn clone(&self) -> Self {
+        ActorHandle { core: self.core.clone() }
+    }
+}
+
+impl<D: Device> ActorHandle<D> {
+    /// Runs `f` on the device with exclusive access, in mailbox order (after
+    /// every access issued before it), and returns its result.
+    pub fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R + Send + 'static,
+    ) -> Result<R, ActorError> {
+        let core = self.core.upgrade().ok_or(ActorError::Gone)?;
+        if core.failed.load(Ordering::Acquire) {
+            return Err(ActorError::Failed);
+        }
+        if core.holding() {
+            return Err(ActorError::Reentrant);
+        }
+        if let Some(mut g) = core.try_turn() {
+            core.drain(&mut g);
+            let r = core.run(&mut g, f);
+            core.release(g);
+            return r.ok_or(ActorError::Failed);
+        }
+        let (tx, rx) = flume::bounded(1);
+        core.post(Mail::Call(Box::new(move |d, ctx| {
+            let _ = tx.send(f(d, ctx));
+        })));
+        drop(core);
+        rx.recv().map_err(|_| ActorError::Failed)
+    }
+
+    /// Whether the actor is still running.
+    pub fn is_alive(&self) -> bool {
+        self.core.strong_count() > 0
+    }
+
+    /// Whether the device panicked.
+    pub fn is_failed(&self) -> bool {
+        self.core.upgrade().is_some_and(|c| c.failed.load(Ordering::Acquire))
+    }
+
+    /// Delivers `notifier`'s signals to [`Device::eventfd`] with `index`.
+    pub fn watch_eventfd(&self, notifier: EventNotifier, index: usize) -> Result<(), ActorError> {
+        let core = self.core.upgrade().ok_or(ActorError::Gone)?;
+        let poster = core.shared.poster.clone();
+        let fd = AsFd(notifier);
+        let rt = core.shared.runtime.handle.clone();
+        let task = rt.spawn(async move {
+            // The wrapper owns an `Arc` of the eventfd, so the descriptor
+            // outlives its registration (the I/O-safety concern behind the
+            // deprecation does not arise).
+            #[allow(deprecated)]
+            let Ok(afd) = tokio::io::unix::AsyncFd::new(fd) else {
+                return;
+            };
+            loop {
+                let Ok(mut ready) = afd.readable().await else { return };
+                // Consume the counter; spurious wake-ups read nothing.
+                match afd.get_ref().0.read() {
+                    Ok(_) => {
+                        if let Some(p) = poster.get() {
+                            p(Msg::Eventfd(index));
+                        } else {
+                            return;
+                        }
+                    }
+                    Err(_) => ready.clear_ready(),
+                }
+            }
+        });
+        core.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+        Ok(())
+    }
+}
+
+/// An eventfd as a raw fd for tokio.
+struct AsFd(EventNotifier);
+
+impl std::os::fd::AsRawFd for AsFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}

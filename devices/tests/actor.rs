@@ -1,0 +1,246 @@
+//! The actor harness: ordering, posting, unplug, failure containment,
+//! ioeventfd and timer wake-ups, re-entrancy.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use topos_devices::runtime::{new_event_notifier, AddressSpace, MemTxResult, OpsConfig, Topology};
+use topos_devices::{ActorError, Device, DeviceCtx, DeviceRuntime, IrqLine, LevelRecorder, Spawned};
+
+/// Generous bound for waiting on another thread; never a timing assertion.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Sums what is written; reads return the sum. A write of `BLOCK` parks
+/// the writer (holding the actor's turn) until `gate` is released; a write
+/// of `PANIC` panics.
+struct Summer {
+    sum: u64,
+    writes: u64,
+    gate: Option<mpsc::Receiver<()>>,
+    entered: Option<mpsc::Sender<()>>,
+    events: Option<mpsc::Sender<String>>,
+    on_unplug: Arc<Mutex<Option<(u64, u64)>>>,
+}
+
+const BLOCK: u64 = 0xb10c;
+const PANIC: u64 = 0x666;
+
+impl Device for Summer {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, region: usize, addr: u64, _size: u32) -> u64 {
+        if region == 1 && addr == 0 {
+            return self.writes;
+        }
+        self.sum
+    }
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, _region: usize, addr: u64, value: u64, _size: u32) {
+        match value {
+            BLOCK => {
+                if let Some(e) = &self.entered {
+                    let _ = e.send(());
+                }
+                if let Some(g) = &self.gate {
+                    let _ = g.recv();
+                }
+            }
+            PANIC => panic!("device bug"),
+            _ if addr == 8 => ctx.set_timer(Duration::from_millis(1), value),
+            _ => {
+                self.sum += value;
+                self.writes += 1;
+            }
+        }
+    }
+    fn eventfd(&mut self, _ctx: &mut DeviceCtx<'_>, index: usize) {
+        if let Some(e) = &self.events {
+            let _ = e.send(format!("eventfd {index}"));
+        }
+    }
+    fn timer(&mut self, ctx: &mut DeviceCtx<'_>, token: u64) {
+        if let Some(irq) = ctx.irq(0) {
+            irq.raise();
+        }
+        if let Some(e) = &self.events {
+            let _ = e.send(format!("timer {token}"));
+        }
+    }
+    fn unplugged(&mut self, _ctx: &mut DeviceCtx<'_>) {
+        *self.on_unplug.lock().unwrap() = Some((self.sum, self.writes));
+    }
+}
+
+fn summer() -> Summer {
+    Summer { sum: 0, writes: 0, gate: None, entered: None, events: None, on_unplug: Arc::new(Mutex::new(None)) }
+}
+
+struct Board {
+    topo: Topology,
+    mem: AddressSpace,
+    root: topos_devices::runtime::MemoryRegion,
+}
+
+fn board() -> Board {
+    let topo = Topology::new();
+    let root = topo.new_container("root", 0x10000).unwrap();
+    let mem = topo.address_space_init(&root, "memory").unwrap();
+    Board { topo, mem, root }
+}
+
+fn map(b: &Board, name: &str, s: &Spawned<Summer>, region: usize, at: u64) -> topos_devices::runtime::MemoryRegion {
+    let r = b.topo.new_io_arc(name, s.ops(region), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(at, &r).unwrap();
+    r
+}
+
+#[test]
+fn posted_writes_then_a_read_from_another_thread_sees_them_all() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let dev = Summer { gate: Some(gate_rx), entered: Some(entered_tx), ..summer() };
+    let s = Spawned::new("summer", dev, vec![], &rt);
+    let _r = map(&b, "summer", &s, 0, 0x1000);
+    let _r1 = map(&b, "summer-stats", &s, 1, 0x2000);
+    drop(s);
+
+    // A vCPU holds the device's turn (its write is parked inside the device).
+    let blocker = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || mem.write_u64(0x1000, BLOCK, 4))
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    // Writes from here are posted: they return at once although the device
+    // is busy.
+    for v in 1..=100u64 {
+        assert_eq!(b.mem.write_u64(0x1000, v, 4), MemTxResult::Ok);
+    }
+    // A read from a third thread waits for its reply, behind the writes.
+    let reader = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || (mem.read_u64(0x1000, 4), mem.read_u64(0x2000, 4)))
+    };
+    gate_tx.send(()).unwrap();
+    assert_eq!(blocker.join().unwrap(), MemTxResult::Ok);
+    let ((sum, r1), (writes, r2)) = reader.join().unwrap();
+    assert_eq!((r1, r2), (MemTxResult::Ok, MemTxResult::Ok));
+    assert_eq!(sum, 5050);
+    assert_eq!(writes, 100);
+}
+
+#[test]
+fn unplug_while_busy_loses_no_posted_write_and_later_accesses_miss() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let dev = Summer { gate: Some(gate_rx), entered: Some(entered_tx), ..summer() };
+    let unplugged = dev.on_unplug.clone();
+    let s = Spawned::new("summer", dev, vec![], &rt);
+    let handle = s.handle();
+    let r = map(&b, "summer", &s, 0, 0x1000);
+    drop(s);
+    let blocker = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || mem.write_u64(0x1000, BLOCK, 4))
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    for v in 1..=10u64 {
+        assert_eq!(b.mem.write_u64(0x1000, v, 4), MemTxResult::Ok);
+    }
+    // Unplug while the device is busy and writes are queued.
+    b.root.del_subregion(&r).unwrap();
+    r.destroy().unwrap();
+    drop(r);
+    // Accesses after the removal never reach the device.
+    assert_eq!(b.mem.write_u64(0x1000, 1000, 4), MemTxResult::DecodeError);
+    assert!(handle.is_alive(), "the busy vCPU's view still holds the device");
+    gate_tx.send(()).unwrap();
+    assert_eq!(blocker.join().unwrap(), MemTxResult::Ok);
+    // The vCPU's view is gone: the actor drained its mailbox and stopped.
+    assert!(!handle.is_alive());
+    assert_eq!(*unplugged.lock().unwrap(), Some((55, 10)));
+    assert_eq!(handle.with(|d, _| d.sum), Err(ActorError::Gone));
+}
+
+#[test]
+fn a_panicking_device_is_contained() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let bad = Spawned::new("bad", summer(), vec![], &rt);
+    let good = Spawned::new("good", summer(), vec![], &rt);
+    let (bh, gh) = (bad.handle(), good.handle());
+    let _rb = map(&b, "bad", &bad, 0, 0x1000);
+    let _rg = map(&b, "good", &good, 0, 0x2000);
+    drop((bad, good));
+    assert_eq!(b.mem.write_u64(0x1000, 5, 4), MemTxResult::Ok);
+    assert_eq!(b.mem.write_u64(0x1000, PANIC, 4), MemTxResult::AccessError);
+    assert!(bh.is_failed());
+    // Answers like an unassigned address, with an error result.
+    assert_eq!(b.mem.read_u64(0x1000, 4), (0, MemTxResult::AccessError));
+    assert_eq!(b.mem.write_u64(0x1000, 5, 4), MemTxResult::AccessError);
+    assert_eq!(bh.with(|d, _| d.sum), Err(ActorError::Failed));
+    // The other device and the topology are unaffected.
+    assert_eq!(b.mem.write_u64(0x2000, 7, 4), MemTxResult::Ok);
+    assert_eq!(b.mem.read_u64(0x2000, 4), (7, MemTxResult::Ok));
+    assert_eq!(gh.with(|d, _| d.writes), Ok(1));
+    let extra = b.topo.new_ram("ram", 0x100).unwrap();
+    b.root.add_subregion(0x3000, &extra).unwrap();
+}
+
+#[test]
+fn ioeventfd_and_timer_wake_the_actor() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let irqs = LevelRecorder::new();
+    let dev = Summer { events: Some(ev_tx), ..summer() };
+    let s = Spawned::new("summer", dev, vec![IrqLine::new(irqs.clone(), 5)], &rt);
+    let h = s.handle();
+    let r = map(&b, "summer", &s, 0, 0x1000);
+    drop(s);
+    let e = new_event_notifier().unwrap();
+    r.add_eventfd(0x10, 4, false, 0, &e).unwrap();
+    h.watch_eventfd(e, 3).unwrap();
+    // A guest write to the doorbell signals the eventfd instead of reaching
+    // the device's write handler; the actor is woken through its mailbox.
+    assert_eq!(b.mem.write_u64(0x1010, 42, 4), MemTxResult::Ok);
+    assert_eq!(ev_rx.recv_timeout(WAIT).unwrap(), "eventfd 3");
+    assert_eq!(h.with(|d, _| d.writes), Ok(0));
+    // A timer raises the interrupt line.
+    assert_eq!(b.mem.write_u64(0x1008, 77, 4), MemTxResult::Ok);
+    assert_eq!(ev_rx.recv_timeout(WAIT).unwrap(), "timer 77");
+    assert!(irqs.level(5));
+    assert_eq!(irqs.rising_edges(), 1);
+}
+
+/// Reads its own region through the address space from inside a handler.
+struct Loopy {
+    mem: Option<AddressSpace>,
+    seen: Option<MemTxResult>,
+}
+
+impl Device for Loopy {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        1
+    }
+    fn write(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _value: u64, _size: u32) {
+        if let Some(m) = &self.mem {
+            self.seen = Some(m.read_u64(0x1000, 4).1);
+        }
+    }
+}
+
+#[test]
+fn re_entrant_access_is_refused_instead_of_deadlocking() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let s = Spawned::new("loopy", Loopy { mem: Some(b.mem.clone()), seen: None }, vec![], &rt);
+    let h = s.handle();
+    let r = b.topo.new_io_arc("loopy", s.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(0x1000, &r).unwrap();
+    drop(s);
+    assert_eq!(b.mem.write_u64(0x1000, 1, 4), MemTxResult::Ok);
+    assert_eq!(h.with(|d, _| d.seen), Ok(Some(MemTxResult::AccessError)));
+    // Break the cycle device → address space → region → device.
+    h.with(|d, _| d.mem = None).unwrap();
+}
