@@ -7,7 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod actor;
+pub mod debug_exit;
+pub mod edu;
+pub mod framebuffer;
 pub mod irq;
+pub mod pci;
+pub mod pflash;
+pub mod uart;
+pub mod virtio_doorbell;
 
 pub use actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
 pub use irq::{InterruptSink, IrqLine, LevelRecorder};

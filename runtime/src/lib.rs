@@ -50,7 +50,7 @@ pub use ops::{
     ValidConstraints,
 };
 pub use ram::RamSlice;
-pub use region::{new_event_notifier, EventNotifier, Ioeventfd, MemoryRegion, RegionId};
+pub use region::{new_event_notifier, EventNotifier, Ioeventfd, MemoryRegion, RegionId, WeakRegion};
 pub use topology::{FlushHook, StandardSpaces, Topology};
 pub use types::{DirtyClient, Endianness, HwAddr, MemTxResult, PAGE_SIZE, SIZE_MAX};
 

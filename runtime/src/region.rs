@@ -185,6 +185,25 @@ impl Drop for RegionInner {
 #[derive(Clone)]
 pub struct MemoryRegion(pub(crate) Arc<RegionInner>);
 
+/// A handle that does not keep the region alive (for a device that needs to
+/// change its own region without owning it, which would keep it alive
+/// forever).
+#[derive(Clone, Debug)]
+pub struct WeakRegion(Weak<RegionInner>);
+
+impl WeakRegion {
+    /// The region, if it still exists.
+    pub fn upgrade(&self) -> Option<MemoryRegion> {
+        self.0.upgrade().map(MemoryRegion)
+    }
+}
+
+impl std::fmt::Debug for RegionInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionInner").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
 impl PartialEq for MemoryRegion {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
@@ -266,6 +285,11 @@ impl MemoryRegion {
     }
 
     // ----- queries -------------------------------------------------------
+
+    /// A handle that does not keep the region alive.
+    pub fn downgrade(&self) -> WeakRegion {
+        WeakRegion(Arc::downgrade(&self.0))
+    }
 
     /// The region's identity.
     pub fn id(&self) -> RegionId {
