@@ -34,9 +34,9 @@
 //! Nothing else is affected.
 
 use crate::irq::IrqLine;
-use std::cell::RefCell;
-use std::sync::atomic::{fence, AtomicBool, AtomicIsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use crate::turn::{Held, Turn};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use topos_runtime::{EventNotifier, HwAddr, MemTxResult, MemoryRegionOps};
 
@@ -170,79 +170,64 @@ struct Shared {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
-thread_local! {
-    /// Actors whose turn this thread holds (for re-entrancy detection).
-    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-
 struct Core<D: Device> {
-    /// The device state. Only the holder of the turn locks it, and the turn
-    /// *is* `try_lock`: nobody ever blocks on this mutex.
-    state: Mutex<D>,
+    /// The device state, reachable only by the holder of the turn; the turn
+    /// word also counts the messages waiting in the mailbox.
+    turn: Turn<D>,
     tx: flume::Sender<Mail<D>>,
     rx: flume::Receiver<Mail<D>>,
-    /// Messages sent and not yet taken (may dip below 0 transiently).
-    pending: AtomicIsize,
     failed: AtomicBool,
     shared: Arc<Shared>,
 }
 
 impl<D: Device> Core<D> {
-    fn id(&self) -> usize {
-        self as *const Self as usize
-    }
-
-    fn holding(&self) -> bool {
-        let id = self.id();
-        HELD.with(|h| h.borrow().contains(&id))
-    }
-
-    /// Tries to take the turn.
-    fn try_turn(&self) -> Option<MutexGuard<'_, D>> {
-        match self.state.try_lock() {
-            Ok(g) => Some(g),
-            // A panic inside the device poisoned the mutex; the device is
-            // failed and its state is only dropped from now on.
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
-
     /// Runs one message with the turn held.
     fn handle(&self, dev: &mut D, mail: Mail<D>) {
+        Self::handle_in(&self.failed, &self.shared, dev, mail)
+    }
+
+    fn handle_in(failed: &AtomicBool, shared: &Shared, dev: &mut D, mail: Mail<D>) {
+        let run = |dev: &mut D, f: &mut dyn FnMut(&mut D, &mut DeviceCtx<'_>)| {
+            Self::run_in(failed, shared, dev, f);
+        };
         match mail {
             Mail::Write { region, addr, value, size } => {
-                self.run(dev, |d, ctx| d.write(ctx, region, addr, value, size));
+                run(dev, &mut |d, ctx| d.write(ctx, region, addr, value, size));
             }
             Mail::Read { region, addr, size, reply } => {
-                let r = self.run(dev, |d, ctx| d.read(ctx, region, addr, size));
+                let r = Self::run_in(failed, shared, dev, |d, ctx| d.read(ctx, region, addr, size));
                 let _ = reply.send(r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok)));
             }
             Mail::Call(f) => {
-                self.run(dev, f);
+                Self::run_in(failed, shared, dev, f);
             }
             Mail::Wake(Msg::Timer(t)) => {
-                self.run(dev, |d, ctx| d.timer(ctx, t));
+                run(dev, &mut |d, ctx| d.timer(ctx, t));
             }
             Mail::Wake(Msg::Eventfd(i)) => {
-                self.run(dev, |d, ctx| d.eventfd(ctx, i));
+                run(dev, &mut |d, ctx| d.eventfd(ctx, i));
             }
         }
     }
 
     /// Calls into the device, containing a panic.
+    #[inline]
     fn run<R>(&self, dev: &mut D, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R) -> Option<R> {
-        if self.failed.load(Ordering::Acquire) {
+        Self::run_in(&self.failed, &self.shared, dev, f)
+    }
+
+    #[inline]
+    fn run_in<R>(
+        failed: &AtomicBool,
+        shared: &Shared,
+        dev: &mut D,
+        f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R,
+    ) -> Option<R> {
+        if failed.load(Ordering::Acquire) {
             return None;
         }
-        let id = self.id();
-        HELD.with(|h| h.borrow_mut().push(id));
-        let mut ctx = DeviceCtx { shared: &self.shared };
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dev, &mut ctx)));
-        HELD.with(|h| {
-            h.borrow_mut().pop();
-        });
-        match r {
+        let mut ctx = DeviceCtx { shared };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dev, &mut ctx))) {
             Ok(v) => Some(v),
             Err(p) => {
                 let msg = p
@@ -250,74 +235,91 @@ impl<D: Device> Core<D> {
                     .map(|s| s.to_string())
                     .or_else(|| p.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
-                tracing::error!(device = %self.shared.name, panic = %msg, "device failed; it now answers as unassigned");
-                self.failed.store(true, Ordering::Release);
+                tracing::error!(device = %shared.name, panic = %msg, "device failed; it now answers as unassigned");
+                failed.store(true, Ordering::Release);
                 None
             }
         }
     }
 
-    /// Drains the mailbox with the turn held.
-    fn drain(&self, dev: &mut D) {
-        while let Ok(mail) = self.rx.try_recv() {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            self.handle(dev, mail);
-        }
-    }
-
-    /// Gives the turn back, then makes sure nothing posted meanwhile is left
-    /// without a drainer.
-    fn release(&self, guard: MutexGuard<'_, D>) {
-        drop(guard);
-        fence(Ordering::SeqCst);
-        if self.pending.load(Ordering::SeqCst) > 0 {
-            self.kick();
-        }
-    }
-
-    /// Drains the mailbox if the turn is free.
-    fn kick(&self) {
-        while let Some(mut g) = self.try_turn() {
-            self.drain(&mut g);
-            drop(g);
-            fence(Ordering::SeqCst);
-            if self.pending.load(Ordering::SeqCst) <= 0 {
-                return;
+    /// Handles every queued message, with the turn held.
+    fn drain(&self, held: &mut Held<'_, D>) {
+        while held.pending() {
+            match self.rx.try_recv() {
+                Ok(mail) => {
+                    held.take_pending();
+                    self.handle(held, mail);
+                }
+                Err(_) => break,
             }
         }
     }
 
-    fn post(&self, mail: Mail<D>) {
-        if self.tx.send(mail).is_ok() {
-            self.pending.fetch_add(1, Ordering::SeqCst);
-            self.kick();
+    /// Gives the turn back, draining whatever was queued meanwhile.
+    #[inline]
+    fn finish(&self, mut held: Held<'_, D>) {
+        loop {
+            match held.try_release() {
+                Ok(()) => return,
+                Err(h) => {
+                    held = h;
+                    self.drain(&mut held);
+                }
+            }
         }
     }
 
+    /// Takes the turn for an access: at once if idle, after draining if
+    /// messages are queued; `None` if another thread holds it.
+    #[inline]
+    fn enter(&self) -> Option<Held<'_, D>> {
+        if let Some(h) = self.turn.try_enter_idle() {
+            return Some(h);
+        }
+        let mut h = self.turn.try_enter()?;
+        self.drain(&mut h);
+        Some(h)
+    }
+
+    fn post(&self, mail: Mail<D>) {
+        if self.tx.send(mail).is_ok() && self.turn.add_pending() {
+            if let Some(mut h) = self.turn.try_enter() {
+                self.drain(&mut h);
+                self.finish(h);
+            }
+        }
+    }
+
+    #[inline]
     fn read(&self, region: usize, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
-        if self.failed.load(Ordering::Acquire) || self.holding() {
+        if self.failed.load(Ordering::Acquire) {
             return (0, MemTxResult::AccessError);
         }
-        if let Some(mut g) = self.try_turn() {
-            self.drain(&mut g);
-            let r = self.run(&mut g, |d, ctx| d.read(ctx, region, addr, size));
-            self.release(g);
+        if let Some(mut h) = self.enter() {
+            let r = self.run(&mut h, |d, ctx| d.read(ctx, region, addr, size));
+            self.finish(h);
             return r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
+        }
+        if self.turn.held_by_me() {
+            return (0, MemTxResult::AccessError);
         }
         let (tx, rx) = flume::bounded(1);
         self.post(Mail::Read { region, addr, size, reply: tx });
         rx.recv().unwrap_or((0, MemTxResult::AccessError))
     }
 
+    #[inline]
     fn write(&self, region: usize, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
-        if self.failed.load(Ordering::Acquire) || self.holding() {
+        if self.failed.load(Ordering::Acquire) {
             return MemTxResult::AccessError;
         }
-        if let Some(mut g) = self.try_turn() {
-            self.drain(&mut g);
-            let r = self.run(&mut g, |d, ctx| d.write(ctx, region, addr, value, size));
-            self.release(g);
+        if let Some(mut h) = self.enter() {
+            let r = self.run(&mut h, |d, ctx| d.write(ctx, region, addr, value, size));
+            self.finish(h);
             return if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
+        }
+        if self.turn.held_by_me() {
+            return MemTxResult::AccessError;
         }
         self.post(Mail::Write { region, addr, value, size });
         MemTxResult::Ok
@@ -328,15 +330,13 @@ impl<D: Device> Drop for Core<D> {
     fn drop(&mut self) {
         // Last reference: nobody else can hold the turn. Apply what is still
         // queued, then say goodbye.
-        let mut dev = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        while let Ok(mail) = self.rx.try_recv() {
-            self.handle(&mut dev, mail);
+        let mails: Vec<Mail<D>> = self.rx.try_iter().collect();
+        let Core { turn, failed, shared, .. } = self;
+        let dev = turn.get_mut();
+        for mail in mails {
+            Self::handle_in(failed, shared, dev, mail);
         }
-        self.run(&mut dev, |d, ctx| d.unplugged(ctx));
-        drop(dev);
+        Self::run_in(failed, shared, dev, |d, ctx| d.unplugged(ctx));
         for t in self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();
         }
@@ -383,14 +383,7 @@ impl<D: Device> Spawned<D> {
             poster: poster.clone(),
             tasks: Mutex::new(Vec::new()),
         });
-        let core = Arc::new(Core {
-            state: Mutex::new(device),
-            tx,
-            rx,
-            pending: AtomicIsize::new(0),
-            failed: AtomicBool::new(false),
-            shared,
-        });
+        let core = Arc::new(Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared });
         let weak = Arc::downgrade(&core);
         let _ = poster.0.set(Box::new(move |m| {
             if let Some(c) = weak.upgrade() {
@@ -433,14 +426,13 @@ impl<D: Device> ActorHandle<D> {
         if core.failed.load(Ordering::Acquire) {
             return Err(ActorError::Failed);
         }
-        if core.holding() {
-            return Err(ActorError::Reentrant);
-        }
-        if let Some(mut g) = core.try_turn() {
-            core.drain(&mut g);
-            let r = core.run(&mut g, f);
-            core.release(g);
+        if let Some(mut h) = core.enter() {
+            let r = core.run(&mut h, f);
+            core.finish(h);
             return r.ok_or(ActorError::Failed);
+        }
+        if core.turn.held_by_me() {
+            return Err(ActorError::Reentrant);
         }
         let (tx, rx) = flume::bounded(1);
         core.post(Mail::Call(Box::new(move |d, ctx| {
