@@ -4,6 +4,7 @@
 //! on two devices against one thread on one device.
 //!
 //! `cargo bench -p topos-devices --bench actor`
+#![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
@@ -79,7 +80,7 @@ fn run_threads(devs: &[Arc<dyn MemoryRegionOps>], threads: usize, iters: u64, wr
                     if write {
                         let _ = d.write_with_result(black_box(i & 0x78), i, 4);
                     } else {
-                        black_box(d.read_with_result(black_box(i & 0x78), 4));
+                        let _ = black_box(d.read_with_result(black_box(i & 0x78), 4));
                     }
                 }
             })

@@ -9,16 +9,18 @@
 mod baselines;
 mod support;
 
-use baselines::{base_of, ch_bus, crosvm_bus, vm_memory, vmd_lookup, vmd_manager, vmd_register, RANGE_LEN, STRIDE};
+use baselines::{
+    base_of, ch_bus, crosvm_bus, vm_memory, vmd_lookup, vmd_manager, vmd_register, DEV_VALUE, RANGE_LEN, STRIDE,
+};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
-    build_machine, dirty_one_percent, harvest_ram, io_map, ram_map, run_readers, scrambled_addrs, topos_mover, Writer,
-    HARVEST_RAM, MOVER_BASE,
+    build_machine, build_machine_within, dirty_one_percent, harvest_ram, io_map, ram_map, run_readers, scrambled_addrs,
+    topos_mover, Writer, HARVEST_RAM, MOVER_BASE,
 };
-use topos_runtime::{DirtyClient, FlatRange, MemoryListener, Topology};
+use topos_runtime::{DirtyClient, FlatRange, MemTxResult, MemoryListener, Topology};
 use vm_device::bus::MmioAddress;
 use vm_device::device_manager::MmioManager;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -46,6 +48,16 @@ fn lookup(c: &mut Criterion) {
         let mask = n - 1;
         assert!(n.is_power_of_two());
         let hit = addrs[0];
+        // Every structure resolves every address to the same range.
+        let mut acc = asp.accessor();
+        for &a in addrs.iter() {
+            let base = view.lookup(a).map(FlatRange::start);
+            assert!(base.is_some());
+            assert_eq!(acc.lookup(a).map(FlatRange::start), base);
+            assert_eq!(ch.resolve(a).map(|r| r.0), base);
+            assert_eq!(cv.get_device(a).map(|r| a - r.0), base);
+            assert_eq!(vmd_lookup(&vmd, a), base);
+        }
 
         let mut g = c.benchmark_group(format!("lookup_{n}"));
         for pattern in ["hit", "miss"] {
@@ -98,6 +110,11 @@ fn ram(c: &mut Criterion) {
     let vmm = vm_memory(RAM_SIZE as usize);
     let addr = 0x10_0008;
     let ga = GuestAddress(addr);
+    // Both sides store and load the same bytes.
+    assert!(asp.write(addr, &7u64.to_le_bytes()).is_ok());
+    assert!(asp.accessor().read_u64(addr, 8) == (7, MemTxResult::Ok));
+    vmm.memory().write_obj(7u64, ga).expect("write");
+    assert_eq!(vmm.memory().read_obj::<u64>(ga).expect("read"), 7);
 
     let mut g = c.benchmark_group("ram_read8");
     g.bench_function("topos_asp", |b| {
@@ -176,6 +193,13 @@ fn mmio(c: &mut Criterion) {
     let cv = crosvm_bus(MMIO_DEVICES);
     let vmd = vmd_manager(MMIO_DEVICES);
     let a = MMIO_ADDR;
+    // Every path reaches the trivial device.
+    assert!(asp.read_u64(a, 4) == (DEV_VALUE, MemTxResult::Ok));
+    assert!(asp.accessor().read_u64(a, 4) == (DEV_VALUE, MemTxResult::Ok));
+    let mut d = [0u8; 4];
+    assert!(ch.read(a, &mut d) && u32::from_le_bytes(d) as u64 == DEV_VALUE);
+    assert!(cv.read(a, &mut d) && u32::from_le_bytes(d) as u64 == DEV_VALUE);
+    assert!(vmd.mmio_read(MmioAddress(a), &mut d).is_ok() && u32::from_le_bytes(d) as u64 == DEV_VALUE);
 
     let mut g = c.benchmark_group("mmio_read4");
     g.bench_function("topos_asp", |b| b.iter(|| asp.read_u64(black_box(a), 4)));
@@ -425,22 +449,46 @@ fn commit(c: &mut Criterion) {
     g.finish();
 }
 
+/// Devices of the machine-build benches.
+const MACHINE_SIZES: [usize; 2] = [100, 1000];
+/// A machine size whose trial build takes longer than this is not benched
+/// (ten samples of it would not fit the suite's time).
+const MACHINE_TRIAL_BUDGET: Duration = Duration::from_secs(10);
+
 fn machine(c: &mut Criterion) {
     let mut g = c.benchmark_group("machine_build");
     g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1));
     g.measurement_time(Duration::from_secs(5));
-    g.bench_function("topos_1000_devices", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                let m = build_machine(1000).expect("build");
-                total += t.elapsed();
-                drop(black_box(m));
-            }
-            total
-        })
-    });
+    for n in MACHINE_SIZES {
+        let id = BenchmarkId::new("topos_devices", n);
+        if !filter_selects(&format!("machine_build/topos_devices/{n}")) {
+            continue;
+        }
+        let t = Instant::now();
+        let trial = build_machine_within(n, Some(MACHINE_TRIAL_BUDGET)).expect("trial build");
+        let (built, took) = (trial.bars.len(), t.elapsed());
+        trial.teardown().expect("teardown");
+        if built < n {
+            eprintln!(
+                "machine_build/topos_devices/{n}: SKIPPED: the trial build reached only {built} devices in {took:.1?} \
+                 (budget {MACHINE_TRIAL_BUDGET:?}); see the scaling bench for one-shot build times"
+            );
+            continue;
+        }
+        eprintln!("machine_build/topos_devices/{n}: trial build {took:.1?}");
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let m = build_machine(n).expect("build");
+                    total += t.elapsed();
+                    black_box(m).teardown().expect("teardown");
+                }
+                total
+            })
+        });
+    }
     g.finish();
 }
 
@@ -467,6 +515,40 @@ fn harvest(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// Whether criterion's command-line filter (if any) selects `id`: the machine
+/// trial builds are costly, so they run only for benches that will run.
+/// Matches criterion's default substring filter.
+fn filter_selects(id: &str) -> bool {
+    const TAKES_VALUE: [&str; 16] = [
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--color",
+        "--sample-size",
+        "--warm-up-time",
+        "--measurement-time",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--profile-time",
+        "--format",
+        "--output-format",
+        "--plotting-backend",
+    ];
+    let mut filters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if TAKES_VALUE.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            filters.push(a);
+        }
+    }
+    filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()))
 }
 
 fn config() -> Criterion {

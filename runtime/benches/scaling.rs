@@ -3,6 +3,8 @@
 //! reader threads while a writer changes the map at about 1 kHz, topos
 //! against Cloud Hypervisor's `RwLock` bus design.
 //!
+//! It also times one-shot builds of PCI-like machines of growing size.
+//!
 //! Prints CSV-like tables and writes `docs/commit_latency.png` and
 //! `docs/lookup_threads.png` at the workspace root. Run with
 //! `cargo bench -p topos-runtime --bench scaling`.
@@ -190,6 +192,7 @@ fn plot_commit(path: &Path, rows: &[CommitRow], text: bool) -> PlotResult {
     }
     let mut chart = chart.build_cartesian_2d((80f64..13_000f64).log_scale(), (0.5f64..ymax).log_scale())?;
     let mut mesh = chart.configure_mesh();
+    mesh.x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y}"));
     if text {
         mesh.x_desc("regions in the topology").y_desc("p50 latency (µs)");
     } else {
@@ -255,9 +258,45 @@ fn plot_lookup(path: &Path, rows: &[LookupRow], text: bool) -> PlotResult {
     Ok(())
 }
 
+/// Device counts of the machine-build table.
+const MACHINE_SIZES: [usize; 4] = [100, 200, 400, 1000];
+
+/// Per-build time budget of the machine-build table, in seconds
+/// (`TOPOS_SCALING_BUILD_BUDGET` overrides it).
+fn build_budget() -> Duration {
+    let secs = std::env::var("TOPOS_SCALING_BUILD_BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// One-shot build times of PCI-like machines (see `support::build_machine`).
+/// A build that passes the budget is stopped and reported with the number of
+/// devices it reached.
+fn machine_table() -> topos_runtime::Result<()> {
+    let budget = build_budget();
+    println!();
+    println!("# machine build, one shot: devices (BAR + bus-master address space + 32 ioeventfds each), one transaction per device; budget {budget:?} per build");
+    println!("devices,build_ms,devices_built,per_device_us");
+    for n in MACHINE_SIZES {
+        let t = Instant::now();
+        let m = support::build_machine_within(n, Some(budget))?;
+        let took = t.elapsed();
+        let built = m.bars.len();
+        m.teardown()?;
+        let per = took.as_secs_f64() * 1e6 / built.max(1) as f64;
+        let ms = took.as_secs_f64() * 1e3;
+        if built < n {
+            println!("{n},>{ms:.0} (stopped),{built},{per:.0}");
+            break;
+        }
+        println!("{n},{ms:.1},{built},{per:.0}");
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let commit = commit_table()?;
     let lookup = lookup_table()?;
+    machine_table()?;
     let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
     std::fs::create_dir_all(&docs)?;
     let text = load_font();

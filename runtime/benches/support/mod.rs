@@ -177,6 +177,25 @@ pub struct Machine {
     pub bus_master: Vec<AddressSpace>,
 }
 
+impl Machine {
+    /// Destroys every address space of the machine in one transaction, then
+    /// drops it. Needed because dropping the last `Topology` handle does not
+    /// free a topology that has address spaces (its published snapshot holds
+    /// them and they hold the topology's shared state), which would leak each
+    /// build's eventfds.
+    pub fn teardown(self) -> Result<()> {
+        let topo = self.topo.clone();
+        topo.transaction(|| -> Result<()> {
+            for asp in topo.address_spaces() {
+                topo.address_space_destroy(&asp)?;
+            }
+            Ok(())
+        })??;
+        drop(self);
+        Ok(())
+    }
+}
+
 /// Where the PCI container sits in `system`.
 pub const PCI_BASE: u64 = 0xe000_0000;
 /// Size of each device's BAR.
@@ -193,6 +212,13 @@ pub const QUEUES: u64 = 32;
 /// address and data): 32 per device would need 32,000 descriptors, above this
 /// machine's hard `RLIMIT_NOFILE` of 20,000.
 pub fn build_machine(devices: usize) -> Result<Machine> {
+    build_machine_within(devices, None)
+}
+
+/// Like [`build_machine`], but stops adding devices once `budget` has passed
+/// (check `bars.len()` to see how many were built).
+pub fn build_machine_within(devices: usize, budget: Option<Duration>) -> Result<Machine> {
+    let start = std::time::Instant::now();
     let topo = Topology::new();
     let spaces = topo.standard_spaces()?;
     let pci = topo.new_container("pci", 1 << 28)?;
@@ -200,6 +226,9 @@ pub fn build_machine(devices: usize) -> Result<Machine> {
     let mut bars = Vec::with_capacity(devices);
     let mut bus_master = Vec::with_capacity(devices);
     for d in 0..devices {
+        if budget.is_some_and(|b| start.elapsed() > b) {
+            break;
+        }
         topo.transaction(|| -> Result<()> {
             let bar = topo.new_io(&format!("dev{d}.bar0"), ConstOps, OpsConfig::default(), BAR_SIZE as u128)?;
             pci.add_subregion(d as u64 * BAR_SIZE, &bar)?;
