@@ -115,6 +115,15 @@ impl DeviceCtx<'_> {
         self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
     }
 
+    /// Runs `f` on the calling thread right after the device's turn is given
+    /// back (before the access returns to the guest). Use it for work that
+    /// must not run while holding the turn, such as changing the topology:
+    /// a thread inside a topology transaction may be waiting for this device.
+    pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
+        self.shared.deferred.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+        self.shared.has_deferred.store(true, Ordering::Release);
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.shared.name
@@ -168,6 +177,27 @@ struct Shared {
     runtime: DeviceRuntime,
     poster: Poster,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    deferred: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    has_deferred: AtomicBool,
+}
+
+impl Shared {
+    /// Runs what handlers deferred (see [`DeviceCtx::defer`]).
+    #[inline]
+    fn run_deferred(&self) {
+        if self.has_deferred.load(Ordering::Acquire) {
+            let work = {
+                let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+                self.has_deferred.store(false, Ordering::Release);
+                std::mem::take(&mut *d)
+            };
+            for f in work {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                    tracing::error!(device = %self.name, "deferred device work panicked");
+                }
+            }
+        }
+    }
 }
 
 struct Core<D: Device> {
@@ -255,12 +285,16 @@ impl<D: Device> Core<D> {
         }
     }
 
-    /// Gives the turn back, draining whatever was queued meanwhile.
+    /// Gives the turn back, draining whatever was queued meanwhile, then runs
+    /// deferred work.
     #[inline]
     fn finish(&self, mut held: Held<'_, D>) {
         loop {
             match held.try_release() {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.shared.run_deferred();
+                    return;
+                }
                 Err(h) => {
                     held = h;
                     self.drain(&mut held);
@@ -382,6 +416,8 @@ impl<D: Device> Spawned<D> {
             runtime: runtime.clone(),
             poster: poster.clone(),
             tasks: Mutex::new(Vec::new()),
+            deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
         });
         let core = Arc::new(Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared });
         let weak = Arc::downgrade(&core);

@@ -244,3 +244,73 @@ fn re_entrant_access_is_refused_instead_of_deadlocking() {
     // Break the cycle device → address space → region → device.
     h.with(|d, _| d.mem = None).unwrap();
 }
+
+/// Defers a topology change from its write handler.
+struct Mover {
+    target: Option<topos_devices::runtime::WeakRegion>,
+    entered: Option<mpsc::Sender<()>>,
+    gate: Option<mpsc::Receiver<()>>,
+}
+
+impl Device for Mover {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, value: u64, _size: u32) {
+        if let Some(e) = &self.entered {
+            let _ = e.send(());
+        }
+        if let Some(g) = &self.gate {
+            let _ = g.recv();
+        }
+        let target = self.target.clone();
+        ctx.defer(move || {
+            if let Some(t) = target.and_then(|w| w.upgrade()) {
+                let _ = t.set_address(value);
+            }
+        });
+    }
+}
+
+#[test]
+fn deferred_topology_changes_do_not_deadlock_with_a_transaction() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let ram = b.topo.new_ram("ram", 0x100).unwrap();
+    b.root.add_subregion(0x4000, &ram).unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let dev = Mover { target: Some(ram.downgrade()), entered: Some(entered_tx), gate: Some(gate_rx) };
+    let s = Spawned::new("mover", dev, vec![], &rt);
+    let h = s.handle();
+    let r = b.topo.new_io_arc("mover", s.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(0x1000, &r).unwrap();
+    drop(s);
+    // A vCPU writes to the device; its handler will move `ram`.
+    let vcpu = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || mem.write_u64(0x1000, 0x8000, 4))
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    // Meanwhile this thread opens a transaction and then needs the device.
+    let (done_tx, done_rx) = mpsc::channel();
+    let (in_txn_tx, in_txn_rx) = mpsc::channel();
+    let topo = b.topo.clone();
+    let embedder = std::thread::spawn(move || {
+        topo.begin().unwrap();
+        in_txn_tx.send(()).unwrap();
+        let seen = h.with(|_, _| ()).is_ok();
+        topo.commit().unwrap();
+        done_tx.send(seen).unwrap();
+    });
+    // Only now let the handler finish: had it changed the topology while
+    // holding the device's turn, it and the embedder would wait for each
+    // other forever.
+    in_txn_rx.recv_timeout(WAIT).unwrap();
+    gate_tx.send(()).unwrap();
+    assert!(done_rx.recv_timeout(WAIT).expect("no deadlock"));
+    assert_eq!(vcpu.join().unwrap(), MemTxResult::Ok);
+    embedder.join().unwrap();
+    // The deferred move happened once the vCPU had given the turn back.
+    assert_eq!(ram.addr(), 0x8000);
+}
