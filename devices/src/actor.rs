@@ -112,7 +112,9 @@ impl DeviceCtx<'_> {
                 p(Msg::Timer(token));
             }
         });
-        self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+        let mut tasks = self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
     }
 
     /// Runs `f` on the calling thread right after the device's turn is given
