@@ -273,7 +273,7 @@ pub enum Observed {
 /// over a snapshot to resync from.
 pub struct DiffSubscriber {
     pub(crate) rx: tokio::sync::broadcast::Receiver<Arc<CommitDiff>>,
-    pub(crate) shared: Arc<crate::topology::TopoShared>,
+    pub(crate) topo: crate::sync::Weak<crate::topology::TopoInner>,
     /// Generation of the last thing handed out (diff or snapshot).
     pub(crate) last: u64,
 }
@@ -293,7 +293,10 @@ impl DiffSubscriber {
     }
 
     fn resync(&mut self, missed: u64) -> Observed {
-        let snapshot = self.shared.snapshot.load_full();
+        let Some(topo) = self.topo.upgrade().map(crate::topology::Topology) else {
+            return Observed::Closed;
+        };
+        let snapshot = topo.snapshot();
         self.last = snapshot.generation;
         Observed::Resync { missed, snapshot }
     }

@@ -40,7 +40,6 @@ pub(crate) struct TopoShared {
     pub(crate) global_dirty: AtomicBool,
     pub(crate) flush_hook: Rcu<Option<FlushHook>>,
     pub(crate) generation: AtomicU64,
-    pub(crate) snapshot: Rcu<Snapshot>,
     pub(crate) diffs: tokio::sync::broadcast::Sender<Arc<CommitDiff>>,
 }
 
@@ -204,7 +203,6 @@ impl Topology {
                 global_dirty: AtomicBool::new(false),
                 flush_hook: Rcu::new(Arc::new(None)),
                 generation: AtomicU64::new(0),
-                snapshot: Rcu::new(Arc::new(Snapshot { generation: 0, spaces: Vec::new() })),
                 diffs: tx,
             }),
         }))
@@ -768,14 +766,24 @@ impl Topology {
     pub fn subscribe(&self) -> Result<DiffSubscriber> {
         self.with_query(|| DiffSubscriber {
             rx: self.0.shared.diffs.subscribe(),
-            shared: self.0.shared.clone(),
+            topo: Arc::downgrade(&self.0),
             last: self.generation(),
         })
     }
 
     /// Every address space with its current view, at one generation.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.0.shared.snapshot.load_full()
+        // Built on demand with the turn held, so no commit is half done. (Not
+        // kept per commit: the shared state that regions point to must not
+        // hold the address spaces, or the topology would keep itself alive.)
+        let build = || {
+            let spaces = self.address_spaces().into_iter().map(|a| {
+                let v = a.0.view.load_full();
+                (a, v)
+            });
+            Arc::new(Snapshot { generation: self.generation(), spaces: spaces.collect() })
+        };
+        self.with_query(build).unwrap_or_else(|_| build())
     }
 
     // ----- dirty logging ---------------------------------------------------
@@ -951,19 +959,13 @@ impl Topology {
         }
 
         // Unlink destroyed address spaces.
-        let live: Vec<AddressSpace> = {
-            let mut st = self.0.state.lock();
-            st.address_spaces.retain(|a| {
-                let gone = a.0.destroyed.load(Ordering::Acquire);
-                if gone {
-                    a.0.root.0.as_roots.fetch_sub(1, Ordering::AcqRel);
-                }
-                !gone
-            });
-            st.address_spaces.clone()
-        };
-        let spaces = live.iter().map(|a| (a.clone(), a.0.view.load_full())).collect();
-        self.0.shared.snapshot.swap(Arc::new(Snapshot { generation, spaces }));
+        self.0.state.lock().address_spaces.retain(|a| {
+            let gone = a.0.destroyed.load(Ordering::Acquire);
+            if gone {
+                a.0.root.0.as_roots.fetch_sub(1, Ordering::AcqRel);
+            }
+            !gone
+        });
         if want_diff {
             let _ = self.0.shared.diffs.send(Arc::new(diff));
         }

@@ -141,3 +141,21 @@ fn address_spaces_with_the_same_physical_root_share_one_view() {
     assert!(!low.shares_view_with(&s.memory));
     assert_eq!(low.view().ranges().len(), 1);
 }
+
+#[test]
+fn dropping_the_topology_frees_everything() {
+    let (ram_weak, view_weak) = {
+        let topo = Topology::new();
+        let s = topo.standard_spaces().unwrap();
+        let ram = topo.new_ram("ram", 0x1000).unwrap();
+        s.system.add_subregion(0, &ram).unwrap();
+        let alias = topo.new_alias("alias", &ram, 0, 0x1000).unwrap();
+        s.system.add_subregion_overlap(0x2000, &alias, 1).unwrap();
+        let _sub = topo.subscribe().unwrap();
+        ram.set_address(0x4000).unwrap();
+        let _ = topo.snapshot();
+        (ram.downgrade(), std::sync::Arc::downgrade(&s.memory.view()))
+    };
+    assert!(ram_weak.upgrade().is_none(), "the region outlived its topology");
+    assert!(view_weak.upgrade().is_none(), "the view outlived its topology");
+}
