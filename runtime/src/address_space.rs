@@ -296,16 +296,7 @@ pub(crate) fn region_write(shared: &TopoShared, mr: &MemoryRegion, addr: HwAddr,
             }
             let fds = mr.0.eventfds.load();
             if !fds.is_empty() {
-                let dev = if ops.config.endianness.is_big() {
-                    match size {
-                        2 => (value as u16).swap_bytes() as u64,
-                        4 => (value as u32).swap_bytes() as u64,
-                        8 => value.swap_bytes(),
-                        _ => value,
-                    }
-                } else {
-                    value
-                };
+                let dev = ops.to_device_order(value, size);
                 for fd in fds.iter() {
                     if fd.addr == addr && (fd.size == size as u64 || fd.size == 0) && (!fd.match_data || fd.data == dev)
                     {

@@ -129,7 +129,9 @@ fn mask_of(size: u32) -> u64 {
     }
 }
 
-fn swap(value: u64, size: u32) -> u64 {
+/// Reverses the low `size` bytes of `value` (QEMU's `adjust_endianness`
+/// for a big-endian device on a little-endian target).
+pub(crate) fn swap(value: u64, size: u32) -> u64 {
     match size {
         2 => (value as u16).swap_bytes() as u64,
         4 => (value as u32).swap_bytes() as u64,
@@ -139,6 +141,15 @@ fn swap(value: u64, size: u32) -> u64 {
 }
 
 impl RegionOps {
+    /// A value as the guest wrote it, in the device's byte order.
+    pub(crate) fn to_device_order(&self, value: u64, size: u32) -> u64 {
+        if self.config.endianness.is_big() {
+            swap(value, size)
+        } else {
+            value
+        }
+    }
+
     /// `memory_region_access_valid` of QEMU 5.1+.
     pub(crate) fn access_valid(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
         let v = &self.config.valid;

@@ -596,6 +596,30 @@ impl MemoryRegion {
         false
     }
 
+    /// Changes one attribute that rendering reads: nothing happens if the
+    /// value does not change; otherwise a commit is due (if the region is
+    /// enabled, QEMU's rule) and the region is re-rendered where it shows.
+    fn update_attr<T: PartialEq + Copy>(
+        &self,
+        field: fn(&mut RegionState) -> &mut T,
+        new: impl FnOnce(T) -> T,
+    ) -> Result<()> {
+        self.mutate(|topo| {
+            let mut st = self.0.state.lock();
+            let slot = field(&mut st);
+            let value = new(*slot);
+            if *slot == value {
+                return Ok(());
+            }
+            *slot = value;
+            let pending = st.enabled;
+            drop(st);
+            topo.mark_pending(pending);
+            topo.damage_region(self);
+            Ok(())
+        })
+    }
+
     fn add_subregion_common(&self, offset: HwAddr, child: &MemoryRegion, priority: i32) -> Result<()> {
         self.check_same_topology(child)?;
         self.mutate(|topo| {
@@ -735,34 +759,12 @@ impl MemoryRegion {
         if !self.is_alias() {
             return Err(Error::WrongKind { region: self.name().to_string(), expected: "an alias" });
         }
-        self.mutate(|topo| {
-            let mut st = self.0.state.lock();
-            if st.alias_offset == offset {
-                return Ok(());
-            }
-            st.alias_offset = offset;
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_pending(pending);
-            topo.damage_region(self);
-            Ok(())
-        })
+        self.update_attr(|st| &mut st.alias_offset, |_| offset)
     }
 
     /// `memory_region_set_readonly`.
     pub fn set_readonly(&self, readonly: bool) -> Result<()> {
-        self.mutate(|topo| {
-            let mut st = self.0.state.lock();
-            if st.readonly == readonly {
-                return Ok(());
-            }
-            st.readonly = readonly;
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_pending(pending);
-            topo.damage_region(self);
-            Ok(())
-        })
+        self.update_attr(|st| &mut st.readonly, |_| readonly)
     }
 
     /// `memory_region_rom_device_set_readable` (modern `set_romd`): in romd
@@ -772,36 +774,14 @@ impl MemoryRegion {
         if !self.is_rom_device() {
             return Err(Error::WrongKind { region: self.name().to_string(), expected: "a ROM device" });
         }
-        self.mutate(|topo| {
-            let mut st = self.0.state.lock();
-            if st.romd == readable {
-                return Ok(());
-            }
-            st.romd = readable;
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_pending(pending);
-            topo.damage_region(self);
-            Ok(())
-        })
+        self.update_attr(|st| &mut st.romd, |_| readable)
     }
 
     /// `memory_region_set_log`: turns dirty logging for one client on or off.
     /// A call that changes nothing triggers nothing.
     pub fn set_log(&self, log: bool, client: DirtyClient) -> Result<()> {
-        self.mutate(|topo| {
-            let mut st = self.0.state.lock();
-            let new = if log { st.dirty_log_mask | client.mask() } else { st.dirty_log_mask & !client.mask() };
-            if new == st.dirty_log_mask {
-                return Ok(());
-            }
-            st.dirty_log_mask = new;
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_pending(pending);
-            topo.damage_region(self);
-            Ok(())
-        })
+        let bit = client.mask();
+        self.update_attr(|st| &mut st.dirty_log_mask, |m| if log { m | bit } else { m & !bit })
     }
 
     /// `memory_region_set_coalescing`: coalesce the whole region.
@@ -932,16 +912,9 @@ impl MemoryRegion {
         }
         // Store the value as the device sees it after byte-order adjustment,
         // so dispatch can compare without converting (QEMU does the same).
-        let big = self.ops().is_some_and(|o| o.config.endianness.is_big());
-        let data = if big && match_data {
-            match size {
-                2 => (data as u16).swap_bytes() as u64,
-                4 => (data as u32).swap_bytes() as u64,
-                8 => data.swap_bytes(),
-                _ => data,
-            }
-        } else {
-            data
+        let data = match self.ops() {
+            Some(o) if match_data => o.to_device_order(data, size as u32),
+            _ => data,
         };
         Ok(Ioeventfd { addr, size, match_data, data, notifier: notifier.clone() })
     }
