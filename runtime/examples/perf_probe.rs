@@ -46,5 +46,32 @@ fn main() -> Result<()> {
         }
         println!("   accessor hit {:.1} ns ({hits})", t.elapsed().as_nanos() as f64 / 1e7);
     }
+    struct K;
+    impl MemoryRegionOps for K {
+        fn read(&self, _a: u64, _s: u32) -> u64 {
+            7
+        }
+        fn write(&self, _a: u64, _v: u64, _s: u32) {}
+    }
+    let topo = Topology::new();
+    let s = topo.standard_spaces()?;
+    s.system.add_subregion(0x1000_0000, &topo.new_io("k", K, OpsConfig::default(), 0x1000)?)?;
+    let mut acc = s.memory.accessor();
+    let n = 10_000_000u64;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(s.memory.read_u64(std::hint::black_box(0x1000_0010), 4));
+    }
+    println!("mmio read4 asp {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(acc.read_u64(std::hint::black_box(0x1000_0010), 4));
+    }
+    println!("mmio read4 accessor {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
+    let t = Instant::now();
+    for _ in 0..n {
+        let _ = std::hint::black_box(acc.write_u64(std::hint::black_box(0x1000_0010), 1, 4));
+    }
+    println!("mmio write4 accessor {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
     Ok(())
 }

@@ -294,8 +294,8 @@ pub(crate) fn region_write(shared: &TopoShared, mr: &MemoryRegion, addr: HwAddr,
             if !ops.access_valid(addr, size, true) {
                 return MemTxResult::DecodeError;
             }
-            let fds = mr.0.eventfds.load();
-            if !fds.is_empty() {
+            if mr.0.has_eventfds.load(Ordering::Acquire) {
+                let fds = mr.0.eventfds.load();
                 let dev = ops.to_device_order(value, size);
                 for fd in fds.iter() {
                     if fd.addr == addr && (fd.size == size as u64 || fd.size == 0) && (!fd.match_data || fd.data == dev)
@@ -317,84 +317,124 @@ pub(crate) fn region_write(shared: &TopoShared, mr: &MemoryRegion, addr: HwAddr,
     }
 }
 
-/// One pass of `flatview_read_continue` / `flatview_write_continue`.
-fn rw_view(shared: &TopoShared, view: &FlatView, addr: HwAddr, buf: &mut [u8], is_write: bool) -> MemTxResult {
+/// The caller's buffer: filled by a read, the source of a write.
+pub(crate) enum Buf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Buf<'_> {
+    #[inline]
+    fn len(&self) -> usize {
+        match self {
+            Buf::Read(b) => b.len(),
+            Buf::Write(b) => b.len(),
+        }
+    }
+    #[inline]
+    fn is_write(&self) -> bool {
+        matches!(self, Buf::Write(_))
+    }
+    #[inline]
+    fn zero(&mut self, from: usize, n: usize) {
+        if let Buf::Read(b) = self {
+            b[from..from + n].fill(0);
+        }
+    }
+}
+
+/// Performs the part of an access at `done` bytes into `buf` (address `a`)
+/// that range `fr` serves; returns how many bytes it consumed.
+#[inline]
+fn access_in_range(
+    shared: &TopoShared,
+    fr: &FlatRange,
+    a: HwAddr,
+    buf: &mut Buf<'_>,
+    done: usize,
+) -> (usize, MemTxResult) {
+    let remaining = (buf.len() - done) as u64;
+    let off = fr.offset_in_region + (a - fr.start);
+    let in_range = (fr.end() - a as u128).min(remaining as u128) as usize;
+    let is_write = buf.is_write();
+    let direct = if is_write { direct_write(fr) } else { direct_read(fr) };
+    if direct {
+        if let Some(block) = fr.region.ram_block() {
+            match buf {
+                Buf::Read(b) => block.read_at(off, &mut b[done..done + in_range]),
+                Buf::Write(b) => {
+                    block.write_at(off, &b[done..done + in_range]);
+                    fr.region.dirty_after_write(off, in_range as u64, fr.dirty_log_mask);
+                }
+            }
+        }
+        return (in_range, MemTxResult::Ok);
+    }
+    match &fr.region.0.kind {
+        RegionKind::Ram(_) => {
+            // A write to ROM: dropped, nothing dirtied.
+            tracing::trace!(region = fr.region.name(), addr = a, "write to ROM dropped");
+            (in_range, MemTxResult::DecodeError)
+        }
+        RegionKind::Reservation => {
+            let r = if is_write {
+                region_write(shared, &fr.region, off, 0, 1)
+            } else {
+                buf.zero(done, in_range);
+                region_read(shared, &fr.region, off, 1).1
+            };
+            (in_range, r)
+        }
+        _ => {
+            // MMIO: not clamped to the range (QEMU relies on that).
+            let ops = fr.region.ops().expect("terminating non-RAM regions have ops");
+            let l = ops.access_size(remaining, off) as usize;
+            match buf {
+                Buf::Write(b) => (l, region_write(shared, &fr.region, off, load_le(&b[done..done + l]), l as u32)),
+                Buf::Read(b) => {
+                    let (v, r) = region_read(shared, &fr.region, off, l as u32);
+                    b[done..done + l].copy_from_slice(&v.to_le_bytes()[..l]);
+                    (l, r)
+                }
+            }
+        }
+    }
+}
+
+/// `flatview_read_continue` / `flatview_write_continue` from `done` bytes
+/// into the access.
+fn rw_view_from(shared: &TopoShared, view: &FlatView, addr: HwAddr, mut buf: Buf<'_>, mut done: usize) -> MemTxResult {
     let mut result = MemTxResult::Ok;
-    let mut done = 0usize;
     let len = buf.len();
     while done < len {
         let Some(a) = addr.checked_add(done as u64) else {
             // Past the top of the 64-bit space: nothing decodes.
-            if !is_write {
-                buf[done..].fill(0);
-            }
+            buf.zero(done, len - done);
             return result.combine(MemTxResult::DecodeError);
         };
         let remaining = (len - done) as u64;
-        let Some(pos) = view.lookup_pos(a) else {
+        let Some(fr) = view.lookup_pos(a).and_then(|p| view.get(p)) else {
             // A hole: up to the next range.
             let next = view.pos_at_or_after(a).and_then(|p| view.get(p));
             let gap_end = next.map_or(u128::MAX, |r| r.start as u128);
             let l = (gap_end - a as u128).min(remaining as u128) as usize;
-            if !is_write {
-                buf[done..done + l].fill(0);
-            }
-            tracing::trace!(addr = a, len = l, is_write, "unassigned access");
+            buf.zero(done, l);
+            tracing::trace!(addr = a, len = l, is_write = buf.is_write(), "unassigned access");
             result = result.combine(MemTxResult::DecodeError);
             done += l;
             continue;
         };
-        let Some(fr) = view.get(pos) else { break };
-        let off = fr.offset_in_region + (a - fr.start);
-        let in_range = (fr.end() - a as u128).min(remaining as u128) as usize;
-        let chunk = &mut buf[done..done + in_range];
-        let direct = if is_write { direct_write(fr) } else { direct_read(fr) };
-        if direct {
-            if let Some(block) = fr.region.ram_block() {
-                if is_write {
-                    block.write_at(off, chunk);
-                    fr.region.dirty_after_write(off, in_range as u64, fr.dirty_log_mask);
-                } else {
-                    block.read_at(off, chunk);
-                }
-            }
-            done += in_range;
-            continue;
-        }
-        match &fr.region.0.kind {
-            RegionKind::Ram(_) => {
-                // A write to ROM: dropped, nothing dirtied.
-                tracing::trace!(region = fr.region.name(), addr = a, "write to ROM dropped");
-                result = result.combine(MemTxResult::DecodeError);
-                done += in_range;
-            }
-            RegionKind::Reservation => {
-                let r = if is_write {
-                    region_write(shared, &fr.region, off, 0, 1)
-                } else {
-                    chunk.fill(0);
-                    region_read(shared, &fr.region, off, 1).1
-                };
-                result = result.combine(r);
-                done += in_range;
-            }
-            _ => {
-                // MMIO: not clamped to the range (QEMU relies on that).
-                let ops = fr.region.ops().expect("terminating non-RAM regions have ops");
-                let l = ops.access_size(remaining, off) as usize;
-                let piece = &mut buf[done..done + l];
-                if is_write {
-                    result = result.combine(region_write(shared, &fr.region, off, load_le(piece), l as u32));
-                } else {
-                    let (v, r) = region_read(shared, &fr.region, off, l as u32);
-                    piece.copy_from_slice(&v.to_le_bytes()[..l]);
-                    result = result.combine(r);
-                }
-                done += l;
-            }
-        }
+        let (n, r) = access_in_range(shared, fr, a, &mut buf, done);
+        result = result.combine(r);
+        done += n;
     }
     result
+}
+
+/// One whole access through a view.
+#[inline]
+fn rw_view(shared: &TopoShared, view: &FlatView, addr: HwAddr, buf: Buf<'_>) -> MemTxResult {
+    rw_view_from(shared, view, addr, buf, 0)
 }
 
 impl AddressSpace {
@@ -448,23 +488,14 @@ impl AddressSpace {
     #[inline]
     pub fn read(&self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
         let view = self.0.view.load();
-        rw_view(&self.0.shared, &view, addr, buf, false)
+        rw_view(&self.0.shared, &view, addr, Buf::Read(buf))
     }
 
     /// `address_space_write`.
     #[inline]
     pub fn write(&self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
         let view = self.0.view.load();
-        // The write path never writes into `buf`; it shares the loop with
-        // reads, which take `&mut`, so copy small buffers onto the stack.
-        if buf.len() <= 64 {
-            let mut tmp = [0u8; 64];
-            tmp[..buf.len()].copy_from_slice(buf);
-            rw_view(&self.0.shared, &view, addr, &mut tmp[..buf.len()], true)
-        } else {
-            let mut tmp = buf.to_vec();
-            rw_view(&self.0.shared, &view, addr, &mut tmp, true)
-        }
+        rw_view(&self.0.shared, &view, addr, Buf::Write(buf))
     }
 
     /// `address_space_rw`.
@@ -678,38 +709,34 @@ impl Accessor {
     /// Like [`AddressSpace::read`], through the cache.
     #[inline]
     pub fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
-        if let Some(r) = self.fast_range(addr, buf.len(), false) {
-            let off = r.offset_in_region + (addr - r.start);
-            if let Some(b) = r.region.ram_block() {
-                b.read_at(off, buf);
-                return MemTxResult::Ok;
-            }
-        }
-        rw_view(&self.asp.shared, &self.view, addr, buf, false)
+        self.access(addr, Buf::Read(buf))
     }
 
     /// Like [`AddressSpace::write`], through the cache.
     #[inline]
     pub fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
-        if let Some(r) = self.fast_range(addr, buf.len(), true) {
-            let off = r.offset_in_region + (addr - r.start);
-            if let Some(b) = r.region.ram_block() {
-                b.write_at(off, buf);
-                r.region.dirty_after_write(off, buf.len() as u64, r.dirty_log_mask);
-                return MemTxResult::Ok;
-            }
-        }
-        let mut tmp = buf.to_vec();
-        rw_view(&self.asp.shared, &self.view, addr, &mut tmp, true)
+        self.access(addr, Buf::Write(buf))
     }
 
-    /// The cached range if the whole access is a direct RAM access in it.
+    /// The first step through the cached range, the rest (if the access
+    /// leaves it) through the view.
     #[inline]
-    fn fast_range(&mut self, addr: HwAddr, len: usize, is_write: bool) -> Option<&FlatRange> {
-        let r = self.lookup(addr)?;
-        let fits = (addr as u128 + len as u128) <= r.end();
-        let direct = if is_write { direct_write(r) } else { direct_read(r) };
-        (fits && direct).then_some(r)
+    fn access(&mut self, addr: HwAddr, mut buf: Buf<'_>) -> MemTxResult {
+        self.current();
+        let (view, shared) = (&self.view, &self.asp.shared);
+        let cached = self.last.filter(|p| view.get(*p).is_some_and(|r| r.contains(addr)));
+        let Some(pos) = cached.or_else(|| view.lookup_pos(addr)) else {
+            return rw_view(shared, view, addr, buf);
+        };
+        self.last = Some(pos);
+        let Some(fr) = view.get(pos) else {
+            return rw_view(shared, view, addr, buf);
+        };
+        let (n, r) = access_in_range(shared, fr, addr, &mut buf, 0);
+        if n >= buf.len() {
+            return r;
+        }
+        r.combine(rw_view_from(shared, view, addr, buf, n))
     }
 
     /// Reads a little-endian value of 1, 2, 4 or 8 bytes.

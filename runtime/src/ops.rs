@@ -208,6 +208,11 @@ impl RegionOps {
         }
         let (access, mask) = self.adjusted_sizes(size);
         let big = self.config.endianness.is_big();
+        if access == size && !big {
+            // The common case: one call of exactly the requested size.
+            let (v, r) = self.ops.read_with_result(addr, size);
+            return (v & mask, r);
+        }
         let mut value = 0u64;
         let mut result = MemTxResult::Ok;
         let mut i = 0u32;
@@ -238,6 +243,9 @@ impl RegionOps {
         let big = self.config.endianness.is_big();
         let value = if big { swap(value, size) } else { value };
         let (access, mask) = self.adjusted_sizes(size);
+        if access == size && !big {
+            return self.ops.write_with_result(addr, value & mask, size);
+        }
         let mut result = MemTxResult::Ok;
         let mut i = 0u32;
         while i < size {

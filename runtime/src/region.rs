@@ -161,6 +161,8 @@ pub(crate) struct RegionInner {
     pub(crate) flush_coalesced: AtomicBool,
     /// Snapshot of `state.ioeventfds` for the dispatch path.
     pub(crate) eventfds: Rcu<Vec<Ioeventfd>>,
+    /// Whether `eventfds` is non-empty (checked before loading it).
+    pub(crate) has_eventfds: AtomicBool,
     /// Number of live aliases whose target is this region.
     pub(crate) alias_refs: AtomicUsize,
     /// Number of live address spaces rooted here.
@@ -267,6 +269,7 @@ impl MemoryRegion {
             }),
             flush_coalesced: AtomicBool::new(false),
             eventfds: Rcu::new(Arc::new(Vec::new())),
+            has_eventfds: AtomicBool::new(false),
             alias_refs: AtomicUsize::new(0),
             as_roots: AtomicUsize::new(0),
             aliases: Mutex::new(Vec::new()),
@@ -862,6 +865,7 @@ impl MemoryRegion {
             let pos = st.ioeventfds.iter().position(|o| fd.before(o)).unwrap_or(st.ioeventfds.len());
             st.ioeventfds.insert(pos, fd);
             self.0.eventfds.swap(Arc::new(st.ioeventfds.clone()));
+            self.0.has_eventfds.store(!st.ioeventfds.is_empty(), Ordering::Release);
             let pending = st.enabled;
             drop(st);
             topo.mark_ioeventfd_pending(pending);
@@ -888,6 +892,7 @@ impl MemoryRegion {
             };
             st.ioeventfds.remove(pos);
             self.0.eventfds.swap(Arc::new(st.ioeventfds.clone()));
+            self.0.has_eventfds.store(!st.ioeventfds.is_empty(), Ordering::Release);
             let pending = st.enabled;
             drop(st);
             topo.mark_ioeventfd_pending(pending);
