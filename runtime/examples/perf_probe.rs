@@ -60,12 +60,12 @@ fn main() -> Result<()> {
     let n = 10_000_000u64;
     let t = Instant::now();
     for _ in 0..n {
-        std::hint::black_box(s.memory.read_u64(std::hint::black_box(0x1000_0010), 4));
+        let _ = std::hint::black_box(s.memory.read_u64(std::hint::black_box(0x1000_0010), 4));
     }
     println!("mmio read4 asp {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
     let t = Instant::now();
     for _ in 0..n {
-        std::hint::black_box(acc.read_u64(std::hint::black_box(0x1000_0010), 4));
+        let _ = std::hint::black_box(acc.read_u64(std::hint::black_box(0x1000_0010), 4));
     }
     println!("mmio read4 accessor {:.1} ns", t.elapsed().as_nanos() as f64 / n as f64);
     let t = Instant::now();
