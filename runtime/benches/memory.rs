@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
     build_machine, build_machine_within, dirty_one_percent, harvest_ram, io_map, ram_map, run_readers, scrambled_addrs,
-    topos_mover, Writer, HARVEST_RAM, MOVER_BASE,
+    spare_base, topos_mover, Writer, FAR_BASE, HARVEST_RAM,
 };
 use topos_runtime::{DirtyClient, FlatRange, MemTxResult, MemoryListener, Topology};
 use vm_device::bus::MmioAddress;
@@ -37,13 +37,25 @@ const RAM_SIZE: u64 = 64 << 20;
 const READERS: usize = 2;
 
 fn lookup(c: &mut Criterion) {
-    for n in LOOKUP_SIZES {
+    // The dense maps, then a sparse one: the same 4,096 ranges plus one range
+    // at `FAR_BASE` (the readers never touch it).
+    let cases = LOOKUP_SIZES.iter().map(|&n| (n, false)).chain([(4096, true)]);
+    for (n, sparse) in cases {
         let map = io_map(n).expect("topos map");
+        let (ch, mut ch_devs) = ch_bus(n);
+        let cv = crosvm_bus(n);
+        let mut vmd = vmd_manager(n);
+        if sparse {
+            let far = map.topo.new_io("far", support::ConstOps, Default::default(), RANGE_LEN as u128).expect("far");
+            map.spaces.system.add_subregion(FAR_BASE, &far).expect("map far");
+            let dev: Arc<dyn baselines::ChBusDeviceSync> = Arc::new(Mutex::new(baselines::ConstDevice::default()));
+            ch.insert(dev.clone(), FAR_BASE, RANGE_LEN).expect("far");
+            ch_devs.push(dev);
+            cv.insert(Arc::new(Mutex::new(baselines::ConstDevice::default())), FAR_BASE, RANGE_LEN).expect("far");
+            vmd_register(&mut vmd, FAR_BASE, RANGE_LEN);
+        }
         let view = map.spaces.memory.view();
         let asp = map.spaces.memory.clone();
-        let (ch, _ch_devs) = ch_bus(n);
-        let cv = crosvm_bus(n);
-        let vmd = vmd_manager(n);
         let addrs = scrambled_addrs(n);
         let mask = n - 1;
         assert!(n.is_power_of_two());
@@ -59,7 +71,7 @@ fn lookup(c: &mut Criterion) {
             assert_eq!(vmd_lookup(&vmd, a), base);
         }
 
-        let mut g = c.benchmark_group(format!("lookup_{n}"));
+        let mut g = c.benchmark_group(format!("lookup_{n}{}", if sparse { "_sparse" } else { "" }));
         for pattern in ["hit", "miss"] {
             // `next` yields the address of each access: always the same one
             // (hit), or cycling over every range in a scrambled order (miss).
@@ -255,6 +267,7 @@ fn contended(c: &mut Criterion) {
     let vmd = Arc::new(Mutex::new(vmd_manager(MMIO_DEVICES)));
     let addrs: Arc<[u64]> = scrambled_addrs(MMIO_DEVICES).into();
     let mask = MMIO_DEVICES - 1;
+    let spare_at = spare_base(MMIO_DEVICES);
 
     // Writers: topos moves a spare region (one commit per change); the buses
     // remove and re-insert a spare entry.
@@ -262,19 +275,19 @@ fn contended(c: &mut Criterion) {
         let spare: Arc<dyn baselines::ChBusDeviceSync> = Arc::new(Mutex::new(baselines::ConstDevice::default()));
         Writer::start(move |k| {
             if k % 2 == 0 {
-                ch.insert(spare.clone(), MOVER_BASE, RANGE_LEN).expect("insert");
+                ch.insert(spare.clone(), spare_at, RANGE_LEN).expect("insert");
             } else {
-                ch.remove(MOVER_BASE);
+                ch.remove(spare_at);
             }
         })
     };
     let cv_writer = |cv: Arc<baselines::CrosvmBus>| {
         Writer::start(move |k| {
             if k % 2 == 0 {
-                cv.insert(Arc::new(Mutex::new(baselines::ConstDevice::default())), MOVER_BASE, RANGE_LEN)
+                cv.insert(Arc::new(Mutex::new(baselines::ConstDevice::default())), spare_at, RANGE_LEN)
                     .expect("insert");
             } else {
-                cv.remove(MOVER_BASE);
+                cv.remove(spare_at);
             }
         })
     };
@@ -282,9 +295,9 @@ fn contended(c: &mut Criterion) {
         Writer::start(move |k| {
             let mut m = vmd.lock().expect("manager lock");
             if k % 2 == 0 {
-                vmd_register(&mut m, MOVER_BASE, RANGE_LEN);
+                vmd_register(&mut m, spare_at, RANGE_LEN);
             } else {
-                m.deregister_mmio(MmioAddress(MOVER_BASE));
+                m.deregister_mmio(MmioAddress(spare_at));
             }
         })
     };
@@ -362,7 +375,7 @@ fn contended(c: &mut Criterion) {
             });
         }
         let ch_changes = w.stop();
-        ch.remove(MOVER_BASE);
+        ch.remove(spare_at);
 
         let w = cv_writer(cv.clone());
         {
@@ -386,7 +399,7 @@ fn contended(c: &mut Criterion) {
             });
         }
         let cv_changes = w.stop();
-        cv.remove(MOVER_BASE);
+        cv.remove(spare_at);
 
         let w = vmd_writer(vmd.clone());
         {
@@ -411,7 +424,7 @@ fn contended(c: &mut Criterion) {
             });
         }
         let vmd_changes = w.stop();
-        vmd.lock().expect("manager lock").deregister_mmio(MmioAddress(MOVER_BASE));
+        vmd.lock().expect("manager lock").deregister_mmio(MmioAddress(spare_at));
         g.finish();
         eprintln!(
             "contended_{op}: writer changes made: topos {topos_changes}, ch {ch_changes}, crosvm {cv_changes}, \
@@ -420,9 +433,18 @@ fn contended(c: &mut Criterion) {
     }
 }
 
-/// A listener that does nothing, standing in for an accelerator's.
+/// A listener that does nothing, standing in for an accelerator's; it takes
+/// `region_nop` for every unchanged range, as QEMU's listeners do.
 struct NopListener;
 impl MemoryListener for NopListener {}
+
+/// The same, but declining `region_nop`, so commits diff only what changed.
+struct DiffListener;
+impl MemoryListener for DiffListener {
+    fn wants_region_nop(&self) -> bool {
+        false
+    }
+}
 
 fn commit(c: &mut Criterion) {
     let mut g = c.benchmark_group("commit_move");
@@ -431,9 +453,13 @@ fn commit(c: &mut Criterion) {
         let (topo, spaces, regions) = ram_map(n).expect("map");
         let r = regions[n / 2].clone();
         let base = base_of(n / 2);
-        for listener in [false, true] {
-            let _id = listener.then(|| topo.listener_register(Arc::new(NopListener), 0, Some(&spaces.memory)));
-            let name = if listener { "with_listener" } else { "no_listener" };
+        for name in ["no_listener", "with_listener", "listener_without_nop"] {
+            let listener: Option<Arc<dyn MemoryListener>> = match name {
+                "with_listener" => Some(Arc::new(NopListener)),
+                "listener_without_nop" => Some(Arc::new(DiffListener)),
+                _ => None,
+            };
+            let _id = listener.map(|l| topo.listener_register(l, 0, Some(&spaces.memory)));
             g.bench_function(BenchmarkId::new(name, n), |b| {
                 let mut k = 0u64;
                 b.iter(|| {
@@ -519,7 +545,7 @@ fn harvest(c: &mut Criterion) {
 
 /// Whether criterion's command-line filter (if any) selects `id`: the machine
 /// trial builds are costly, so they run only for benches that will run.
-/// Matches criterion's default substring filter.
+/// Understands the filters criterion takes that are used with this suite.
 fn filter_selects(id: &str) -> bool {
     const TAKES_VALUE: [&str; 16] = [
         "--save-baseline",
@@ -548,7 +574,13 @@ fn filter_selects(id: &str) -> bool {
             filters.push(a);
         }
     }
-    filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()))
+    // Criterion's filter is a regular expression; plain substrings, a leading
+    // `^` and `|` alternatives cover how it is used here.
+    let matches = |f: &str| match f.strip_prefix('^') {
+        Some(prefix) => id.starts_with(prefix),
+        None => id.contains(f),
+    };
+    filters.is_empty() || filters.iter().any(|f| f.split('|').any(matches))
 }
 
 fn config() -> Criterion {

@@ -84,9 +84,16 @@ pub fn scrambled_addrs(n: usize) -> Vec<u64> {
     idx.into_iter().map(|i| base_of(i) + 0x10).collect()
 }
 
-/// Where the contended benches' writer moves things: far above every range a
-/// reader touches.
-pub const MOVER_BASE: u64 = 1 << 40;
+/// Where the writer of the contended benches puts its spare range in a map of
+/// `n` ranges: just above the ranges readers touch (it moves between this
+/// base and the next stride), so the map stays as dense as without a writer.
+pub fn spare_base(n: usize) -> u64 {
+    base_of(n + 1)
+}
+
+/// Where the sparse lookup variant puts one extra range, far above the others
+/// (as a 64-bit PCI window sits far above low RAM and MMIO).
+pub const FAR_BASE: u64 = 1 << 40;
 
 /// A thread that changes a map about once a millisecond until stopped.
 pub struct Writer {
@@ -136,9 +143,10 @@ impl Drop for Writer {
 /// it between two addresses, one commit per change.
 pub fn topos_mover(map: &IoMap) -> Result<Writer> {
     let spare = map.topo.new_io("mover", ConstOps, OpsConfig::default(), RANGE_LEN as u128)?;
-    map.spaces.system.add_subregion(MOVER_BASE, &spare)?;
+    let base = spare_base(map.regions.len());
+    map.spaces.system.add_subregion(base, &spare)?;
     Ok(Writer::start(move |k| {
-        spare.set_address(MOVER_BASE + (k % 2) * STRIDE).expect("move");
+        spare.set_address(base + (k % 2) * STRIDE).expect("move");
     }))
 }
 
@@ -179,10 +187,9 @@ pub struct Machine {
 
 impl Machine {
     /// Destroys every address space of the machine in one transaction, then
-    /// drops it. Needed because dropping the last `Topology` handle does not
-    /// free a topology that has address spaces (its published snapshot holds
-    /// them and they hold the topology's shared state), which would leak each
-    /// build's eventfds.
+    /// drops it, so that each build's eventfds are closed before the next
+    /// build starts (runtimes before 3b8a957 also leaked a dropped topology
+    /// that had address spaces, through a reference cycle).
     pub fn teardown(self) -> Result<()> {
         let topo = self.topo.clone();
         topo.transaction(|| -> Result<()> {
