@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use topos_runtime::{
-    live_views, ImplConstraints, MemTxResult, MemoryRegion, MemoryRegionOps, OpsConfig, Topology, ValidConstraints,
+    ImplConstraints, MemTxResult, MemoryRegion, MemoryRegionOps, OpsConfig, Topology, ValidConstraints,
 };
 
 /// Base of the BAR window.
@@ -86,9 +86,11 @@ pub struct StressReport {
     pub accesses_after_removal: u64,
     /// RAM read-backs that did not return what was written.
     pub ram_mismatches: u64,
-    /// Live FlatViews before and after.
+    /// Views of the run's address spaces that should be alive at the end
+    /// (the current ones).
     pub views_before: usize,
-    /// Live FlatViews after everything stopped.
+    /// Views the run published that are still alive after everything
+    /// stopped (must equal `views_before`: every retired view was freed).
     pub views_after: usize,
     /// Reads checked against the history.
     pub checked_reads: u64,
@@ -188,7 +190,6 @@ fn visible(placed: &[Placed], slot: u64) -> Option<Key> {
 
 /// Runs the stress test.
 pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
-    let views_before = live_views();
     let topo = Topology::new();
     let s = topo.standard_spaces()?;
     let readers = cfg.readers.max(1);
@@ -196,7 +197,10 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
     s.system.add_subregion(0, &ram)?;
     let pci = topo.new_container("pci", (cfg.slots * SLOT) as u128)?;
     s.system.add_subregion_overlap(WINDOW, &pci, -1)?;
-    let views_baseline = live_views();
+    // Every view the run publishes, to check at the end that the retired
+    // ones were freed (the process-wide `live_views` counter would also see
+    // other tests' views).
+    let mut published: Vec<std::sync::Weak<topos_runtime::FlatView>> = vec![Arc::downgrade(&s.memory.view())];
 
     let late = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -331,6 +335,11 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
         topo.commit()?;
         latencies.push(t0.elapsed());
         let gen = topo.generation();
+        let v = s.memory.view();
+        if !published.last().is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&v))) {
+            published.push(Arc::downgrade(&v));
+        }
+        drop(v);
         if gen >= next_gen {
             commits += 1;
             for r in &removed {
@@ -386,12 +395,12 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
         checked_reads: observations.len() as u64,
         ..Default::default()
     };
-    // Everything the run made goes away; only the baseline views may stay.
+    // Readers are gone: of everything published, only the current view of
+    // "memory" may still be alive.
     drop(placed);
-    let views_now = live_views();
     let report = StressReport {
-        views_before: views_baseline - views_before,
-        views_after: views_now - views_before,
+        views_before: 1,
+        views_after: published.iter().filter(|w| w.strong_count() > 0).count(),
         ..report_base
     };
     drop((s, ram, pci, topo));
