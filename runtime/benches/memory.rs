@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
     build_machine, build_machine_within, dirty_one_percent, harvest_ram, io_map, ram_map, run_readers, scrambled_addrs,
-    spare_base, topos_mover, Writer, FAR_BASE, HARVEST_RAM,
+    spare_base, topos_mover, DiffListener, NopListener, Writer, FAR_BASE, HARVEST_RAM,
 };
 use topos_runtime::{DirtyClient, FlatRange, MemTxResult, MemoryListener, Topology};
 use vm_device::bus::MmioAddress;
@@ -430,19 +430,6 @@ fn contended(c: &mut Criterion) {
             "contended_{op}: writer changes made: topos {topos_changes}, ch {ch_changes}, crosvm {cv_changes}, \
              vm-device {vmd_changes}"
         );
-    }
-}
-
-/// A listener that does nothing, standing in for an accelerator's; it takes
-/// `region_nop` for every unchanged range, as QEMU's listeners do.
-struct NopListener;
-impl MemoryListener for NopListener {}
-
-/// The same, but declining `region_nop`, so commits diff only what changed.
-struct DiffListener;
-impl MemoryListener for DiffListener {
-    fn wants_region_nop(&self) -> bool {
-        false
     }
 }
 

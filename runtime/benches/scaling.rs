@@ -22,8 +22,10 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{io_map, ram_map, run_readers, scrambled_addrs, spare_base, topos_mover, Writer};
-use topos_runtime::{FlatRange, MemoryListener};
+use support::{
+    io_map, ram_map, run_readers, scrambled_addrs, spare_base, topos_mover, DiffListener, NopListener, Writer,
+};
+use topos_runtime::FlatRange;
 
 /// Topology sizes of the commit-latency table.
 const COMMIT_SIZES: [usize; 3] = [100, 1000, 10_000];
@@ -39,19 +41,6 @@ const RUNS: usize = 3;
 /// all rounds, so a burst of other work on this shared 2-core machine does
 /// not decide a cell.
 const ROUNDS: usize = 3;
-
-/// A listener that does nothing, standing in for an accelerator's; it takes
-/// `region_nop` for every unchanged range, as QEMU's listeners do.
-struct NopListener;
-impl MemoryListener for NopListener {}
-
-/// The same, but declining `region_nop`, so commits diff only what changed.
-struct DiffListener;
-impl MemoryListener for DiffListener {
-    fn wants_region_nop(&self) -> bool {
-        false
-    }
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -864,12 +864,7 @@ impl MemoryRegion {
             let mut st = self.0.state.lock();
             let pos = st.ioeventfds.iter().position(|o| fd.before(o)).unwrap_or(st.ioeventfds.len());
             st.ioeventfds.insert(pos, fd);
-            self.0.eventfds.swap(Arc::new(st.ioeventfds.clone()));
-            self.0.has_eventfds.store(!st.ioeventfds.is_empty(), Ordering::Release);
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_ioeventfd_pending(pending);
-            topo.damage_eventfds(self);
+            self.eventfds_changed(topo, st);
             Ok(())
         })
     }
@@ -891,14 +886,20 @@ impl MemoryRegion {
                 return Err(Error::NoSuchEventfd(self.name().to_string()));
             };
             st.ioeventfds.remove(pos);
-            self.0.eventfds.swap(Arc::new(st.ioeventfds.clone()));
-            self.0.has_eventfds.store(!st.ioeventfds.is_empty(), Ordering::Release);
-            let pending = st.enabled;
-            drop(st);
-            topo.mark_ioeventfd_pending(pending);
-            topo.damage_eventfds(self);
+            self.eventfds_changed(topo, st);
             Ok(())
         })
+    }
+
+    /// Publishes the changed ioeventfd list to the dispatch path and asks
+    /// the next commit to recompute where it is registered.
+    fn eventfds_changed(&self, topo: &Topology, st: crate::sync::MutexGuard<'_, RegionState>) {
+        self.0.eventfds.swap(Arc::new(st.ioeventfds.clone()));
+        self.0.has_eventfds.store(!st.ioeventfds.is_empty(), Ordering::Release);
+        let pending = st.enabled;
+        drop(st);
+        topo.mark_ioeventfd_pending(pending);
+        topo.damage_eventfds(self);
     }
 
     fn make_ioeventfd(

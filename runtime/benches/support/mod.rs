@@ -276,3 +276,16 @@ pub fn dirty_one_percent(ram: &MemoryRegion) -> Result<u64> {
     }
     Ok(n)
 }
+
+/// A listener that does nothing, standing in for an accelerator's; it takes
+/// `region_nop` for every unchanged range, as QEMU's listeners do.
+pub struct NopListener;
+impl topos_runtime::MemoryListener for NopListener {}
+
+/// The same, but declining `region_nop`, so commits diff only what changed.
+pub struct DiffListener;
+impl topos_runtime::MemoryListener for DiffListener {
+    fn wants_region_nop(&self) -> bool {
+        false
+    }
+}
