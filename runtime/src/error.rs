@@ -89,6 +89,11 @@ pub enum Error {
     /// topology actor was committing.
     #[error("the topology cannot be changed from inside a commit (listener callback)")]
     MutationDuringCommit,
+    /// The calling thread holds a device actor's turn, and must not wait for
+    /// the topology's (see [`turns`](crate::turns)): defer the work with
+    /// [`defer_until_no_turn`](crate::turns::defer_until_no_turn).
+    #[error("the topology cannot be used while this thread holds a device's turn; defer the work")]
+    InsideDeviceTurn,
     /// No matching ioeventfd is registered on the region.
     #[error("no matching ioeventfd on region `{0}`")]
     NoSuchEventfd(String),

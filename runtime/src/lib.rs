@@ -35,6 +35,7 @@ pub mod ram;
 pub mod region;
 pub(crate) mod sync;
 pub mod topology;
+pub mod turns;
 pub mod types;
 
 pub use address_space::{Accessor, AddressSpace, MapClientId, Mapping, DEFAULT_BOUNCE_BUDGET};

@@ -331,6 +331,9 @@ impl Topology {
     // ----- the turn --------------------------------------------------------
 
     fn enter(&self, mutation: bool) -> Result<()> {
+        if crate::turns::holds_device_turn() {
+            return Err(Error::InsideDeviceTurn);
+        }
         let me = current_thread_id();
         let mut t = self.0.turn.m.lock();
         if t.owner == Some(me) {
@@ -345,6 +348,8 @@ impl Topology {
         }
         t.owner = Some(me);
         t.depth = 1;
+        drop(t);
+        crate::turns::topology_turn_taken();
         Ok(())
     }
 
@@ -374,6 +379,7 @@ impl Topology {
         t.depth = 0;
         drop(t);
         self.0.turn.cv.notify_all();
+        crate::turns::topology_turn_released();
     }
 
     fn in_commit(&self) -> bool {
