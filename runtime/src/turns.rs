@@ -29,17 +29,23 @@ use std::marker::PhantomData;
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
-thread_local! {
+// loom's `thread_local!` (swapped in by the sync shim) has no `const` form.
+#[allow(clippy::missing_const_for_thread_local)]
+mod state {
+    use super::*;
+    thread_local! {
     /// Device turns held by this thread (nested accesses hold several).
-    static DEVICE_TURNS: Cell<u32> = Cell::new(0);
+    pub(super) static DEVICE_TURNS: Cell<u32> = Cell::new(0);
     /// Topology turns held by this thread (one per topology it is in a
     /// transaction of).
-    static TOPOLOGY_TURNS: Cell<u32> = Cell::new(0);
+    pub(super) static TOPOLOGY_TURNS: Cell<u32> = Cell::new(0);
     /// Work waiting for this thread to hold no turn.
-    static DEFERRED: RefCell<Vec<Deferred>> = RefCell::new(Vec::new());
+    pub(super) static DEFERRED: RefCell<Vec<Deferred>> = RefCell::new(Vec::new());
     /// Set while `run_deferred` runs, so nested releases do not recurse.
-    static RUNNING: Cell<bool> = Cell::new(false);
+    pub(super) static RUNNING: Cell<bool> = Cell::new(false);
+    }
 }
+use state::{DEFERRED, DEVICE_TURNS, RUNNING, TOPOLOGY_TURNS};
 
 /// Marks the calling thread as holding a device actor's turn for as long as
 /// the guard lives (the device harness creates one per turn it takes).
