@@ -23,7 +23,6 @@
 //! transaction may read a busy device and wait for it, because the device's
 //! holder can never be waiting for the topology.
 
-use crate::sync::thread_local;
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 
@@ -32,8 +31,8 @@ type Deferred = Box<dyn FnOnce() + Send>;
 // loom's `thread_local!` (swapped in by the sync shim) has no `const` form.
 #[allow(clippy::missing_const_for_thread_local)]
 mod state {
-    use super::*;
-    thread_local! {
+    use super::{Cell, Deferred, RefCell};
+    crate::sync::thread_local! {
     /// Device turns held by this thread (nested accesses hold several).
     pub(super) static DEVICE_TURNS: Cell<u32> = Cell::new(0);
     /// Topology turns held by this thread (one per topology it is in a
@@ -73,7 +72,7 @@ impl Drop for DeviceTurn {
             c.set(n);
             n
         });
-        if left == Ok(0) {
+        if matches!(left, Ok(0)) {
             run_deferred_if_free();
         }
     }
@@ -115,7 +114,7 @@ pub(crate) fn topology_turn_released() {
         c.set(n);
         n
     });
-    if left == Ok(0) {
+    if matches!(left, Ok(0)) {
         run_deferred_if_free();
     }
 }
