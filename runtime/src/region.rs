@@ -657,6 +657,9 @@ impl MemoryRegion {
             drop(st);
             topo.mark_pending(pending);
             topo.damage_child(self, offset, child.size());
+            // The child renders at its own address where it is a root (of an
+            // address space, or of a shared view): those views move with it.
+            topo.damage_root_placed(child);
             Ok(())
         })
     }

@@ -499,6 +499,23 @@ impl Topology {
         }
     }
 
+    /// `r` got a new address or container. Views rendered from `r` itself
+    /// place everything at its address, so they are rendered again (and a
+    /// commit is due if `r` roots any view or address space).
+    pub(crate) fn damage_root_placed(&self, r: &MemoryRegion) {
+        let mut st = self.0.state.lock();
+        let mut rooted = r.0.as_roots.load(Ordering::Acquire) > 0;
+        for c in st.caches.values_mut() {
+            if c.root == *r {
+                c.full = true;
+                rooted = true;
+            }
+        }
+        if rooted {
+            st.pending = true;
+        }
+    }
+
     /// `r` was enabled or disabled: re-render where it is, or would be,
     /// rendered (through its container or any alias of it).
     pub(crate) fn damage_enable(&self, r: &MemoryRegion) {
