@@ -5,7 +5,8 @@ use proptest::prelude::*;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 use topos_devices::runtime::{
-    AddressSpace, EventNotifier, MemTxResult, MemoryListener, MemoryRegion, MemoryRegionSection, Topology,
+    AddressSpace, EventNotifier, ListenerResult, MemTxResult, MemoryListener, MemoryRegion, MemoryRegionSection,
+    Topology,
 };
 use topos_devices::virtio_doorbell::{
     reg, Doorbell, DoorbellConfig, Kick, KickPath, NotifyMatch, F_VERSION_1, INT_VRING, MAGIC, STATUS_ACKNOWLEDGE,
@@ -184,11 +185,13 @@ impl MemoryListener for EventfdLog {
     fn wants_region_nop(&self) -> bool {
         false
     }
-    fn eventfd_add(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) {
+    fn eventfd_add(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) -> ListenerResult {
         self.0.lock().unwrap().push(("add", s.offset_within_address_space, match_data, data));
+        Ok(())
     }
-    fn eventfd_del(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) {
+    fn eventfd_del(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) -> ListenerResult {
         self.0.lock().unwrap().push(("del", s.offset_within_address_space, match_data, data));
+        Ok(())
     }
 }
 

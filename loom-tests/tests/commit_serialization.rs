@@ -5,13 +5,14 @@
 use loom::thread;
 use std::sync::{Arc, Mutex};
 use topos_loom_tests::model::{layout, small};
-use topos_runtime::{MemoryListener, Topology};
+use topos_runtime::{ListenerResult, MemoryListener, Topology};
 
 /// Records the generation of every commit it sees.
 struct Gens(Mutex<Vec<u64>>, Topology);
 impl MemoryListener for Gens {
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         self.0.lock().unwrap().push(self.1.generation());
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 use loom::thread;
 use std::sync::{Arc, Mutex};
 use topos_loom_tests::model::small;
-use topos_runtime::{MemoryListener, MemoryRegionSection, Topology};
+use topos_runtime::{ListenerResult, MemoryListener, MemoryRegionSection, Topology};
 
 /// (listener tag, callback, generation) in call order.
 type Log = Arc<Mutex<Vec<(u8, &'static str, u64)>>>;
@@ -25,14 +25,17 @@ impl Rec {
 }
 
 impl MemoryListener for Rec {
-    fn begin(&self) {
+    fn begin(&self) -> ListenerResult {
         self.push("begin");
+        Ok(())
     }
-    fn region_add(&self, _s: &MemoryRegionSection) {
+    fn region_add(&self, _s: &MemoryRegionSection) -> ListenerResult {
         self.push("add");
+        Ok(())
     }
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         self.push("commit");
+        Ok(())
     }
 }
 

@@ -4,8 +4,16 @@
 //! a time, so writers on vCPU threads never wait for a harvester and no bit
 //! set concurrently with a `test_and_clear` is lost: it is either returned by
 //! that call or left set for the next one.
+//!
+//! Beside the clients' bitmaps, one more marks the pages a vCPU caches code
+//! from (the self-modifying-code watch, `code_watch.rs`): writes through the
+//! runtime clear the watch bits of the pages they touch and report whether
+//! any was set. Until some page of a block has been watched, the check costs
+//! writers one relaxed load. (QEMU keeps the same state inverted in its CODE
+//! client; topos keeps the CODE client as semantics.md §6 describes it, never
+//! touched by writes.)
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::types::{DirtyClient, PAGE_SHIFT};
 
 /// Dirty bitmaps for the pages of one RAM block.
@@ -13,6 +21,10 @@ use crate::types::{DirtyClient, PAGE_SHIFT};
 pub(crate) struct DirtyBitmaps {
     pages: u64,
     maps: [Box<[AtomicU64]>; 3],
+    /// Pages watched for writes (a vCPU caches code from them).
+    watched: Box<[AtomicU64]>,
+    /// Set once any page was watched: from then on writes check `watched`.
+    watch_armed: AtomicBool,
 }
 
 fn words(pages: u64) -> usize {
@@ -33,7 +45,8 @@ impl DirtyBitmaps {
                 })
                 .collect()
         };
-        DirtyBitmaps { pages, maps: [make(), make(), make()] }
+        let watched = (0..words(pages)).map(|_| AtomicU64::new(0)).collect();
+        DirtyBitmaps { pages, maps: [make(), make(), make()], watched, watch_armed: AtomicBool::new(false) }
     }
 
     /// Page range [first, end) for a byte range, clamped to the block.
@@ -132,5 +145,50 @@ impl DirtyBitmaps {
             });
         }
         (first, out)
+    }
+
+    /// A write through the runtime touched `[addr, addr + size)`: stops
+    /// watching its pages and returns true if any was watched.
+    #[inline]
+    pub(crate) fn note_code_write(&self, addr: u64, size: u64) -> bool {
+        if !self.watch_armed.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.note_code_write_slow(addr, size)
+    }
+
+    #[cold]
+    fn note_code_write_slow(&self, addr: u64, size: u64) -> bool {
+        let (first, end) = self.page_range(addr, size);
+        let mut hit = false;
+        Self::for_words(first, end, |w, m| {
+            if self.watched[w].load(Ordering::Relaxed) & m != 0 {
+                hit |= self.watched[w].fetch_and(!m, Ordering::AcqRel) & m != 0;
+            }
+        });
+        hit
+    }
+
+    /// Starts watching the page holding byte `addr` for writes.
+    pub(crate) fn watch_code(&self, addr: u64) {
+        if !self.watch_armed.load(Ordering::Relaxed) {
+            // A write that happens after this (in the happens-before sense)
+            // sees the flag; a write racing with it may not, as a
+            // cross-modifying write racing with a fetch on a CPU may not.
+            self.watch_armed.store(true, Ordering::Release);
+        }
+        let (first, end) = self.page_range(addr, 1);
+        Self::for_words(first, end, |w, m| {
+            self.watched[w].fetch_or(m, Ordering::AcqRel);
+        });
+    }
+
+    /// Whether the page holding byte `addr` was written since it was
+    /// watched.
+    pub(crate) fn code_written(&self, addr: u64) -> bool {
+        let (first, end) = self.page_range(addr, 1);
+        let mut watched = false;
+        Self::for_words(first, end, |w, m| watched |= self.watched[w].load(Ordering::Acquire) & m != 0);
+        !watched
     }
 }

@@ -48,7 +48,7 @@
 //! ```
 //!
 //! * **Listeners** run synchronously, on the committing thread, before the
-//!   new view is published; see [`listener`](crate::listener) for the order.
+//!   new view is published; see [`MemoryListener`](crate::MemoryListener) for the order.
 //!   Asynchronous observers use [`Topology::subscribe`](crate::Topology::subscribe).
 //!
 //! # QEMU names

@@ -113,6 +113,12 @@ pub enum Error {
         /// The OS error.
         reason: String,
     },
+    /// A memory listener failed (returned an error or panicked) and was
+    /// detached. The operation that triggered it was carried out and
+    /// committed; the failure is also recorded as a
+    /// [`Fault`](crate::Fault).
+    #[error("{0}")]
+    ListenerFailed(crate::ListenerFailure),
     /// Creating an eventfd failed.
     #[error("eventfd: {0}")]
     Eventfd(String),

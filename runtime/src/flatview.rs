@@ -1,11 +1,10 @@
-//! FlatViews: the rendered, immutable form of an address space, and the
-//! rendering rules that produce them (QEMU's `render_memory_region` and
-//! `flatview_simplify`).
+//! FlatViews: the rendered, immutable form of an address space (QEMU's
+//! `FlatView`), their lookup structure, and the splice that builds a view
+//! from its predecessor and re-rendered windows (`render.rs` renders).
 
-use crate::region::{MemoryRegion, RegionId, RegionKind};
+use crate::region::MemoryRegion;
 use crate::sync::Arc;
 use crate::types::HwAddr;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 /// One range of a FlatView: addresses `[start, start + size)` map to
@@ -143,7 +142,9 @@ pub struct FlatView {
     len: usize,
     flat: OnceLock<Vec<FlatRange>>,
     /// The region that was rendered (the address space's "physical root").
-    pub(crate) root: Option<MemoryRegion>,
+    root: Option<MemoryRegion>,
+    /// The generation of the commit that rendered the view.
+    generation: u64,
 }
 
 impl std::fmt::Debug for FlatView {
@@ -228,7 +229,7 @@ fn can_merge(a: &FlatRange, b: &FlatRange) -> bool {
 }
 
 /// Merges adjacent mergeable ranges of a sorted list, in place.
-fn simplify(ranges: Vec<FlatRange>) -> Vec<FlatRange> {
+pub(crate) fn simplify(ranges: Vec<FlatRange>) -> Vec<FlatRange> {
     let mut out: Vec<FlatRange> = Vec::with_capacity(ranges.len());
     for fr in ranges {
         if let Some(prev) = out.last_mut() {
@@ -252,7 +253,7 @@ fn cut(fr: &FlatRange, s: u128, e: u128) -> FlatRange {
 }
 
 impl FlatView {
-    fn from_chunks(chunks: Vec<Arc<Chunk>>, root: Option<MemoryRegion>) -> FlatView {
+    fn from_chunks(chunks: Vec<Arc<Chunk>>, root: Option<MemoryRegion>, generation: u64) -> FlatView {
         let firsts: Vec<u64> = chunks.iter().map(|c| c.starts[0]).collect();
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut len = 0;
@@ -262,16 +263,25 @@ impl FlatView {
         }
         let (top, top_shift) = build_top(&firsts, chunks.last().map(|c| c.ranges[c.ranges.len() - 1].last));
         LIVE_VIEWS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        FlatView { chunks, firsts, offsets, top, top_shift, len, flat: OnceLock::new(), root }
+        FlatView { chunks, firsts, offsets, top, top_shift, len, flat: OnceLock::new(), root, generation }
     }
 
-    pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>) -> FlatView {
-        FlatView::from_chunks(chunkify(ranges), root)
+    pub(crate) fn new(ranges: Vec<FlatRange>, root: Option<MemoryRegion>, generation: u64) -> FlatView {
+        FlatView::from_chunks(chunkify(ranges), root, generation)
     }
 
     /// The empty view.
     pub(crate) fn empty() -> FlatView {
-        FlatView::new(Vec::new(), None)
+        FlatView::new(Vec::new(), None, 0)
+    }
+
+    /// The generation of the commit that rendered this view (0 for the
+    /// empty view a new address space starts with). A view that later
+    /// commits did not change keeps its generation; an address space's
+    /// current view can therefore be older than the address space's
+    /// [publication](crate::AddressSpace::generation).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of ranges.
@@ -413,9 +423,10 @@ impl FlatView {
         windows: &[(u128, u128)],
         pieces: Vec<FlatRange>,
         root: Option<MemoryRegion>,
+        generation: u64,
     ) -> FlatView {
         if self.chunks.is_empty() {
-            return FlatView::new(simplify(pieces), root);
+            return FlatView::new(simplify(pieces), root, generation);
         }
         let n = self.chunks.len();
         // Chunk spans to rebuild: the chunks each window touches (or the one
@@ -469,196 +480,24 @@ impl FlatView {
             next = hi + 1;
         }
         chunks.extend(self.chunks[next..].iter().cloned());
-        FlatView::from_chunks(chunks, root)
+        FlatView::from_chunks(chunks, root, generation)
     }
-}
 
-/// Where a region was rendered: the base its children are placed from and
-/// the part of the address space it covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Placement {
-    pub(crate) base: i128,
-    pub(crate) start: u128,
-    pub(crate) end: u128,
-}
-
-/// Every placement recorded while rendering one view.
-#[derive(Default)]
-pub(crate) struct Placements {
-    pub(crate) map: HashMap<RegionId, Vec<Placement>>,
-    pub(crate) count: usize,
-}
-
-impl Placements {
-    fn record(&mut self, id: RegionId, p: Placement) {
-        let v = self.map.entry(id).or_default();
-        if !v.contains(&p) {
-            v.push(p);
-            self.count += 1;
-        }
-    }
-}
-
-/// A piece under construction; ends are exclusive `u128`.
-struct Piece {
-    end: u128,
-    region: MemoryRegion,
-    offset: u128,
-    readonly: bool,
-}
-
-struct Renderer<'a> {
-    pieces: BTreeMap<u128, Piece>,
-    win: (u128, u128),
-    placements: &'a mut Placements,
-}
-
-/// Renders the tree under `root` into a FlatView (QEMU's
-/// `generate_memory_topology`), recording placements afresh.
-pub(crate) fn render(root: Option<&MemoryRegion>, placements: &mut Placements) -> FlatView {
-    *placements = Placements::default();
-    let pieces = render_window(root, (0, crate::types::SIZE_MAX), placements);
-    FlatView::new(simplify(pieces), root.cloned())
-}
-
-/// Renders only the addresses in `win`, returning the (unmerged) pieces.
-pub(crate) fn render_window(
-    root: Option<&MemoryRegion>,
-    win: (u128, u128),
-    placements: &mut Placements,
-) -> Vec<FlatRange> {
-    let mut r = Renderer { pieces: BTreeMap::new(), win, placements };
-    if let Some(root) = root {
-        r.region(root, 0, (0, crate::types::SIZE_MAX), false);
-    }
-    let mut out = Vec::with_capacity(r.pieces.len());
-    for (start, p) in r.pieces {
-        let (romd, own_mask) = {
-            let st = p.region.0.state.lock();
-            (st.romd, st.dirty_log_mask)
-        };
-        let mask = p.region.effective_dirty_mask(own_mask);
-        out.push(FlatRange {
-            offset_in_region: p.offset as u64,
-            start: start as u64,
-            last: (p.end - 1) as u64,
-            readonly: p.readonly,
-            romd,
-            dirty_log_mask: mask,
-            region: p.region,
-        });
-    }
-    out
-}
-
-impl Renderer<'_> {
-    /// `render_memory_region`: `base` may go below zero through alias offsets.
-    fn region(&mut self, mr: &MemoryRegion, base: i128, clip: (u128, u128), readonly: bool) {
-        let st = mr.0.state.lock();
-        if !st.enabled {
-            return;
-        }
-        let base = base + st.addr as i128;
-        let readonly = readonly || st.readonly;
-        // Intersect the region's own range with the clip; empty renders nothing.
-        let start = base.max(clip.0 as i128);
-        let end = (base + mr.size() as i128).min(clip.1 as i128);
-        if start >= end {
-            return;
-        }
-        let clip = (start as u128, end as u128);
-        self.placements.record(mr.id(), Placement { base, start: clip.0, end: clip.1 });
-        let w = (clip.0.max(self.win.0), clip.1.min(self.win.1));
-        if w.0 >= w.1 {
-            return;
-        }
-
-        if let RegionKind::Alias { target } = &mr.0.kind {
-            let target_addr = target.0.state.lock().addr;
-            let base = base - target_addr as i128 - st.alias_offset as i128;
-            drop(st);
-            self.region(target, base, clip, readonly);
-            return;
-        }
-
-        for (child, g) in st.subregions.iter().zip(st.child_geo.iter()) {
-            // Skip, without locking it, a child that cannot reach the window.
-            if !g.live {
-                continue;
-            }
-            let cs = base + g.start as i128;
-            let ce = base + g.last as i128 + 1;
-            if ce <= w.0 as i128 || cs >= w.1 as i128 {
-                continue;
-            }
-            self.region(child, base, clip, readonly);
-        }
-        drop(st);
-        if !mr.terminates() {
-            return;
-        }
-
-        // Fill the gaps of the window that nothing rendered earlier claims.
-        let mut gaps = Vec::new();
-        let mut pos = w.0;
-        if let Some((_, p)) = self.pieces.range(..w.0).next_back() {
-            pos = pos.max(p.end);
-        }
-        for (&s, p) in self.pieces.range(w.0..w.1) {
-            if s > pos {
-                gaps.push((pos, s));
-            }
-            pos = pos.max(p.end);
-            if pos >= w.1 {
-                break;
-            }
-        }
-        if pos < w.1 {
-            gaps.push((pos, w.1));
-        }
-        for (s, e) in gaps {
-            self.pieces.insert(s, Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly });
-        }
-    }
-}
-
-/// QEMU's `memory_region_get_flatview_root`, restricted to the steps that
-/// provably render the same view: an alias that shows all of its target from
-/// offset 0, or a container whose only enabled child covers it from address
-/// 0, is replaced by that target or child (only where neither carries an
-/// address or a readonly flag that rendering would apply). `None` means the
-/// empty view.
-pub(crate) fn physical_root(root: &MemoryRegion) -> Option<MemoryRegion> {
-    let mut mr = root.clone();
-    loop {
-        let next = {
-            let st = mr.0.state.lock();
-            if !st.enabled {
-                return None;
-            }
-            let plain = st.addr == 0 && !st.readonly;
-            match &mr.0.kind {
-                RegionKind::Container => {
-                    let mut enabled = st.subregions.iter().filter(|c| c.is_enabled());
-                    let first = enabled.next();
-                    let more = enabled.next().is_some();
-                    match (first, more) {
-                        (None, _) => return None,
-                        (Some(c), false) if plain && c.addr() == 0 && mr.size() >= c.size() => Some(c.clone()),
-                        _ => None,
+    /// The ranges inside `windows` (sorted, disjoint), or all of them for
+    /// `None`.
+    pub(crate) fn ranges_in(&self, windows: Option<&[(u128, u128)]>) -> Vec<&FlatRange> {
+        match windows {
+            None => self.iter().collect(),
+            Some(w) => {
+                let mut out = Vec::new();
+                for &(s, e) in w {
+                    if s > u64::MAX as u128 {
+                        continue;
                     }
+                    out.extend(self.iter_from(s as u64).take_while(|r| (r.start as u128) < e));
                 }
-                RegionKind::Alias { target }
-                    if plain && st.alias_offset == 0 && mr.size() >= target.size() && target.addr() == 0 =>
-                {
-                    Some(target.clone())
-                }
-                _ => None,
+                out
             }
-        };
-        match next {
-            Some(n) => mr = n,
-            None => return Some(mr),
         }
     }
 }

@@ -1,36 +1,21 @@
-//! Memory listeners (QEMU's `MemoryListener`) and the broadcast of commit
-//! diffs to asynchronous observers.
+//! Memory listeners (QEMU's `MemoryListener`): registration, the order of
+//! calls, and what happens when a listener fails.
 //!
-//! # Call order
-//! Listeners are kept sorted by ascending priority; among equal priorities a
-//! later registration comes later. "Forward" calls go in that order,
-//! "Reverse" calls in the opposite one:
-//!
-//! | callback | order |
-//! | --- | --- |
-//! | `begin`, `commit`, `log_global_start`, `region_add`, `region_nop`, `log_start`, `coalesced_mmio_add`, `eventfd_del`, `log_sync` | Forward |
-//! | `region_del`, `log_stop`, `log_global_stop`, `coalesced_mmio_del`, `eventfd_add` | Reverse |
-//!
-//! (The swapped directions of the eventfd callbacks are QEMU's.) A commit
-//! calls `begin` on every listener, then, per address space in creation
-//! order, a delete pass (`coalesced_mmio_del` and `region_del` for ranges
-//! that went away or changed) and an add pass (`region_nop` with
-//! `log_start`/`log_stop` for unchanged ranges, `region_add` and
-//! `coalesced_mmio_add` for new ones), both in address order, then the
-//! ioeventfd diff, and finally `commit` on every listener. Per-section
-//! callbacks reach only listeners whose filter is that address space or none;
-//! `begin`, `commit` and `log_global_*` reach every listener.
-//!
-//! Callbacks run synchronously on the committing thread before the new view
-//! is published, so a listener such as a KVM memslot mirror is current
-//! before any vCPU can see the change. A listener must not change the
-//! topology from a callback ([`Error::MutationDuringCommit`](crate::Error)).
+//! The call order and the failure policy are documented on
+//! [`MemoryListener`], where users find them.
 
 use crate::address_space::AddressSpace;
+use crate::broadcast::SpaceDiff;
+use crate::coalesced::for_coalesced;
+use crate::error::{Error, Result};
+use crate::fault::{Fault, ListenerFailure};
 use crate::flatview::FlatRange;
-use crate::region::{EventNotifier, MemoryRegion, RegionId};
-use crate::sync::Arc;
+use crate::ioeventfd::{update_ioeventfds, EventNotifier};
+use crate::region::MemoryRegion;
+use crate::sync::{Arc, AtomicBool, Ordering};
+use crate::topology::Topology;
 use crate::types::HwAddr;
+use std::cell::RefCell;
 
 /// A fragment of a region as mapped in an address space
 /// (`MemoryRegionSection`).
@@ -53,12 +38,12 @@ pub struct MemoryRegionSection {
 impl MemoryRegionSection {
     pub(crate) fn from_range(fr: &FlatRange, address_space: &AddressSpace) -> Self {
         MemoryRegionSection {
-            mr: Some(fr.region.clone()),
+            mr: Some(fr.region().clone()),
             address_space: address_space.clone(),
-            offset_within_region: fr.offset_in_region,
+            offset_within_region: fr.offset_in_region(),
             size: fr.size(),
-            offset_within_address_space: fr.start,
-            readonly: fr.readonly,
+            offset_within_address_space: fr.start(),
+            readonly: fr.readonly(),
         }
     }
 
@@ -69,8 +54,65 @@ impl MemoryRegionSection {
     }
 }
 
+/// What a listener callback returns; an error detaches the listener (see
+/// [`MemoryListener`]).
+pub type ListenerResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
 /// Callbacks on changes of the memory map. Every method defaults to doing
-/// nothing; see the [module documentation](self) for the order of calls.
+/// nothing successfully.
+///
+/// # Call order
+/// Listeners are kept sorted by ascending priority; among equal priorities a
+/// later registration comes later. "Forward" calls go in that order,
+/// "Reverse" calls in the opposite one:
+///
+/// | callback | order |
+/// | --- | --- |
+/// | `begin`, `commit`, `log_global_start`, `region_add`, `region_nop`, `log_start`, `coalesced_mmio_add`, `eventfd_del`, `log_sync` | Forward |
+/// | `region_del`, `log_stop`, `log_global_stop`, `coalesced_mmio_del`, `eventfd_add` | Reverse |
+///
+/// (The swapped directions of the eventfd callbacks are QEMU's.)
+///
+/// # What a commit calls, and when the guest sees it
+/// A commit (see `commit.rs`) runs on the thread that ends the outermost
+/// transaction, with the topology's turn held:
+///
+/// 1. `coalesced_mmio_add` / `coalesced_mmio_del` for coalescing changes made
+///    in the transaction, against the views published before it (QEMU sends
+///    them when the change is made; no view changes in between).
+/// 2. If the topology changed: `begin` on every listener.
+/// 3. Per address space, in creation order:
+///    * a delete pass (`coalesced_mmio_del`, `region_del` for ranges that
+///      went away or changed) and an add pass (`region_nop` with
+///      `log_start`/`log_stop` for unchanged ranges, `region_add` and
+///      `coalesced_mmio_add` for new ones), both in address order —
+///      **before** the address space's new view is published, so a memslot
+///      mirror is current before any vCPU can reach the change;
+///    * the new view is published;
+///    * the ioeventfd diff (`eventfd_del`, `eventfd_add`) — **after** the
+///      view is published.
+/// 4. The topology's [generation](crate::Topology::generation) moves to the
+///    commit's, then `commit` on every listener (if `begin` was called).
+/// 5. The diff is broadcast to subscribers.
+///
+/// Per-section callbacks reach only listeners whose filter is that address
+/// space or none; `begin`, `commit` and `log_global_*` reach every listener.
+/// A listener must not change the topology from a callback
+/// ([`Error::MutationDuringCommit`](crate::Error::MutationDuringCommit)); it
+/// may query it.
+///
+/// # Failure
+/// Every callback returns a [`ListenerResult`]. A callback that returns an
+/// error, or panics, **detaches** its listener: it gets no further callback,
+/// not even in the rest of the commit, and is unregistered without a
+/// replay. Everything else goes on: the commit completes, every other
+/// listener is called, the views are published, so the topology and every
+/// healthy listener stay consistent. The failure reaches the embedder twice:
+/// the call that triggered it (a mutator, `commit`, `listener_register`, a
+/// dirty-log sync...) returns [`Error::ListenerFailed`](crate::Error::ListenerFailed)
+/// — its change *was* made — and the topology records a
+/// [`Fault`](crate::Fault) and calls its fault hook, for an embedder that
+/// must react whoever committed (a VM whose memslot mirror failed stops).
 #[allow(unused_variables)]
 pub trait MemoryListener: Send + Sync + 'static {
     /// Whether the listener wants `region_nop` for every unchanged range of
@@ -81,277 +123,358 @@ pub trait MemoryListener: Send + Sync + 'static {
         true
     }
     /// A commit starts.
-    fn begin(&self) {}
+    fn begin(&self) -> ListenerResult {
+        Ok(())
+    }
     /// A commit ends.
-    fn commit(&self) {}
+    fn commit(&self) -> ListenerResult {
+        Ok(())
+    }
     /// A range appeared (or changed: it was deleted and re-added).
-    fn region_add(&self, section: &MemoryRegionSection) {}
+    fn region_add(&self, section: &MemoryRegionSection) -> ListenerResult {
+        Ok(())
+    }
     /// A range went away (or is about to be re-added changed).
-    fn region_del(&self, section: &MemoryRegionSection) {}
+    fn region_del(&self, section: &MemoryRegionSection) -> ListenerResult {
+        Ok(())
+    }
     /// A range is unchanged by this commit.
-    fn region_nop(&self, section: &MemoryRegionSection) {}
+    fn region_nop(&self, section: &MemoryRegionSection) -> ListenerResult {
+        Ok(())
+    }
     /// Dirty logging gained clients on a range (`old` → `new` masks).
-    fn log_start(&self, section: &MemoryRegionSection, old: u8, new: u8) {}
+    fn log_start(&self, section: &MemoryRegionSection, old: u8, new: u8) -> ListenerResult {
+        Ok(())
+    }
     /// Dirty logging lost clients on a range.
-    fn log_stop(&self, section: &MemoryRegionSection, old: u8, new: u8) {}
+    fn log_stop(&self, section: &MemoryRegionSection, old: u8, new: u8) -> ListenerResult {
+        Ok(())
+    }
     /// Fold the accelerator's dirty log for the section into the bitmaps.
-    fn log_sync(&self, section: &MemoryRegionSection) {}
+    fn log_sync(&self, section: &MemoryRegionSection) -> ListenerResult {
+        Ok(())
+    }
     /// Global (migration) dirty logging starts.
-    fn log_global_start(&self) {}
+    fn log_global_start(&self) -> ListenerResult {
+        Ok(())
+    }
     /// Global dirty logging stops.
-    fn log_global_stop(&self) {}
+    fn log_global_stop(&self) -> ListenerResult {
+        Ok(())
+    }
     /// An ioeventfd became visible at `section` (its `mr` is `None`).
-    fn eventfd_add(&self, section: &MemoryRegionSection, match_data: bool, data: u64, e: &EventNotifier) {}
+    fn eventfd_add(
+        &self,
+        section: &MemoryRegionSection,
+        match_data: bool,
+        data: u64,
+        e: &EventNotifier,
+    ) -> ListenerResult {
+        Ok(())
+    }
     /// An ioeventfd stopped being visible.
-    fn eventfd_del(&self, section: &MemoryRegionSection, match_data: bool, data: u64, e: &EventNotifier) {}
+    fn eventfd_del(
+        &self,
+        section: &MemoryRegionSection,
+        match_data: bool,
+        data: u64,
+        e: &EventNotifier,
+    ) -> ListenerResult {
+        Ok(())
+    }
     /// Writes to `[addr, addr + len)` may be coalesced.
-    fn coalesced_mmio_add(&self, section: &MemoryRegionSection, addr: HwAddr, len: u64) {}
+    fn coalesced_mmio_add(&self, section: &MemoryRegionSection, addr: HwAddr, len: u64) -> ListenerResult {
+        Ok(())
+    }
     /// Writes to `[addr, addr + len)` must no longer be coalesced.
-    fn coalesced_mmio_del(&self, section: &MemoryRegionSection, addr: HwAddr, len: u64) {}
+    fn coalesced_mmio_del(&self, section: &MemoryRegionSection, addr: HwAddr, len: u64) -> ListenerResult {
+        Ok(())
+    }
 }
 
-/// Identifies a registered listener, for [`Topology::listener_unregister`](crate::Topology::listener_unregister).
+/// Identifies a registered listener, for [`Topology::listener_unregister`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerId(pub(crate) u64);
 
-#[derive(Clone)]
+/// A registered listener.
 pub(crate) struct ListenerEntry {
     pub(crate) id: ListenerId,
     pub(crate) priority: i32,
-    pub(crate) filter: Option<u64>,
-    pub(crate) wants_nop: bool,
-    pub(crate) listener: Arc<dyn MemoryListener>,
+    filter: Option<u64>,
+    wants_nop: bool,
+    listener: Arc<dyn MemoryListener>,
+    /// Set when a callback fails; no callback reaches it afterwards.
+    failed: AtomicBool,
 }
 
 impl ListenerEntry {
+    pub(crate) fn new(id: ListenerId, priority: i32, filter: Option<u64>, listener: Arc<dyn MemoryListener>) -> Self {
+        ListenerEntry {
+            id,
+            priority,
+            filter,
+            wants_nop: listener.wants_region_nop(),
+            listener,
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the listener takes callbacks for address space `as_id`.
     pub(crate) fn wants(&self, as_id: u64) -> bool {
         self.filter.is_none_or(|f| f == as_id)
     }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
 }
 
-/// The listeners of one commit, sorted, with helpers for both orders.
-pub(crate) struct Listeners(pub(crate) Vec<ListenerEntry>);
+/// The listeners one commit (or one replay, or one sync) calls, sorted, with
+/// the failure policy applied to every call.
+pub(crate) struct Listeners {
+    entries: Vec<Arc<ListenerEntry>>,
+    generation: u64,
+    failures: RefCell<Vec<ListenerFailure>>,
+}
 
 impl Listeners {
-    pub(crate) fn forward(&self) -> impl Iterator<Item = &ListenerEntry> {
-        self.0.iter()
+    pub(crate) fn new(entries: Vec<Arc<ListenerEntry>>, generation: u64) -> Self {
+        Listeners { entries, generation, failures: RefCell::new(Vec::new()) }
     }
-    pub(crate) fn forward_for(&self, as_id: u64) -> impl Iterator<Item = &ListenerEntry> {
-        self.0.iter().filter(move |l| l.wants(as_id))
-    }
-    pub(crate) fn reverse_for(&self, as_id: u64) -> impl Iterator<Item = &ListenerEntry> {
-        self.0.iter().rev().filter(move |l| l.wants(as_id))
-    }
-    pub(crate) fn nop_for(&self, as_id: u64) -> bool {
-        self.0.iter().any(|l| l.wants_nop && l.wants(as_id))
-    }
-    pub(crate) fn any_for(&self, as_id: u64) -> bool {
-        self.0.iter().any(|l| l.wants(as_id))
-    }
-}
 
-/// A range as recorded in a [`CommitDiff`]: identity and placement, without
-/// keeping the region alive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RangeRecord {
-    /// First address.
-    pub start: HwAddr,
-    /// Size in bytes.
-    pub size: u128,
-    /// The serving region's identity.
-    pub region: RegionId,
-    /// The serving region's name.
-    pub region_name: Arc<str>,
-    /// Offset within the region.
-    pub offset_in_region: u64,
-    /// Inherited readonly flag.
-    pub readonly: bool,
-    /// romd flag.
-    pub romd: bool,
-    /// Effective dirty-log mask.
-    pub dirty_log_mask: u8,
-}
-
-impl RangeRecord {
-    pub(crate) fn of(fr: &FlatRange) -> Self {
-        RangeRecord {
-            start: fr.start,
-            size: fr.size(),
-            region: fr.region.id(),
-            region_name: fr.region.0.name.clone(),
-            offset_in_region: fr.offset_in_region,
-            readonly: fr.readonly,
-            romd: fr.romd,
-            dirty_log_mask: fr.dirty_log_mask,
+    /// Calls one callback of one listener, unless it has failed; an error
+    /// or a panic marks it failed and is recorded.
+    pub(crate) fn call(
+        &self,
+        l: &ListenerEntry,
+        callback: &'static str,
+        f: impl FnOnce(&dyn MemoryListener) -> ListenerResult,
+    ) {
+        if l.failed() {
+            return;
         }
-    }
-}
-
-/// An ioeventfd as recorded in a [`CommitDiff`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventfdRecord {
-    /// Address in the address space.
-    pub addr: HwAddr,
-    /// Access size (0 = any).
-    pub size: u64,
-    /// Whether data must match.
-    pub match_data: bool,
-    /// Data to match.
-    pub data: u64,
-}
-
-/// What one commit changed in one address space.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SpaceDiff {
-    /// The address space's identity.
-    pub address_space: u64,
-    /// Its name.
-    pub name: Arc<str>,
-    /// Ranges that went away or changed (in address order).
-    pub removed: Vec<RangeRecord>,
-    /// Ranges that appeared or changed (in address order).
-    pub added: Vec<RangeRecord>,
-    /// Unchanged ranges whose dirty-log mask changed: (range, old mask).
-    pub log_changed: Vec<(RangeRecord, u8)>,
-    /// ioeventfds that went away.
-    pub eventfds_removed: Vec<EventfdRecord>,
-    /// ioeventfds that appeared.
-    pub eventfds_added: Vec<EventfdRecord>,
-    /// The address space was destroyed by this commit.
-    pub destroyed: bool,
-}
-
-impl SpaceDiff {
-    /// True if nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.removed.is_empty()
-            && self.added.is_empty()
-            && self.log_changed.is_empty()
-            && self.eventfds_removed.is_empty()
-            && self.eventfds_added.is_empty()
-            && !self.destroyed
-    }
-}
-
-/// The diffs of one commit, tagged with its generation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CommitDiff {
-    /// The commit's generation (strictly increasing).
-    pub generation: u64,
-    /// Per address space that changed, in address-space order.
-    pub spaces: Vec<SpaceDiff>,
-}
-
-/// A consistent picture of every address space at one generation.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    /// The generation of the last commit included.
-    pub generation: u64,
-    /// Each live address space with its view.
-    pub spaces: Vec<(AddressSpace, Arc<crate::flatview::FlatView>)>,
-}
-
-/// What a [`DiffSubscriber`] receives.
-#[derive(Debug, Clone)]
-pub enum Observed {
-    /// The next commit's diff, in generation order with no gap.
-    Diff(Arc<CommitDiff>),
-    /// The subscriber fell behind and missed `missed` diffs; here is the
-    /// whole state at `snapshot.generation`. Diffs after it follow.
-    Resync {
-        /// How many diffs were lost.
-        missed: u64,
-        /// The state to continue from.
-        snapshot: Arc<Snapshot>,
-    },
-    /// The topology is gone; no more diffs will come.
-    Closed,
-}
-
-/// An asynchronous observer of commit diffs (tokio broadcast). Never loses a
-/// diff silently: if it falls behind, the next receive says so and hands
-/// over a snapshot to resync from.
-pub struct DiffSubscriber {
-    pub(crate) rx: tokio::sync::broadcast::Receiver<Arc<CommitDiff>>,
-    pub(crate) topo: crate::sync::Weak<crate::topology::TopoInner>,
-    /// Generation of the last thing handed out (diff or snapshot).
-    pub(crate) last: u64,
-}
-
-impl DiffSubscriber {
-    fn accept(&mut self, d: Arc<CommitDiff>) -> Option<Observed> {
-        if d.generation <= self.last {
-            return None; // Already covered by a snapshot.
-        }
-        if d.generation != self.last + 1 {
-            // A gap that the channel did not report (cannot happen with
-            // broadcast, but never hand out a diff that does not follow).
-            return Some(self.resync(d.generation - self.last - 1));
-        }
-        self.last = d.generation;
-        Some(Observed::Diff(d))
-    }
-
-    fn resync(&mut self, missed: u64) -> Observed {
-        let Some(topo) = self.topo.upgrade().map(crate::topology::Topology) else {
-            return Observed::Closed;
+        let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&*l.listener))) {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(p) => {
+                let m = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                format!("panicked: {m}")
+            }
         };
-        let snapshot = topo.snapshot();
-        self.last = snapshot.generation;
-        Observed::Resync { missed, snapshot }
+        l.failed.store(true, Ordering::Release);
+        self.failures.borrow_mut().push(ListenerFailure {
+            listener: l.id,
+            callback,
+            message,
+            generation: self.generation,
+        });
     }
 
-    /// Waits for the next diff (or resync).
-    pub async fn recv(&mut self) -> Observed {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match self.rx.recv().await {
-                Ok(d) => {
-                    if let Some(o) = self.accept(d) {
-                        return o;
-                    }
-                }
-                Err(RecvError::Lagged(n)) => return self.resync(n),
-                Err(RecvError::Closed) => return Observed::Closed,
-            }
+    /// Every listener, Forward.
+    pub(crate) fn forward(&self) -> impl Iterator<Item = &ListenerEntry> {
+        self.entries.iter().map(|e| &**e)
+    }
+
+    /// `callback` on every listener, Forward.
+    pub(crate) fn each_forward(
+        &self,
+        callback: &'static str,
+        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+    ) {
+        for l in &self.entries {
+            self.call(l, callback, &mut f);
         }
     }
 
-    /// Like [`recv`](Self::recv) but blocking, for threads outside tokio.
-    pub fn blocking_recv(&mut self) -> Observed {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match self.rx.blocking_recv() {
-                Ok(d) => {
-                    if let Some(o) = self.accept(d) {
-                        return o;
-                    }
-                }
-                Err(RecvError::Lagged(n)) => return self.resync(n),
-                Err(RecvError::Closed) => return Observed::Closed,
-            }
+    /// `callback` on every listener, Reverse.
+    pub(crate) fn each_reverse(
+        &self,
+        callback: &'static str,
+        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+    ) {
+        for l in self.entries.iter().rev() {
+            self.call(l, callback, &mut f);
         }
     }
 
-    /// Returns what is already available without waiting, if anything.
-    pub fn try_recv(&mut self) -> Option<Observed> {
-        use tokio::sync::broadcast::error::TryRecvError;
-        loop {
-            match self.rx.try_recv() {
-                Ok(d) => {
-                    if let Some(o) = self.accept(d) {
-                        return Some(o);
-                    }
-                }
-                Err(TryRecvError::Lagged(n)) => return Some(self.resync(n)),
-                Err(TryRecvError::Closed) => return Some(Observed::Closed),
-                Err(TryRecvError::Empty) => return None,
-            }
+    /// `callback` on the listeners of address space `as_id`, Forward.
+    pub(crate) fn each_forward_for(
+        &self,
+        as_id: u64,
+        callback: &'static str,
+        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+    ) {
+        for l in self.entries.iter().filter(|l| l.wants(as_id)) {
+            self.call(l, callback, &mut f);
         }
     }
 
-    /// The generation the subscriber has caught up to.
-    pub fn generation(&self) -> u64 {
-        self.last
+    /// `callback` on the listeners of address space `as_id`, Reverse.
+    pub(crate) fn each_reverse_for(
+        &self,
+        as_id: u64,
+        callback: &'static str,
+        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+    ) {
+        for l in self.entries.iter().rev().filter(|l| l.wants(as_id)) {
+            self.call(l, callback, &mut f);
+        }
+    }
+
+    /// `region_nop` on the listeners of `as_id` that want it, Forward.
+    pub(crate) fn each_nop_for(&self, as_id: u64, mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult) {
+        for l in self.entries.iter().filter(|l| l.wants_nop && l.wants(as_id)) {
+            self.call(l, "region_nop", &mut f);
+        }
+    }
+
+    /// Whether any listener of `as_id` wants `region_nop`.
+    pub(crate) fn nop_for(&self, as_id: u64) -> bool {
+        self.entries.iter().any(|l| l.wants_nop && !l.failed() && l.wants(as_id))
+    }
+
+    /// Whether any listener takes callbacks for `as_id`.
+    pub(crate) fn any_for(&self, as_id: u64) -> bool {
+        self.entries.iter().any(|l| !l.failed() && l.wants(as_id))
+    }
+
+    /// The failures recorded so far.
+    pub(crate) fn into_failures(self) -> Vec<ListenerFailure> {
+        self.failures.into_inner()
+    }
+}
+
+impl Topology {
+    /// Runs `f` with the registered listeners (the turn held), then applies
+    /// the failure policy: failed listeners are unregistered, each failure
+    /// becomes a fault, and the first is returned as an error.
+    pub(crate) fn call_listeners<R>(&self, f: impl FnOnce(&Listeners) -> R) -> Result<R> {
+        let ls = Listeners::new(self.listener_entries(), self.generation());
+        let r = f(&ls);
+        self.absorb_failures(ls.into_failures())?;
+        Ok(r)
+    }
+
+    /// Detaches failed listeners and reports their failures.
+    pub(crate) fn absorb_failures(&self, failures: Vec<ListenerFailure>) -> Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        self.remove_listeners(|l| l.failed());
+        for f in &failures {
+            self.fault_log().report(Fault::ListenerFailed(f.clone()));
+        }
+        Err(Error::ListenerFailed(failures[0].clone()))
+    }
+
+    /// `memory_listener_register`: registers `listener` with `priority`
+    /// (lower = earlier on add, later on delete), for one address space or,
+    /// with `None`, for all. Replays the current state to it, per address
+    /// space: `begin`, `log_global_start` if global logging is on, then for
+    /// each range `region_add`, `coalesced_mmio_add` and `log_start`, then the
+    /// ioeventfds (`eventfd_add`), then `commit`. If the replay fails, the
+    /// listener is not registered and the failure is returned.
+    pub fn listener_register(
+        &self,
+        listener: Arc<dyn MemoryListener>,
+        priority: i32,
+        filter: Option<&AddressSpace>,
+    ) -> Result<ListenerId> {
+        if let Some(f) = filter {
+            if f.topo_id() != self.id() {
+                return Err(Error::ForeignObject(f.name().to_string()));
+            }
+        }
+        self.with_mutation(|| {
+            if let Some(f) = filter {
+                if f.is_destroyed() {
+                    return Err(Error::AddressSpaceDestroyed(f.name().to_string()));
+                }
+            }
+            let entry =
+                Arc::new(ListenerEntry::new(self.next_listener_id(), priority, filter.map(|f| f.id()), listener));
+            let ls = Listeners::new(vec![entry.clone()], self.generation());
+            let global = self.global_dirty_log();
+            for asp in self.address_spaces().iter().filter(|a| entry.wants(a.id())) {
+                ls.each_forward("begin", |l| l.begin());
+                if global {
+                    ls.each_forward("log_global_start", |l| l.log_global_start());
+                }
+                let view = asp.view();
+                for fr in view.iter() {
+                    let sec = MemoryRegionSection::from_range(fr, asp);
+                    ls.each_forward("region_add", |l| l.region_add(&sec));
+                    for_coalesced(fr, |s, len| {
+                        ls.each_forward("coalesced_mmio_add", |l| l.coalesced_mmio_add(&sec, s, len))
+                    });
+                    if fr.dirty_log_mask() != 0 {
+                        ls.each_forward("log_start", |l| l.log_start(&sec, 0, fr.dirty_log_mask()));
+                    }
+                }
+                update_ioeventfds(asp, &view, None, None, &mut SpaceDiff::default());
+                for fd in asp.registered_eventfds() {
+                    let sec = fd.section(asp);
+                    ls.each_forward("eventfd_add", |l| l.eventfd_add(&sec, fd.match_data, fd.data, &fd.notifier));
+                }
+                ls.each_forward("commit", |l| l.commit());
+            }
+            let failures = ls.into_failures();
+            if failures.is_empty() {
+                let id = entry.id;
+                self.insert_listener(entry);
+                Ok(id)
+            } else {
+                for f in &failures {
+                    self.fault_log().report(Fault::ListenerFailed(f.clone()));
+                }
+                Err(Error::ListenerFailed(failures[0].clone()))
+            }
+        })
+    }
+
+    /// `memory_listener_unregister`: replays, per address space, `begin`,
+    /// then for each range `log_stop` (if logging), `region_del` and
+    /// `coalesced_mmio_del`, then `eventfd_del` for each ioeventfd, then
+    /// `commit`; then removes the listener. Unregistering twice is a no-op.
+    /// A failing replay still removes the listener (and reports the
+    /// failure).
+    pub fn listener_unregister(&self, id: ListenerId) -> Result<()> {
+        self.with_mutation(|| {
+            let Some(entry) = self.remove_listeners(|l| l.id == id).pop() else {
+                return Ok(());
+            };
+            let ls = Listeners::new(vec![entry.clone()], self.generation());
+            for asp in self.address_spaces().iter().filter(|a| entry.wants(a.id())) {
+                ls.each_forward("begin", |l| l.begin());
+                let view = asp.view();
+                for fr in view.iter() {
+                    let sec = MemoryRegionSection::from_range(fr, asp);
+                    if fr.dirty_log_mask() != 0 {
+                        ls.each_forward("log_stop", |l| l.log_stop(&sec, fr.dirty_log_mask(), 0));
+                    }
+                    ls.each_forward("region_del", |l| l.region_del(&sec));
+                    for_coalesced(fr, |s, len| {
+                        ls.each_forward("coalesced_mmio_del", |l| l.coalesced_mmio_del(&sec, s, len))
+                    });
+                }
+                for fd in asp.registered_eventfds() {
+                    let sec = fd.section(asp);
+                    ls.each_forward("eventfd_del", |l| l.eventfd_del(&sec, fd.match_data, fd.data, &fd.notifier));
+                }
+                ls.each_forward("commit", |l| l.commit());
+            }
+            let failures = ls.into_failures();
+            for f in &failures {
+                self.fault_log().report(Fault::ListenerFailed(f.clone()));
+            }
+            match failures.into_iter().next() {
+                Some(f) => Err(Error::ListenerFailed(f)),
+                None => Ok(()),
+            }
+        })
     }
 }

@@ -16,10 +16,10 @@ pub struct MtreeOptions {
 
 /// QEMU's `memory_region_type`.
 fn region_type(mr: &MemoryRegion) -> &'static str {
-    match &mr.0.kind {
+    match mr.kind() {
         RegionKind::Alias { target } => region_type(target),
-        RegionKind::RomDevice { .. } if mr.0.state.lock().romd => "romd",
-        RegionKind::Ram(_) if mr.0.state.lock().readonly => "rom",
+        RegionKind::RomDevice { .. } if mr.state().romd => "romd",
+        RegionKind::Ram(_) if mr.state().readonly => "rom",
         RegionKind::Ram(_) => "ram",
         _ => "i/o",
     }
@@ -43,7 +43,7 @@ struct Printer<'a> {
 impl Printer<'_> {
     fn print_mr(&mut self, mr: &MemoryRegion, level: usize, base: u64) {
         let (addr, prio, enabled, alias_offset, subs) = {
-            let st = mr.0.state.lock();
+            let st = mr.state();
             (st.addr, st.priority, st.enabled, st.alias_offset, st.subregions.clone())
         };
         let cur_start = base.wrapping_add(addr);
@@ -61,7 +61,7 @@ impl Printer<'_> {
                 self.out.push_str("  ");
             }
         }
-        if let RegionKind::Alias { target } = &mr.0.kind {
+        if let RegionKind::Alias { target } = mr.kind() {
             if !self.alias_queue.iter().any(|m| m == target) {
                 self.alias_queue.push(target.clone());
             }
@@ -97,7 +97,7 @@ impl Printer<'_> {
         let mut queue: Vec<(u64, i32, MemoryRegion)> = Vec::with_capacity(subs.len());
         for s in subs {
             let (a, p) = {
-                let st = s.0.state.lock();
+                let st = s.state();
                 (st.addr, st.priority)
             };
             let pos = queue.iter().position(|(qa, qp, _)| a < *qa || (a == *qa && p > *qp)).unwrap_or(queue.len());

@@ -2,10 +2,10 @@
 //! result is that of some serial order, generations strictly increase, and
 //! no reader ever sees half of a transaction.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use topos_runtime::{MemoryListener, MemoryRegion, Topology};
+use topos_runtime::{ListenerResult, MemoryListener, MemoryRegion, Topology};
 
 const THREADS: usize = 4;
 const TXNS: u64 = 150;
@@ -22,11 +22,12 @@ thread_local! {
 struct CommitLog(Mutex<Vec<(usize, u64, u64)>>, Mutex<Option<Topology>>);
 
 impl MemoryListener for CommitLog {
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         let gen = self.1.lock().unwrap().as_ref().map(|t| t.generation()).unwrap_or(0);
         if let Some((t, k)) = CURRENT.with(|c| c.get()) {
             self.0.lock().unwrap().push((t, k, gen));
         }
+        Ok(())
     }
 }
 
@@ -146,28 +147,32 @@ fn snapshot_generation_is_monotonic_and_consistent() {
     let r = topo.new_ram("r", 0x1000).unwrap();
     root.add_subregion(0, &r).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let snapshots = Arc::new(AtomicU64::new(0));
     let reader = {
         let topo = topo.clone();
         let stop = stop.clone();
+        let snapshots = snapshots.clone();
         thread::spawn(move || {
             let mut last = 0;
-            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let s = topo.snapshot();
                 assert!(s.generation >= last);
                 last = s.generation;
                 let (_, view) = &s.spaces[0];
                 assert_eq!(view.ranges().len(), 1);
-                n += 1;
+                snapshots.fetch_add(1, Ordering::Relaxed);
             }
-            n
         })
     };
-    for i in 0..200u64 {
+    // Commit until the reader has taken snapshots while commits were going
+    // on (at least 200 commits either way; no timing involved).
+    let mut i = 0u64;
+    while i < 200 || snapshots.load(Ordering::Relaxed) < 20 {
         r.set_address((i % 15) * 0x1000).unwrap();
+        i += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    assert!(reader.join().unwrap() > 0);
+    reader.join().unwrap();
     assert_eq!(topo.snapshot().generation, topo.generation());
-    assert_eq!(asp.view().ranges()[0].start(), (199 % 15) * 0x1000);
+    assert_eq!(asp.view().ranges()[0].start(), ((i - 1) % 15) * 0x1000);
 }

@@ -16,9 +16,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use topos_runtime::{
-    new_event_notifier, AddressSpace, DirtyClient, Endianness, EventNotifier, HwAddr, ImplConstraints, MemTxResult,
-    MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection, MmioTable, Observed, OpsConfig, PortioEntry,
-    PortioTable, Topology, ValidConstraints, DEFAULT_BOUNCE_BUDGET, PAGE_SIZE,
+    new_event_notifier, AddressSpace, DirtyClient, Endianness, EventNotifier, FlushHook, HwAddr, ImplConstraints,
+    ListenerResult, MemTxResult, MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection, MmioTable,
+    Observed, OpsConfig, PortioEntry, PortioTable, Topology, ValidConstraints, DEFAULT_BOUNCE_BUDGET, PAGE_SIZE,
 };
 
 // ---------------------------------------------------------------------------
@@ -51,47 +51,61 @@ impl Rec {
 }
 
 impl MemoryListener for Rec {
-    fn begin(&self) {
+    fn begin(&self) -> ListenerResult {
         self.push("begin".into());
+        Ok(())
     }
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         self.push("commit".into());
+        Ok(())
     }
-    fn region_add(&self, s: &MemoryRegionSection) {
+    fn region_add(&self, s: &MemoryRegionSection) -> ListenerResult {
         self.push(format!("region_add {}", fmt_sec(s)));
+        Ok(())
     }
-    fn region_del(&self, s: &MemoryRegionSection) {
+    fn region_del(&self, s: &MemoryRegionSection) -> ListenerResult {
         self.push(format!("region_del {}", fmt_sec(s)));
+        Ok(())
     }
-    fn region_nop(&self, s: &MemoryRegionSection) {
+    fn region_nop(&self, s: &MemoryRegionSection) -> ListenerResult {
         self.push(format!("region_nop {}", fmt_sec(s)));
+        Ok(())
     }
-    fn log_start(&self, s: &MemoryRegionSection, old: u8, new: u8) {
+    fn log_start(&self, s: &MemoryRegionSection, old: u8, new: u8) -> ListenerResult {
         self.push(format!("log_start {} {old}->{new}", fmt_sec(s)));
+        Ok(())
     }
-    fn log_stop(&self, s: &MemoryRegionSection, old: u8, new: u8) {
+    fn log_stop(&self, s: &MemoryRegionSection, old: u8, new: u8) -> ListenerResult {
         self.push(format!("log_stop {} {old}->{new}", fmt_sec(s)));
+        Ok(())
     }
-    fn log_sync(&self, s: &MemoryRegionSection) {
+    fn log_sync(&self, s: &MemoryRegionSection) -> ListenerResult {
         self.push(format!("log_sync {}", fmt_sec(s)));
+        Ok(())
     }
-    fn log_global_start(&self) {
+    fn log_global_start(&self) -> ListenerResult {
         self.push("log_global_start".into());
+        Ok(())
     }
-    fn log_global_stop(&self) {
+    fn log_global_stop(&self) -> ListenerResult {
         self.push("log_global_stop".into());
+        Ok(())
     }
-    fn eventfd_add(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) {
+    fn eventfd_add(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) -> ListenerResult {
         self.push(format!("eventfd_add {} match={match_data} data={data:#x}", fmt_sec(s)));
+        Ok(())
     }
-    fn eventfd_del(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) {
+    fn eventfd_del(&self, s: &MemoryRegionSection, match_data: bool, data: u64, _e: &EventNotifier) -> ListenerResult {
         self.push(format!("eventfd_del {} match={match_data} data={data:#x}", fmt_sec(s)));
+        Ok(())
     }
-    fn coalesced_mmio_add(&self, s: &MemoryRegionSection, addr: HwAddr, len: u64) {
+    fn coalesced_mmio_add(&self, s: &MemoryRegionSection, addr: HwAddr, len: u64) -> ListenerResult {
         self.push(format!("coalesced_add {} @{addr:#x}+{len:#x}", fmt_sec(s)));
+        Ok(())
     }
-    fn coalesced_mmio_del(&self, s: &MemoryRegionSection, addr: HwAddr, len: u64) {
+    fn coalesced_mmio_del(&self, s: &MemoryRegionSection, addr: HwAddr, len: u64) -> ListenerResult {
         self.push(format!("coalesced_del {} @{addr:#x}+{len:#x}", fmt_sec(s)));
+        Ok(())
     }
 }
 
@@ -845,9 +859,10 @@ fn flush_hook_runs_at_begin_and_before_flushing_regions() {
     flushing.set_flush_coalesced().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
-    fx.topo.set_coalesced_flush_hook(Some(Arc::new(move || {
+    let hook: FlushHook = Arc::new(move || {
         c.fetch_add(1, Ordering::SeqCst);
-    })));
+    });
+    fx.topo.set_coalesced_flush_hook(Some(&hook));
     let n = || count.load(Ordering::SeqCst);
 
     // Every begin flushes (QEMU flushes in each begin, nested or not);

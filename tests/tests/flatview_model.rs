@@ -22,8 +22,8 @@ use proptest::test_runner::TestCaseError;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use topos_runtime::{
-    AddressSpace, FlatView, HwAddr, MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection, OpsConfig,
-    RegionId, Topology,
+    AddressSpace, FlatView, HwAddr, ListenerResult, MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection,
+    OpsConfig, RegionId, Topology,
 };
 
 /// Every size, address and offset is a multiple of this, so every boundary
@@ -101,7 +101,7 @@ impl MemoryListener for Recorder {
         !self.1
     }
 
-    fn begin(&self) {
+    fn begin(&self) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
         if st.in_commit {
             st.errors.push("begin inside begin/commit".into());
@@ -110,22 +110,24 @@ impl MemoryListener for Recorder {
         st.adding = false;
         st.last_del = None;
         st.last_add = None;
+        Ok(())
     }
 
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
         if !st.in_commit {
             st.errors.push("commit without begin".into());
         }
         st.in_commit = false;
+        Ok(())
     }
 
-    fn region_add(&self, s: &MemoryRegionSection) {
+    fn region_add(&self, s: &MemoryRegionSection) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
         let start = s.offset_within_address_space;
         let Some(e) = section_entry(s) else {
             st.errors.push(format!("region_add at {start:#x} without a region"));
-            return;
+            return Ok(());
         };
         if !st.in_commit {
             st.errors.push(format!("region_add at {start:#x} outside begin/commit"));
@@ -150,14 +152,15 @@ impl MemoryListener for Recorder {
             }
         }
         st.map.insert(start, e);
+        Ok(())
     }
 
-    fn region_del(&self, s: &MemoryRegionSection) {
+    fn region_del(&self, s: &MemoryRegionSection) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
         let start = s.offset_within_address_space;
         let Some(e) = section_entry(s) else {
             st.errors.push(format!("region_del at {start:#x} without a region"));
-            return;
+            return Ok(());
         };
         if !st.in_commit {
             st.errors.push(format!("region_del at {start:#x} outside begin/commit"));
@@ -179,6 +182,7 @@ impl MemoryListener for Recorder {
                 st.errors.push(msg);
             }
         }
+        Ok(())
     }
 }
 

@@ -10,8 +10,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use topos_runtime::{
-    new_event_notifier, AddressSpace, DirtyClient, Error, EventNotifier, HwAddr, ImplConstraints, MemoryListener,
-    MemoryRegion, MemoryRegionOps, MemoryRegionSection, OpsConfig, Result, Topology, ValidConstraints, SIZE_MAX,
+    new_event_notifier, AddressSpace, DirtyClient, Error, EventNotifier, HwAddr, ImplConstraints, ListenerResult,
+    MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection, OpsConfig, Result, Topology, ValidConstraints,
+    SIZE_MAX,
 };
 
 /// A device that does nothing.
@@ -38,47 +39,61 @@ impl Counter {
 }
 
 impl MemoryListener for Counter {
-    fn begin(&self) {
-        self.hit()
+    fn begin(&self) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn commit(&self) {
-        self.hit()
+    fn commit(&self) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn region_add(&self, _: &MemoryRegionSection) {
-        self.hit()
+    fn region_add(&self, _: &MemoryRegionSection) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn region_del(&self, _: &MemoryRegionSection) {
-        self.hit()
+    fn region_del(&self, _: &MemoryRegionSection) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn region_nop(&self, _: &MemoryRegionSection) {
-        self.hit()
+    fn region_nop(&self, _: &MemoryRegionSection) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn log_start(&self, _: &MemoryRegionSection, _: u8, _: u8) {
-        self.hit()
+    fn log_start(&self, _: &MemoryRegionSection, _: u8, _: u8) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn log_stop(&self, _: &MemoryRegionSection, _: u8, _: u8) {
-        self.hit()
+    fn log_stop(&self, _: &MemoryRegionSection, _: u8, _: u8) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn log_sync(&self, _: &MemoryRegionSection) {
-        self.hit()
+    fn log_sync(&self, _: &MemoryRegionSection) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn log_global_start(&self) {
-        self.hit()
+    fn log_global_start(&self) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn log_global_stop(&self) {
-        self.hit()
+    fn log_global_stop(&self) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn eventfd_add(&self, _: &MemoryRegionSection, _: bool, _: u64, _: &EventNotifier) {
-        self.hit()
+    fn eventfd_add(&self, _: &MemoryRegionSection, _: bool, _: u64, _: &EventNotifier) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn eventfd_del(&self, _: &MemoryRegionSection, _: bool, _: u64, _: &EventNotifier) {
-        self.hit()
+    fn eventfd_del(&self, _: &MemoryRegionSection, _: bool, _: u64, _: &EventNotifier) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn coalesced_mmio_add(&self, _: &MemoryRegionSection, _: HwAddr, _: u64) {
-        self.hit()
+    fn coalesced_mmio_add(&self, _: &MemoryRegionSection, _: HwAddr, _: u64) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
-    fn coalesced_mmio_del(&self, _: &MemoryRegionSection, _: HwAddr, _: u64) {
-        self.hit()
+    fn coalesced_mmio_del(&self, _: &MemoryRegionSection, _: HwAddr, _: u64) -> ListenerResult {
+        self.hit();
+        Ok(())
     }
 }
 
@@ -547,9 +562,9 @@ struct Meddler {
 }
 
 impl MemoryListener for Meddler {
-    fn region_add(&self, s: &MemoryRegionSection) {
+    fn region_add(&self, s: &MemoryRegionSection) -> ListenerResult {
         if s.mr.as_ref().map(MemoryRegion::name) != Some("trigger") {
-            return;
+            return Ok(());
         }
         let n = new_event_notifier().unwrap();
         let tries: Vec<(&'static str, Result<()>)> = vec![
@@ -570,9 +585,11 @@ impl MemoryListener for Meddler {
             ("sync_dirty_bitmap", self.topo.sync_dirty_bitmap(&self.victim)),
         ];
         self.results.lock().unwrap().extend(tries);
+        Ok(())
     }
-    fn commit(&self) {
+    fn commit(&self) -> ListenerResult {
         self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 

@@ -1,0 +1,157 @@
+//! The per-vCPU access path: an [`Accessor`] keeps the view it last used and
+//! the range it last hit, and revalidates both with one atomic load.
+
+use crate::address_space::{AddressSpace, AsInner};
+use crate::dispatch::{access_in_range, rw_view_from, Buf};
+use crate::flatview::{FlatRange, FlatView, Pos};
+use crate::sync::Arc;
+use crate::types::{HwAddr, MemTxResult};
+
+/// A per-thread (per-vCPU) access path with a cache: it keeps the view it
+/// last used and the range it last hit, and revalidates both with a single
+/// atomic load per access ([`AddressSpace::generation`]). Repeated accesses
+/// to the same range skip the lookup entirely.
+///
+/// The cached view stays alive (with its regions and devices) until the next
+/// access that finds a newer one, [`refresh`](Self::refresh) or
+/// [`release`](Self::release); a vCPU that goes idle should release it.
+pub struct Accessor {
+    asp: Arc<AsInner>,
+    view: Arc<FlatView>,
+    /// The address space's publication generation `view` was loaded at
+    /// (`u64::MAX` after `release`).
+    gen: u64,
+    last: Option<Pos>,
+}
+
+impl std::fmt::Debug for Accessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accessor").field("address_space", &self.asp.name()).field("gen", &self.gen).finish()
+    }
+}
+
+impl AddressSpace {
+    /// A per-thread access path with a view and range cache (see
+    /// [`Accessor`]).
+    pub fn accessor(&self) -> Accessor {
+        let mut a =
+            Accessor { asp: self.inner().clone(), view: Arc::new(FlatView::empty()), gen: u64::MAX, last: None };
+        a.refresh();
+        a
+    }
+}
+
+impl Accessor {
+    /// Makes the cache current: one load, and a reload of the view if a
+    /// commit published a new one.
+    #[inline]
+    pub fn refresh(&mut self) -> &Arc<FlatView> {
+        // The generation first (Acquire), then the view: the view is at
+        // least as new as the generation recorded with it.
+        let g = self.asp.generation();
+        if g != self.gen {
+            self.view = self.asp.view_full();
+            self.gen = g;
+            self.last = None;
+        }
+        &self.view
+    }
+
+    /// Whether the cached view is still the address space's (one load).
+    /// Anything derived from it — a software TLB filled by
+    /// [`translate`](Self::translate) — is valid exactly while this holds.
+    #[inline]
+    pub fn is_current(&self) -> bool {
+        self.asp.generation() == self.gen
+    }
+
+    /// The address space's publication generation of the cached view
+    /// ([`AddressSpace::generation`] when it was loaded).
+    pub fn generation(&self) -> u64 {
+        self.gen
+    }
+
+    /// The cached view (as of the last access or refresh).
+    pub fn view(&self) -> &Arc<FlatView> {
+        &self.view
+    }
+
+    /// The address space.
+    pub fn address_space(&self) -> AddressSpace {
+        AddressSpace::from_inner(self.asp.clone())
+    }
+
+    /// The range containing `addr`, through the cache.
+    #[inline]
+    pub fn lookup(&mut self, addr: HwAddr) -> Option<&FlatRange> {
+        self.refresh();
+        if let Some(r) = self.last.and_then(|p| self.view.get(p)) {
+            if r.contains(addr) {
+                return self.last.and_then(|p| self.view.get(p));
+            }
+        }
+        let p = self.view.lookup_pos(addr)?;
+        self.last = Some(p);
+        self.view.get(p)
+    }
+
+    /// Like [`AddressSpace::read`], through the cache.
+    #[inline]
+    pub fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
+        self.access(addr, Buf::Read(buf))
+    }
+
+    /// Like [`AddressSpace::write`], through the cache.
+    #[inline]
+    pub fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
+        self.access(addr, Buf::Write(buf))
+    }
+
+    /// The first step through the cached range, the rest (if the access
+    /// leaves it) through the view.
+    #[inline]
+    fn access(&mut self, addr: HwAddr, mut buf: Buf<'_>) -> MemTxResult {
+        if buf.len() == 0 {
+            return MemTxResult::Ok;
+        }
+        self.refresh();
+        let (view, shared) = (&self.view, self.asp.shared());
+        let cached = self.last.filter(|p| view.get(*p).is_some_and(|r| r.contains(addr)));
+        let Some(pos) = cached.or_else(|| view.lookup_pos(addr)) else {
+            return rw_view_from(shared, view, addr, buf, 0);
+        };
+        self.last = Some(pos);
+        let Some(fr) = view.get(pos) else {
+            return rw_view_from(shared, view, addr, buf, 0);
+        };
+        let (n, r) = access_in_range(shared, fr, addr, &mut buf, 0);
+        if n >= buf.len() {
+            return r;
+        }
+        r.combine(rw_view_from(shared, view, addr, buf, n))
+    }
+
+    /// Reads a little-endian value of 1, 2, 4 or 8 bytes; other sizes are
+    /// cut to 8 bytes, and 0 reads nothing.
+    #[inline]
+    pub fn read_u64(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        let mut b = [0u8; 8];
+        let n = (size as usize).min(8);
+        let r = self.read(addr, &mut b[..n]);
+        (u64::from_le_bytes(b), r)
+    }
+
+    /// Writes a little-endian value of 1, 2, 4 or 8 bytes.
+    #[inline]
+    pub fn write_u64(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        let n = (size as usize).min(8);
+        self.write(addr, &value.to_le_bytes()[..n])
+    }
+
+    /// Drops the cached view (it is reloaded on the next access).
+    pub fn release(&mut self) {
+        self.view = Arc::new(FlatView::empty());
+        self.gen = u64::MAX;
+        self.last = None;
+    }
+}
