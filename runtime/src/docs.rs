@@ -47,9 +47,76 @@
 //! # Ok::<(), Error>(())
 //! ```
 //!
-//! * **Listeners** run synchronously, on the committing thread, before the
-//!   new view is published; see [`MemoryListener`](crate::MemoryListener) for the order.
-//!   Asynchronous observers use [`Topology::subscribe`](crate::Topology::subscribe).
+//! * **Listeners** run synchronously, on the committing thread: region
+//!   callbacks before the new view is published, ioeventfd callbacks and
+//!   `commit` after; see [`MemoryListener`](crate::MemoryListener) for the
+//!   order and for what happens when one fails. Asynchronous observers use
+//!   [`Topology::subscribe`](crate::Topology::subscribe).
+//! * **Generations.** Each commit that changes something gets the next
+//!   [generation](crate::Topology::generation); it moves once the commit's
+//!   views are all published, so it never runs ahead of what readers see.
+//!   Each [`FlatView`](crate::FlatView) carries the generation that rendered
+//!   it, and each address space the generation of its last publication
+//!   ([`AddressSpace::generation`](crate::AddressSpace::generation)): one
+//!   load tells a per-vCPU cache whether it is current.
+//! * **Device turns.** A thread that holds a device actor's turn never
+//!   waits for the topology; see [`turns`](crate::turns).
+//!
+//! # A newcomer's map
+//!
+//! Where each concept of QEMU's `memory.h` lives (all under `runtime/src/`):
+//!
+//! | concept | file |
+//! | --- | --- |
+//! | `MemoryRegion`: the node, its kinds and queries | `region/mod.rs` |
+//! | `add_subregion`, `del_subregion`, `set_address`, `set_enabled`, `destroy` | `region/tree.rs` |
+//! | `set_readonly`, `set_alias_offset`, `rom_device_set_readable`, `set_log` | `region/attributes.rs` |
+//! | `memory_region_init_*`, `memory_map_init` (the handle and constructors) | `topology.rs` |
+//! | `memory_region_transaction_begin` / `_commit` (the turn, the recorded intent) | `transaction.rs` |
+//! | the commit: render, diff, listeners, publish, ioeventfds, broadcast | `commit.rs` |
+//! | `render_memory_region`, `memory_region_get_flatview_root` | `render.rs` |
+//! | which windows a change damages; one render cache per physical root | `damage.rs` |
+//! | `FlatView`, `FlatRange`, lookup, splicing | `flatview.rs` |
+//! | `address_space_update_topology_pass` (the range diff) | `diff.rs` |
+//! | `MemoryListener`, registration, failure policy | `listener.rs` |
+//! | faults (failed listeners, abandoned transactions) | `fault.rs` |
+//! | commit diffs for observers, snapshots | `broadcast.rs` |
+//! | `AddressSpace`, `address_space_init` / `_destroy` | `address_space.rs` |
+//! | `address_space_rw`, `memory_region_dispatch_*` | `dispatch.rs` |
+//! | the per-vCPU access cache | `accessor.rs` |
+//! | page translation for software TLBs | `translate.rs` |
+//! | self-modifying-code watch | `code_watch.rs` |
+//! | `address_space_map` / `_unmap`, bounce buffers, map clients | `map.rs` |
+//! | `memory_region_find` | `find.rs` |
+//! | `MemoryRegionOps`, access legalisation | `ops.rs` (old-style tables: `ops_tables.rs`) |
+//! | `memory_region_add_eventfd` and the address-space ioeventfd sets | `ioeventfd.rs` |
+//! | coalesced MMIO and the flush hook's callers | `coalesced.rs` |
+//! | dirty bitmaps | `dirty.rs`; their API and global logging: `dirty_log.rs` |
+//! | RAM blocks (the crate's `unsafe`) | `ram.rs` |
+//! | `mtree_info` | `mtree.rs` |
+//! | the loom/std primitives | `sync.rs`; device turns and deferral: `turns.rs` |
+//!
+//! **A guest access, top to bottom.** [`AddressSpace::read`](crate::AddressSpace::read)
+//! (or an [`Accessor`](crate::Accessor), which first revalidates its cached
+//! view with one load) loads the published `FlatView` once (`address_space.rs`);
+//! `dispatch.rs` walks the access range by range: RAM is copied directly from
+//! the `RamBlock` (`ram.rs`) and its pages marked dirty and code-watch
+//! checked (`dirty_log.rs`); MMIO is cut to legal sizes (`ops.rs`), checked
+//! against ioeventfds (`ioeventfd.rs`) and the coalesced flush flag
+//! (`coalesced.rs`), and handed to the region's `MemoryRegionOps` — for a
+//! device model, the actor harness of `topos-devices`; a hole reads 0 with
+//! `DecodeError`. Nothing on this path takes a lock.
+//!
+//! **A commit, top to bottom.** A mutator (`region/`, `ioeventfd.rs`,
+//! `coalesced.rs`, `dirty_log.rs`) takes the topology's turn
+//! (`transaction.rs`), changes the tree and records its intent; the
+//! outermost commit (`commit.rs`) then, in one direction: reports coalescing
+//! changes; turns the damage into windows and renders them (`damage.rs`,
+//! `render.rs`, `flatview.rs`); per address space, diffs old and new views
+//! and calls the listeners (`diff.rs`, `listener.rs`), publishes the view,
+//! and updates the ioeventfds (`ioeventfd.rs`); moves the generation and
+//! calls `commit`; broadcasts the diff (`broadcast.rs`); and finally returns
+//! any listener failure (`fault.rs`).
 //!
 //! # QEMU names
 //!

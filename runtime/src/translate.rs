@@ -1,25 +1,6 @@
 //! Page translation for software TLBs: what a guest-physical page is, for an
 //! interpreter that caches page → host pointer and revalidates with one
 //! load.
-//!
-//! ```
-//! use topos_runtime::{PageTarget, Topology};
-//! # fn main() -> topos_runtime::Result<()> {
-//! let topo = Topology::new();
-//! let s = topo.standard_spaces()?;
-//! s.system.add_subregion(0, &topo.new_ram("ram", 0x10000)?)?;
-//! let mut acc = s.memory.accessor();
-//! let t = acc.translate(0x2345);
-//! assert_eq!(t.page(), 0x2000);
-//! let PageTarget::Ram(page) = t.target() else { panic!("RAM expected") };
-//! assert!(page.is_writable());
-//! // A TLB keeps `page` while the accessor's view is current...
-//! assert!(acc.is_current());
-//! // ...and flushes when a commit publishes a new one.
-//! s.system.add_subregion(0x100000, &topo.new_ram("more", 0x1000)?)?;
-//! assert!(!acc.is_current());
-//! # Ok(()) }
-//! ```
 
 use crate::accessor::Accessor;
 use crate::dispatch::{direct_read, direct_write};
@@ -133,6 +114,25 @@ impl RamPage {
 impl Accessor {
     /// Translates the page holding `addr` in the accessor's current view
     /// (refreshing it first). See [`PageTarget`] for the cases.
+    ///
+    /// ```
+    /// use topos_runtime::{PageTarget, Topology};
+    /// # fn main() -> topos_runtime::Result<()> {
+    /// let topo = Topology::new();
+    /// let s = topo.standard_spaces()?;
+    /// s.system.add_subregion(0, &topo.new_ram("ram", 0x10000)?)?;
+    /// let mut acc = s.memory.accessor();
+    /// let t = acc.translate(0x2345);
+    /// assert_eq!(t.page(), 0x2000);
+    /// let PageTarget::Ram(page) = t.target() else { panic!("RAM expected") };
+    /// assert!(page.is_writable());
+    /// // A TLB keeps `page` while the accessor's view is current...
+    /// assert!(acc.is_current());
+    /// // ...and flushes when a commit publishes a new one.
+    /// s.system.add_subregion(0x100000, &topo.new_ram("more", 0x1000)?)?;
+    /// assert!(!acc.is_current());
+    /// # Ok(()) }
+    /// ```
     pub fn translate(&mut self, addr: HwAddr) -> PageTranslation {
         let view = self.refresh().clone();
         let generation = self.generation();
