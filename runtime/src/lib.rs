@@ -82,6 +82,7 @@ pub use types::{DirtyClient, Endianness, HwAddr, MemTxResult, PAGE_SHIFT, PAGE_S
 #[cfg(test)]
 mod send_sync {
     fn is_send_sync<T: Send + Sync>() {}
+    fn is_send<T: Send>() {}
     #[test]
     fn handles_are_send_and_sync() {
         is_send_sync::<super::Topology>();
@@ -89,5 +90,9 @@ mod send_sync {
         is_send_sync::<super::MemoryRegion>();
         is_send_sync::<super::FlatView>();
         is_send_sync::<super::Mapping>();
+        is_send_sync::<super::PageTranslation>();
+        is_send_sync::<super::CodeWatch>();
+        is_send_sync::<super::Fault>();
+        is_send::<super::Accessor>();
     }
 }
