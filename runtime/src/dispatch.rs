@@ -70,7 +70,7 @@ pub(crate) fn region_write(shared: &TopoShared, mr: &MemoryRegion, addr: HwAddr,
             if !ops.access_valid(addr, size, true) {
                 return MemTxResult::DecodeError;
             }
-            if mr.eventfd_state().signal(mr.name(), addr, size, ops.to_device_order(value, size)) {
+            if mr.eventfd_state().signal(mr.name(), addr, size, || ops.to_device_order(value, size)) {
                 return MemTxResult::Ok;
             }
             ops.dispatch_write(addr, value, size)

@@ -128,13 +128,14 @@ impl RegionEventfds {
     }
 
     /// The software ioeventfd path of a write of `size` bytes at `addr`
-    /// whose value, in the device's byte order, is `dev_value`: signals the
-    /// first matching eventfd and returns true, or returns false.
+    /// whose value, in the device's byte order, is `dev_value()`: signals
+    /// the first matching eventfd and returns true, or returns false.
     #[inline]
-    pub(crate) fn signal(&self, region: &str, addr: HwAddr, size: u32, dev_value: u64) -> bool {
+    pub(crate) fn signal(&self, region: &str, addr: HwAddr, size: u32, dev_value: impl FnOnce() -> u64) -> bool {
         if !self.present.load(Ordering::Acquire) {
             return false;
         }
+        let dev_value = dev_value();
         let fds = self.published.load();
         for fd in fds.iter() {
             if fd.addr == addr && (fd.size == size as u64 || fd.size == 0) && (!fd.match_data || fd.data == dev_value) {
