@@ -28,6 +28,7 @@ pub mod dirty;
 pub mod docs;
 pub mod error;
 pub mod flatview;
+pub mod guest_atomic;
 pub mod listener;
 pub mod mtree;
 pub mod ops;
@@ -41,6 +42,7 @@ pub mod types;
 pub use address_space::{Accessor, AddressSpace, MapClientId, Mapping, DEFAULT_BOUNCE_BUDGET};
 pub use error::{Error, Result};
 pub use flatview::{live_views, FlatRange, FlatView};
+pub use guest_atomic::AtomicRmw;
 pub use listener::{
     CommitDiff, DiffSubscriber, EventfdRecord, ListenerId, MemoryListener, MemoryRegionSection, Observed, RangeRecord,
     Snapshot, SpaceDiff,

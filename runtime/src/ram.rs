@@ -1,14 +1,107 @@
 //! Host memory behind RAM regions, and their dirty bitmaps.
 //!
-//! This module and `RamSlice` hold the runtime's `unsafe`: guest RAM is
-//! memory shared with the guest and with every vCPU thread, so it is only
-//! ever touched through raw-pointer copies and atomics, never through Rust
-//! references to its bytes.
+//! This module holds the runtime's `unsafe`: guest RAM is memory shared with
+//! the guest and with every vCPU thread, so it is only ever touched through
+//! atomic accesses, never through Rust references to its bytes.
+//!
+//! # Memory model of guest RAM
+//!
+//! Every path that reads or writes guest RAM through the runtime
+//! ([`AddressSpace`](crate::AddressSpace), [`Accessor`](crate::Accessor),
+//! [`Mapping`](crate::Mapping), [`RamSlice`], dirty-logged writes, device
+//! DMA, the guest atomics of [`guest_atomic`](crate::guest_atomic)) ends in
+//! this module, which touches guest bytes only with the host's atomic loads
+//! and stores (`AtomicU8`/`16`/`32`/`64`). So:
+//!
+//! * **No data race.** Any number of threads may read and write the same
+//!   guest bytes at once; the outcome is some interleaving of their pieces,
+//!   never undefined behaviour in the runtime.
+//! * **Single-copy atomicity.** An access of 1, 2, 4 or 8 bytes whose *host*
+//!   address is a multiple of its size is one atomic load or store of that
+//!   width: a concurrent reader sees the old or the new value, never a mix
+//!   (x86's rule for aligned accesses). RAM the runtime allocates is page
+//!   aligned, so for RAM mapped at an 8-aligned guest address (and aliases at
+//!   8-aligned offsets), host and guest alignment agree. RAM from
+//!   [`Topology::new_ram_from_ptr`](crate::Topology::new_ram_from_ptr) keeps
+//!   the alignment of the pointer it was given.
+//! * **Longer or misaligned copies** are split into naturally aligned pieces
+//!   of 1, 2, 4 and 8 bytes (rising to the first 8-byte boundary, whole words,
+//!   then falling), each one atomic access. Every naturally aligned 1-, 2-,
+//!   4- or 8-byte unit that lies wholly inside a copy is moved by a single
+//!   access at least that wide, so it cannot tear either. A copy as a whole
+//!   is not atomic: another thread may see some of its words new and others
+//!   old, in any order (as with x86's `rep movs`). A misaligned access (a
+//!   4-byte value at an odd address, say) may tear between its pieces, as
+//!   it may on x86 when it crosses a cache line.
+//! * **Ordering.** Loads are `Acquire` and stores `Release`: on x86 hosts
+//!   they are plain moves (free), on weaker hosts they keep a guest's
+//!   message passing (store data, then store a flag) in order, close to
+//!   x86-TSO. Read-modify-write atomics are `SeqCst`, like `lock`ed x86
+//!   instructions.
+//!
+//! What this does **not** cover: the guest itself (KVM vCPUs write RAM
+//! behind the compiler's back; that is the hardware's memory model), and
+//! memory reached through raw pointers the runtime hands out
+//! ([`MemoryRegion::ram_ptr`](crate::MemoryRegion::ram_ptr),
+//! [`RamSlice::as_ptr`], [`Mapping::as_ptr`](crate::Mapping::as_ptr)),
+//! whose users must use atomics (or volatile accesses) themselves. One
+//! honest caveat: Rust's abstract machine (like C++'s) leaves *racing
+//! atomic accesses of different sizes to overlapping bytes* undefined, and
+//! guest memory is inherently accessed with mixed sizes (a byte store racing
+//! a 4-byte load). Every host this runs on defines them (each atomic here is
+//! one plain load, store or locked instruction on memory the compiler knows
+//! nothing about); this is the same footing as every VMM's guest memory.
 
 use crate::dirty::DirtyBitmaps;
 use crate::error::{Error, Result};
+use crate::guest_atomic::AtomicRmw;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+/// An atomic of width `$a` (value type `$t`) at `$p`, which the caller has
+/// proven aligned and inside a live block.
+macro_rules! atomic_at {
+    ($a:ty, $p:expr) => {
+        // SAFETY: guaranteed by the macro's callers (see each call site).
+        unsafe { <$a>::from_ptr(($p).cast()) }
+    };
+}
+
+/// `op` on the aligned atomic at `$p`, on a little-endian host.
+macro_rules! native_rmw {
+    ($a:ty, $t:ty, $p:expr, $op:expr) => {{
+        let a = atomic_at!($a, $p);
+        let o = Ordering::SeqCst;
+        (match $op {
+            AtomicRmw::Xchg(v) => a.swap(v as $t, o),
+            AtomicRmw::Add(v) => a.fetch_add(v as $t, o),
+            AtomicRmw::Sub(v) => a.fetch_sub(v as $t, o),
+            AtomicRmw::And(v) => a.fetch_and(v as $t, o),
+            AtomicRmw::Or(v) => a.fetch_or(v as $t, o),
+            AtomicRmw::Xor(v) => a.fetch_xor(v as $t, o),
+        }) as u64
+    }};
+}
+
+/// Compare-exchange on the aligned atomic at `$p` (little-endian values).
+macro_rules! native_cas {
+    ($a:ty, $t:ty, $p:expr, $cur:expr, $new:expr) => {{
+        let a = atomic_at!($a, $p);
+        a.compare_exchange(($cur as $t).to_le(), ($new as $t).to_le(), Ordering::SeqCst, Ordering::SeqCst)
+            .map(|v| <$t>::from_le(v) as u64)
+            .map_err(|v| <$t>::from_le(v) as u64)
+    }};
+}
+
+/// `fetch_update` on the aligned atomic at `$p` (little-endian values).
+macro_rules! native_update {
+    ($a:ty, $t:ty, $p:expr, $f:expr) => {{
+        let a = atomic_at!($a, $p);
+        a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| $f(<$t>::from_le(v) as u64).map(|n| (n as $t).to_le()))
+            .map(|v| <$t>::from_le(v) as u64)
+            .map_err(|v| <$t>::from_le(v) as u64)
+    }};
+}
 
 /// Where the bytes of a RAM block come from.
 #[derive(Debug)]
@@ -32,7 +125,7 @@ pub(crate) struct RamBlock {
 
 // SAFETY: the block owns (or, for foreign memory, was promised exclusive
 // use of) `len` bytes at `ptr` for its whole life; the bytes are only accessed
-// through raw copies and atomics, which are valid from any thread.
+// through atomics, which are valid from any thread.
 unsafe impl Send for RamBlock {}
 // SAFETY: see `Send`: no `&`/`&mut` to guest bytes is ever created.
 unsafe impl Sync for RamBlock {}
@@ -100,15 +193,16 @@ impl RamBlock {
         self.ptr
     }
 
-    /// Copies `buf.len()` bytes from offset `off`. The caller has checked the
-    /// range against [`len`](Self::len).
+    /// Copies `buf.len()` bytes from offset `off` (see the module
+    /// documentation for what is atomic). The caller has checked the range
+    /// against [`len`](Self::len).
     #[inline]
     pub(crate) fn read_at(&self, off: u64, buf: &mut [u8]) {
         debug_assert!(off as u128 + buf.len() as u128 <= self.len as u128);
-        // SAFETY: `off + buf.len() <= len` (checked by every caller), the
-        // block is alive for `&self`, and `buf` cannot overlap guest RAM
-        // because no Rust reference to guest RAM is ever handed out.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off as usize), buf.as_mut_ptr(), buf.len()) }
+        // SAFETY: `off + buf.len() <= len` (checked by every caller), so the
+        // bytes lie in the block, which is alive for `&self`; they are only
+        // ever accessed atomically (no Rust reference to guest RAM exists).
+        unsafe { load(self.at(off), buf) }
     }
 
     /// Copies `buf` to offset `off`. The caller has checked the range.
@@ -116,8 +210,246 @@ impl RamBlock {
     pub(crate) fn write_at(&self, off: u64, buf: &[u8]) {
         debug_assert!(off as u128 + buf.len() as u128 <= self.len as u128);
         // SAFETY: as in `read_at`.
-        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(off as usize), buf.len()) }
+        unsafe { store(self.at(off), buf) }
     }
+
+    /// The host address of byte `off` (not dereferenced here).
+    #[inline]
+    fn at(&self, off: u64) -> *mut u8 {
+        self.ptr.as_ptr().wrapping_add(off as usize)
+    }
+
+    /// How an atomic read-modify-write of `size` bytes at `off` is done on
+    /// this host. The caller has checked the range and that `size` is 1, 2,
+    /// 4 or 8.
+    pub(crate) fn atomic_site(&self, off: u64, size: u32) -> AtomicSite {
+        let h = self.at(off) as usize;
+        let size = size as usize;
+        if h % size == 0 {
+            return AtomicSite::Native;
+        }
+        let word = h & !7;
+        let base = self.ptr.as_ptr() as usize;
+        // The containing word must belong to the block: a CAS writes all of
+        // its 8 bytes (back), and foreign memory may end mid-word.
+        let in_word = word == (h + size - 1) & !7 && word >= base && word + 8 <= base + self.len as usize;
+        if in_word {
+            AtomicSite::InWord
+        } else {
+            AtomicSite::Split
+        }
+    }
+
+    /// Atomically applies `op` to the `size` bytes at `off` (a little-endian
+    /// value) and returns the old value; `None` (and nothing done) for a
+    /// [`Split`](AtomicSite::Split) site.
+    #[inline]
+    pub(crate) fn atomic_rmw(&self, off: u64, size: u32, op: AtomicRmw) -> Option<u64> {
+        match self.atomic_site(off, size) {
+            AtomicSite::Native if cfg!(target_endian = "little") => {
+                let p = self.at(off);
+                // SAFETY (all arms): `p` is aligned to the width (`Native`),
+                // its bytes lie in the block (range checked by the caller),
+                // and guest RAM is only accessed atomically.
+                Some(match size {
+                    1 => native_rmw!(AtomicU8, u8, p, op),
+                    2 => native_rmw!(AtomicU16, u16, p, op),
+                    4 => native_rmw!(AtomicU32, u32, p, op),
+                    _ => native_rmw!(AtomicU64, u64, p, op),
+                })
+            }
+            _ => self.atomic_update(off, size, |old| Some(op.apply(old))).map(|r| r.unwrap_or_else(|old| old)),
+        }
+    }
+
+    /// Atomically replaces the `size` bytes at `off` with `new` if they hold
+    /// `current` (both truncated to `size`): `Ok(old)` if it stored,
+    /// `Err(actual)` if not; `None` for a split site.
+    #[inline]
+    pub(crate) fn atomic_cmpxchg(&self, off: u64, size: u32, current: u64, new: u64) -> Option<Result<u64, u64>> {
+        match self.atomic_site(off, size) {
+            AtomicSite::Native => {
+                let p = self.at(off);
+                // SAFETY (all arms): as in `atomic_rmw`.
+                Some(match size {
+                    1 => native_cas!(AtomicU8, u8, p, current, new),
+                    2 => native_cas!(AtomicU16, u16, p, current, new),
+                    4 => native_cas!(AtomicU32, u32, p, current, new),
+                    _ => native_cas!(AtomicU64, u64, p, current, new),
+                })
+            }
+            _ => {
+                let cur = current & mask(size);
+                self.atomic_update(off, size, |old| (old == cur).then_some(new))
+            }
+        }
+    }
+
+    /// Atomically replaces the `size` bytes at `off` (value `old`) with
+    /// `f(old)` unless it returns `None`, retrying if they change meanwhile
+    /// (so `f` may run more than once): `Ok(old)` if it stored, `Err(old)`
+    /// if `f` declined; `None` for a split site.
+    pub(crate) fn atomic_update(
+        &self,
+        off: u64,
+        size: u32,
+        mut f: impl FnMut(u64) -> Option<u64>,
+    ) -> Option<Result<u64, u64>> {
+        let p = self.at(off);
+        match self.atomic_site(off, size) {
+            // SAFETY (all arms): as in `atomic_rmw`.
+            AtomicSite::Native => Some(match size {
+                1 => native_update!(AtomicU8, u8, p, f),
+                2 => native_update!(AtomicU16, u16, p, f),
+                4 => native_update!(AtomicU32, u32, p, f),
+                _ => native_update!(AtomicU64, u64, p, f),
+            }),
+            AtomicSite::InWord => {
+                let word = (p as usize & !7) as *mut u8;
+                let shift = p as usize & 7;
+                let n = size as usize;
+                let get = |w: u64| {
+                    let mut v = [0u8; 8];
+                    v[..n].copy_from_slice(&w.to_ne_bytes()[shift..shift + n]);
+                    u64::from_le_bytes(v)
+                };
+                // SAFETY: `word` is 8-aligned and, by `atomic_site`, its 8
+                // bytes lie in the block; guest RAM is only accessed
+                // atomically.
+                let a = unsafe { AtomicU64::from_ptr(word.cast()) };
+                let r = a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                    f(get(w)).map(|new| {
+                        let mut b = w.to_ne_bytes();
+                        b[shift..shift + n].copy_from_slice(&new.to_le_bytes()[..n]);
+                        u64::from_ne_bytes(b)
+                    })
+                });
+                Some(r.map(get).map_err(get))
+            }
+            AtomicSite::Split => None,
+        }
+    }
+}
+
+/// Where an atomic read-modify-write of guest RAM can be done lock-free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtomicSite {
+    /// The host address is a multiple of the size: one host atomic.
+    Native,
+    /// Misaligned, but inside one aligned 8-byte host word of the block: a
+    /// compare-exchange loop on that word.
+    InWord,
+    /// Crosses an aligned 8-byte host word (or the block's edge within one):
+    /// no single host atomic covers it.
+    Split,
+}
+
+/// The low `size` bytes of a value.
+#[inline]
+pub(crate) fn mask(size: u32) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+/// Ordering of guest RAM loads (see the module documentation).
+const LOAD: Ordering = Ordering::Acquire;
+/// Ordering of guest RAM stores.
+const STORE: Ordering = Ordering::Release;
+
+/// Cuts the `len` bytes at host address `addr` into naturally aligned
+/// pieces: rising 1-, 2- and 4-byte pieces up to the first 8-byte boundary,
+/// 8-byte words, then falling 4-, 2- and 1-byte pieces. Calls
+/// `piece(offset, width)` for each, in address order.
+#[inline(always)]
+fn walk(addr: usize, len: usize, mut piece: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    for w in [1, 2, 4] {
+        if addr.wrapping_add(i) & w != 0 && len - i >= w {
+            piece(i, w);
+            i += w;
+        }
+    }
+    while len - i >= 8 {
+        piece(i, 8);
+        i += 8;
+    }
+    for w in [4, 2, 1] {
+        if len - i >= w {
+            piece(i, w);
+            i += w;
+        }
+    }
+}
+
+/// Loads the naturally aligned piece of `dst.len()` (1, 2, 4 or 8) bytes at
+/// `src` with one atomic load into `dst`.
+///
+/// # Safety
+/// `src` is aligned to `dst.len()` and valid for that many bytes, which are
+/// only accessed atomically while this runs.
+#[inline(always)]
+unsafe fn load_piece(src: *const u8, dst: &mut [u8]) {
+    let p = src.cast_mut();
+    match dst.len() {
+        1 => dst[0] = atomic_at!(AtomicU8, p).load(LOAD),
+        2 => dst.copy_from_slice(&atomic_at!(AtomicU16, p).load(LOAD).to_ne_bytes()),
+        4 => dst.copy_from_slice(&atomic_at!(AtomicU32, p).load(LOAD).to_ne_bytes()),
+        _ => dst.copy_from_slice(&atomic_at!(AtomicU64, p).load(LOAD).to_ne_bytes()),
+    }
+}
+
+/// Stores `src` (1, 2, 4 or 8 bytes) to the naturally aligned piece at
+/// `dst` with one atomic store.
+///
+/// # Safety
+/// As [`load_piece`], for writes.
+#[inline(always)]
+unsafe fn store_piece(dst: *mut u8, src: &[u8]) {
+    match src.len() {
+        1 => atomic_at!(AtomicU8, dst).store(src[0], STORE),
+        2 => atomic_at!(AtomicU16, dst).store(u16::from_ne_bytes([src[0], src[1]]), STORE),
+        4 => atomic_at!(AtomicU32, dst).store(u32::from_ne_bytes([src[0], src[1], src[2], src[3]]), STORE),
+        _ => {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(src);
+            atomic_at!(AtomicU64, dst).store(u64::from_ne_bytes(w), STORE)
+        }
+    }
+}
+
+/// Copies `dst.len()` bytes of guest memory at `src` into `dst`.
+///
+/// # Safety
+/// `src` is valid for reads of `dst.len()` bytes that are only accessed
+/// atomically while this runs.
+#[inline]
+unsafe fn load(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    if matches!(n, 1 | 2 | 4 | 8) && src as usize % n == 0 {
+        // SAFETY: aligned (just checked), valid and atomic (the contract).
+        return unsafe { load_piece(src, dst) };
+    }
+    // SAFETY: `walk` yields aligned pieces inside `[src, src + n)`.
+    walk(src as usize, n, |i, w| unsafe { load_piece(src.add(i), &mut dst[i..i + w]) });
+}
+
+/// Copies `src` into guest memory at `dst`.
+///
+/// # Safety
+/// `dst` is valid for writes of `src.len()` bytes that are only accessed
+/// atomically while this runs.
+#[inline]
+unsafe fn store(dst: *mut u8, src: &[u8]) {
+    let n = src.len();
+    if matches!(n, 1 | 2 | 4 | 8) && dst as usize % n == 0 {
+        // SAFETY: aligned (just checked), valid and atomic (the contract).
+        return unsafe { store_piece(dst, src) };
+    }
+    // SAFETY: `walk` yields aligned pieces inside `[dst, dst + n)`.
+    walk(dst as usize, n, |i, w| unsafe { store_piece(dst.add(i), &src[i..i + w]) });
 }
 
 impl Drop for RamBlock {
@@ -163,7 +495,8 @@ impl RamSlice {
         Ok(())
     }
 
-    /// Copies bytes out of the region.
+    /// Copies bytes out of the region (with the atomicity described in the
+    /// [module documentation](self)).
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.check(off, buf.len())?;
         self.block().read_at(off, buf);
@@ -179,7 +512,9 @@ impl RamSlice {
     }
 
     /// The host address of the first byte, for KVM memslots and the like.
-    /// The memory stays valid while this slice (or the region) is alive.
+    /// The memory stays valid while this slice (or the region) is alive;
+    /// it is shared with vCPU threads, so access it only atomically (or
+    /// with volatile accesses), never through references.
     pub fn as_ptr(&self) -> *mut u8 {
         self.block().host_ptr().as_ptr()
     }
@@ -188,5 +523,40 @@ impl RamSlice {
 impl std::fmt::Debug for RamSlice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RamSlice").field("region", &self.region.name()).field("len", &self.len()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::walk;
+
+    /// Every copy is cut into naturally aligned pieces that tile it, and no
+    /// naturally aligned 1/2/4/8-byte unit inside it is split between
+    /// pieces (so each such unit is copied by one atomic access).
+    #[test]
+    fn walk_tiles_with_aligned_pieces_and_never_splits_an_aligned_unit() {
+        for addr in 0x1000usize..0x1040 {
+            for len in 0..80 {
+                let mut pieces = Vec::new();
+                walk(addr, len, |i, w| pieces.push((addr + i, w)));
+                let mut at = addr;
+                for &(p, w) in &pieces {
+                    assert_eq!(p, at, "pieces tile the copy ({addr:#x}, {len})");
+                    assert!(matches!(w, 1 | 2 | 4 | 8) && p % w == 0, "piece {p:#x}/{w} is aligned");
+                    at += w;
+                }
+                assert_eq!(at, addr + len);
+                for s in [1, 2, 4, 8] {
+                    let mut u = addr.next_multiple_of(s);
+                    while u + s <= addr + len {
+                        assert!(
+                            pieces.iter().any(|&(p, w)| p <= u && u + s <= p + w),
+                            "unit {u:#x}/{s} of ({addr:#x}, {len}) is in one piece: {pieces:?}"
+                        );
+                        u += s;
+                    }
+                }
+            }
+        }
     }
 }

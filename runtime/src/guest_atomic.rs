@@ -1,0 +1,426 @@
+//! Guest atomics: read-modify-write and compare-exchange of 1, 2, 4 or 8
+//! bytes of guest memory, on [`AddressSpace`] and [`Accessor`] — what an x86
+//! interpreter needs for `lock`-prefixed instructions, `xchg`, `xadd`,
+//! `cmpxchg` and `cmpxchg8b`.
+//!
+//! Each operation takes a guest address and a size, works on the
+//! little-endian value stored there (operands are truncated to the size,
+//! results zero-extended) and returns the **old value** with the access's
+//! [`MemTxResult`]:
+//!
+//! * [`AddressSpace::atomic_rmw`] applies an [`AtomicRmw`] (exchange, add,
+//!   subtract, and, or, xor) and returns the old value;
+//! * [`AddressSpace::atomic_compare_exchange`] stores `new` if the value is
+//!   `current`: `Ok(old)` if it stored, `Err(actual)` if not (like
+//!   [`AtomicU64::compare_exchange`](std::sync::atomic::AtomicU64::compare_exchange));
+//! * [`AddressSpace::atomic_fetch_update`] stores `f(old)` unless `f` returns
+//!   `None`, retrying if the value changed meanwhile (so `f` may run more
+//!   than once; it must not access guest memory itself): `Ok(old)` if it
+//!   stored, `Err(old)` if not (like
+//!   [`AtomicU64::fetch_update`](std::sync::atomic::AtomicU64::fetch_update)).
+//!   The interpreter builds `adc`, `btc`, `neg` and friends on it.
+//!
+//! The [`Accessor`] methods of the same names do the same through the
+//! accessor's cache.
+//!
+//! # What is atomic
+//!
+//! The plain accesses' rules are in [`ram`](crate::ram): aligned loads and
+//! stores of up to 8 bytes are single-copy atomic. Atomics add, by target:
+//!
+//! | target (the whole access) | how | atomic with respect to |
+//! | --- | --- | --- |
+//! | writable RAM, host address a multiple of the size | one host atomic (`lock xadd`, `xchg`, `lock cmpxchg`...), `SeqCst` | everything: every other access through the runtime, and vCPUs running natively |
+//! | writable RAM, misaligned but inside one aligned 8-byte host word | a compare-exchange loop on that 8-byte word | everything, as above (a concurrent store to a neighbouring byte of the word makes the loop retry, never lost) |
+//! | writable RAM, crossing an aligned 8-byte word (or a page, or from one RAM range into the next) | a process-wide lock held around a read, the operation and a write of the bytes | **other crossing atomics only**. A plain store or a lock-free atomic to the same bytes can land between its read and its write and be overwritten; each piece of its read and write is still atomic on its own (see [`ram`](crate::ram)) |
+//! | MMIO, ROM device, ROM, holes, or partly any of these | a read, then a write, through the ordinary paths (devices see a read and a write of the same size) | **nothing**: not atomic across vCPUs |
+//!
+//! * **Split locks.** x86 makes even a `lock`ed access that crosses a cache
+//!   line atomic (the bus lock), and QEMU's TCG gets there by stopping every
+//!   other vCPU for the instruction. The runtime cannot stop vCPUs, so it
+//!   serialises crossing atomics with each other only; a vCPU layer that
+//!   needs the full guarantee must make the instruction exclusive (stop the
+//!   other vCPUs) around the call, as QEMU does. Guests rarely do this: Linux
+//!   treats split locks as bugs (`split_lock_detect`).
+//! * **MMIO.** A device register is read, the operation applied, and the
+//!   result written back, as QEMU does for `lock`ed accesses to MMIO (QEMU
+//!   runs them with every other vCPU stopped and under its big lock; topos
+//!   has neither, so another vCPU's access to the device can fall between
+//!   the read and the write). A compare-exchange whose comparison fails
+//!   still writes the old value back, as x86's `cmpxchg` does and QEMU's
+//!   non-parallel path does.
+//! * **ROM and read-only RAM.** The old value is read; the write is dropped
+//!   and the result is [`MemTxResult::DecodeError`] (QEMU's result for a
+//!   write to ROM). A `fetch_update` whose `f` declines writes nothing and
+//!   returns [`MemTxResult::Ok`].
+//! * **Unassigned addresses.** Read as 0 and the write is dropped, with
+//!   [`MemTxResult::DecodeError`] (QEMU's unassigned access).
+//! * **Sizes** other than 1, 2, 4 and 8 touch nothing and return
+//!   [`MemTxResult::DecodeError`] with an old value of 0.
+//! * **Alignment is the host's.** Lock-freedom depends on the host address:
+//!   runtime-allocated RAM is page aligned, so for RAM at an 8-aligned guest
+//!   address host and guest alignment agree.
+//!
+//! # Dirty logging
+//!
+//! An atomic that stores to RAM marks its pages dirty like any write through
+//! the runtime — even when the stored value equals the old one (an `or`
+//! with 0). One that stores nothing (a failed compare-exchange on RAM, a
+//! declined `fetch_update`) marks nothing: the bytes did not change.
+//!
+//! ```
+//! use topos_runtime::{AtomicRmw, MemTxResult, Topology};
+//! let topo = Topology::new();
+//! let spaces = topo.standard_spaces()?;
+//! let ram = topo.new_ram("ram", 0x1000)?;
+//! spaces.system.add_subregion(0, &ram)?;
+//! let m = &spaces.memory;
+//! assert_eq!(m.atomic_rmw(0x10, 4, AtomicRmw::Add(5)), (0, MemTxResult::Ok));
+//! assert_eq!(m.atomic_compare_exchange(0x10, 4, 5, 9), (Ok(5), MemTxResult::Ok));
+//! assert_eq!(m.atomic_compare_exchange(0x10, 4, 5, 1), (Err(9), MemTxResult::Ok));
+//! // `lock bts dword [0x10], 0`: set bit 0, the old bit is the carry flag.
+//! let (old, r) = m.atomic_fetch_update(0x10, 4, |v| Some(v | 1));
+//! assert_eq!((old, r), (Ok(9), MemTxResult::Ok));
+//! # Ok::<(), topos_runtime::Error>(())
+//! ```
+
+use crate::address_space::{Accessor, AddressSpace};
+use crate::flatview::{FlatRange, FlatView};
+use crate::ram::mask;
+use crate::region::RegionKind;
+use crate::sync::RcuGuard;
+use crate::types::{HwAddr, MemTxResult};
+
+/// A read-modify-write operation for [`AddressSpace::atomic_rmw`] and
+/// [`Accessor::atomic_rmw`]. The operand is truncated to the access size;
+/// arithmetic wraps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AtomicRmw {
+    /// Stores the operand (`xchg`).
+    Xchg(u64),
+    /// Adds the operand (`lock add`, `lock xadd`, `lock inc`).
+    Add(u64),
+    /// Subtracts the operand (`lock sub`, `lock dec`).
+    Sub(u64),
+    /// Bitwise and (`lock and`, `lock btr`).
+    And(u64),
+    /// Bitwise or (`lock or`, `lock bts`).
+    Or(u64),
+    /// Bitwise exclusive or (`lock xor`, `lock btc`, `lock not`).
+    Xor(u64),
+}
+
+impl AtomicRmw {
+    /// The value the operation stores over `old` (not truncated).
+    pub fn apply(self, old: u64) -> u64 {
+        match self {
+            AtomicRmw::Xchg(v) => v,
+            AtomicRmw::Add(v) => old.wrapping_add(v),
+            AtomicRmw::Sub(v) => old.wrapping_sub(v),
+            AtomicRmw::And(v) => old & v,
+            AtomicRmw::Or(v) => old | v,
+            AtomicRmw::Xor(v) => old ^ v,
+        }
+    }
+}
+
+/// Serialises the atomics that no single host atomic covers (see the module
+/// documentation). It guards no Rust data, only guest bytes, and is never
+/// held while a device or caller code runs; it is `std`'s because guest-RAM
+/// atomics are not part of the loom-modelled protocols.
+static SPLIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn split_lock() -> std::sync::MutexGuard<'static, ()> {
+    SPLIT_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One guest atomic, before it runs.
+enum Op<F> {
+    Rmw(AtomicRmw),
+    Cas { current: u64, new: u64 },
+    Update(F),
+}
+
+impl<F: FnMut(u64) -> Option<u64>> Op<F> {
+    /// The value to store over `old` (already truncated to `size`), if any.
+    fn compute(&mut self, old: u64, size: u32) -> Option<u64> {
+        match self {
+            Op::Rmw(op) => Some(op.apply(old)),
+            Op::Cas { current, new } => (old == *current & mask(size)).then_some(*new),
+            Op::Update(f) => f(old),
+        }
+    }
+}
+
+/// The outcome of an atomic: `Ok(old)` if it stored, `Err(old)` if not.
+type Outcome = (Result<u64, u64>, MemTxResult);
+
+/// How an atomic reaches guest memory: the range lookup, and the ordinary
+/// (non-atomic) read and write paths.
+trait Path {
+    fn range(&mut self, addr: HwAddr) -> Option<&FlatRange>;
+    fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult;
+    fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult;
+}
+
+/// An address space with the view the atomic looked its ranges up in.
+struct SpacePath<'a> {
+    asp: &'a AddressSpace,
+    view: RcuGuard<FlatView>,
+}
+
+impl Path for SpacePath<'_> {
+    #[inline]
+    fn range(&mut self, addr: HwAddr) -> Option<&FlatRange> {
+        self.view.lookup(addr)
+    }
+    fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
+        self.asp.read(addr, buf)
+    }
+    fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
+        self.asp.write(addr, buf)
+    }
+}
+
+impl Path for Accessor {
+    #[inline]
+    fn range(&mut self, addr: HwAddr) -> Option<&FlatRange> {
+        self.lookup(addr)
+    }
+    fn read(&mut self, addr: HwAddr, buf: &mut [u8]) -> MemTxResult {
+        Accessor::read(self, addr, buf)
+    }
+    fn write(&mut self, addr: HwAddr, buf: &[u8]) -> MemTxResult {
+        Accessor::write(self, addr, buf)
+    }
+}
+
+/// Whether writes to the range are stored straight into RAM.
+#[inline]
+fn writable_ram(fr: &FlatRange) -> bool {
+    matches!(fr.region.0.kind, RegionKind::Ram(_)) && !fr.readonly
+}
+
+/// Runs one atomic.
+#[inline]
+fn run<P: Path, F: FnMut(u64) -> Option<u64>>(path: &mut P, addr: HwAddr, size: u32, mut op: Op<F>) -> Outcome {
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        tracing::warn!(addr, size, "guest atomic of an illegal size");
+        return (Err(0), MemTxResult::DecodeError);
+    }
+    if let Some(fr) = path.range(addr) {
+        if let Some(done) = lock_free(fr, addr, size, &mut op) {
+            return done;
+        }
+    }
+    match ram_parts(path, addr, size) {
+        Some(parts) => split(&parts, size, &mut op),
+        None => through_paths(path, addr, size, &mut op),
+    }
+}
+
+/// The lock-free cases: the whole access in one writable RAM range, and one
+/// host atomic (or a CAS loop on one host word) covers it.
+#[inline]
+fn lock_free<F: FnMut(u64) -> Option<u64>>(fr: &FlatRange, addr: HwAddr, size: u32, op: &mut Op<F>) -> Option<Outcome> {
+    let last = addr.checked_add(size as u64 - 1)?;
+    if last > fr.last || !writable_ram(fr) {
+        return None;
+    }
+    let block = fr.region.ram_block()?;
+    let off = fr.offset_in_region + (addr - fr.start);
+    let r = match op {
+        Op::Rmw(o) => block.atomic_rmw(off, size, *o).map(Ok),
+        Op::Cas { current, new } => block.atomic_cmpxchg(off, size, *current, *new),
+        Op::Update(f) => block.atomic_update(off, size, f),
+    }?;
+    if r.is_ok() {
+        fr.region.dirty_after_write(off, size as u64, fr.dirty_log_mask);
+    }
+    Some((r, MemTxResult::Ok))
+}
+
+/// A piece of a crossing atomic: `len` bytes at `off` in `fr`'s RAM.
+struct Part {
+    fr: FlatRange,
+    off: u64,
+    len: usize,
+}
+
+/// The pieces of an access that lies wholly in writable RAM (one range or
+/// several); `None` if any byte is something else.
+fn ram_parts<P: Path>(path: &mut P, addr: HwAddr, size: u32) -> Option<Vec<Part>> {
+    let end = addr as u128 + size as u128;
+    if end > crate::types::SIZE_MAX {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let mut a = addr as u128;
+    while a < end {
+        let fr = path.range(a as u64)?;
+        if !writable_ram(fr) {
+            return None;
+        }
+        let len = (fr.end().min(end) - a) as usize;
+        parts.push(Part { fr: fr.clone(), off: fr.offset_in_region + (a as u64 - fr.start), len });
+        a += len as u128;
+    }
+    Some(parts)
+}
+
+fn read_parts(parts: &[Part]) -> u64 {
+    let mut b = [0u8; 8];
+    let mut i = 0;
+    for p in parts {
+        if let Some(block) = p.fr.region.ram_block() {
+            block.read_at(p.off, &mut b[i..i + p.len]);
+        }
+        i += p.len;
+    }
+    u64::from_le_bytes(b)
+}
+
+fn write_parts(parts: &[Part], value: u64) {
+    let b = value.to_le_bytes();
+    let mut i = 0;
+    for p in parts {
+        if let Some(block) = p.fr.region.ram_block() {
+            block.write_at(p.off, &b[i..i + p.len]);
+        }
+        i += p.len;
+    }
+}
+
+/// A crossing atomic on RAM, under [`SPLIT_LOCK`]. `fetch_update`'s closure
+/// runs outside the lock, and the store happens only if the value is still
+/// the one it saw.
+fn split<F: FnMut(u64) -> Option<u64>>(parts: &[Part], size: u32, op: &mut Op<F>) -> Outcome {
+    tracing::trace!(size, "guest atomic crossing a host word: serialised");
+    let r = loop {
+        let guard = split_lock();
+        let old = read_parts(parts);
+        let new = if let Op::Update(f) = op {
+            drop(guard);
+            let Some(new) = f(old) else { return (Err(old), MemTxResult::Ok) };
+            let guard = split_lock();
+            if read_parts(parts) != old {
+                continue;
+            }
+            write_parts(parts, new);
+            drop(guard);
+            break Ok(old);
+        } else {
+            op.compute(old, size)
+        };
+        match new {
+            Some(new) => write_parts(parts, new),
+            None => return (Err(old), MemTxResult::Ok),
+        }
+        drop(guard);
+        break Ok(old);
+    };
+    for p in parts {
+        p.fr.region.dirty_after_write(p.off, p.len as u64, p.fr.dirty_log_mask);
+    }
+    (r, MemTxResult::Ok)
+}
+
+/// Anything but writable RAM: a read and a write through the ordinary
+/// paths, not atomic (see the module documentation).
+fn through_paths<P: Path, F: FnMut(u64) -> Option<u64>>(
+    path: &mut P,
+    addr: HwAddr,
+    size: u32,
+    op: &mut Op<F>,
+) -> Outcome {
+    tracing::trace!(addr, size, "guest atomic outside RAM: read, then write");
+    let n = size as usize;
+    let mut b = [0u8; 8];
+    let read = path.read(addr, &mut b[..n]);
+    let old = u64::from_le_bytes(b);
+    let (outcome, store) = match op.compute(old, size) {
+        Some(new) => (Ok(old), Some(new)),
+        // A failed compare-exchange writes the old value back (x86, QEMU).
+        None if matches!(op, Op::Cas { .. }) => (Err(old), Some(old)),
+        None => (Err(old), None),
+    };
+    let written = store.map_or(MemTxResult::Ok, |v| path.write(addr, &v.to_le_bytes()[..n]));
+    (outcome, read.combine(written))
+}
+
+/// The `fetch_update` closure type of the operations that have none.
+type NoUpdate = fn(u64) -> Option<u64>;
+
+fn old_value((r, t): Outcome) -> (u64, MemTxResult) {
+    (r.unwrap_or_else(|old| old), t)
+}
+
+impl AddressSpace {
+    /// Atomically applies `op` to the `size`-byte (1, 2, 4 or 8)
+    /// little-endian value at `addr` and returns the old value. See the
+    /// [module documentation](crate::guest_atomic) for what is atomic with
+    /// respect to what.
+    pub fn atomic_rmw(&self, addr: HwAddr, size: u32, op: AtomicRmw) -> (u64, MemTxResult) {
+        old_value(run::<_, NoUpdate>(&mut self.atomic_path(), addr, size, Op::Rmw(op)))
+    }
+
+    /// Atomically stores `new` over the `size`-byte value at `addr` if it is
+    /// `current` (both truncated to `size`): `Ok(old)` if it stored,
+    /// `Err(actual)` if not (`lock cmpxchg`; `cmpxchg8b` is the 8-byte case).
+    pub fn atomic_compare_exchange(
+        &self,
+        addr: HwAddr,
+        size: u32,
+        current: u64,
+        new: u64,
+    ) -> (Result<u64, u64>, MemTxResult) {
+        run::<_, NoUpdate>(&mut self.atomic_path(), addr, size, Op::Cas { current, new })
+    }
+
+    /// Atomically stores `f(old)` over the `size`-byte value at `addr`
+    /// unless `f` returns `None`; if the value changes between the read and
+    /// the store, retries with the new value (so `f` may run several times
+    /// and must not access guest memory). `Ok(old)` if it stored, `Err(old)`
+    /// if `f` declined.
+    pub fn atomic_fetch_update(
+        &self,
+        addr: HwAddr,
+        size: u32,
+        f: impl FnMut(u64) -> Option<u64>,
+    ) -> (Result<u64, u64>, MemTxResult) {
+        run(&mut self.atomic_path(), addr, size, Op::Update(f))
+    }
+
+    fn atomic_path(&self) -> SpacePath<'_> {
+        SpacePath { asp: self, view: self.load_view() }
+    }
+}
+
+impl Accessor {
+    /// Like [`AddressSpace::atomic_rmw`], through the cache.
+    pub fn atomic_rmw(&mut self, addr: HwAddr, size: u32, op: AtomicRmw) -> (u64, MemTxResult) {
+        old_value(run::<_, NoUpdate>(self, addr, size, Op::Rmw(op)))
+    }
+
+    /// Like [`AddressSpace::atomic_compare_exchange`], through the cache.
+    pub fn atomic_compare_exchange(
+        &mut self,
+        addr: HwAddr,
+        size: u32,
+        current: u64,
+        new: u64,
+    ) -> (Result<u64, u64>, MemTxResult) {
+        run::<_, NoUpdate>(self, addr, size, Op::Cas { current, new })
+    }
+
+    /// Like [`AddressSpace::atomic_fetch_update`], through the cache.
+    pub fn atomic_fetch_update(
+        &mut self,
+        addr: HwAddr,
+        size: u32,
+        f: impl FnMut(u64) -> Option<u64>,
+    ) -> (Result<u64, u64>, MemTxResult) {
+        run(self, addr, size, Op::Update(f))
+    }
+}
