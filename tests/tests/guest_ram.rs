@@ -156,7 +156,7 @@ fn writer(rig: &Rig, via: Via) -> WriteFn {
 /// Uniform byte values: a value built from one of them is torn exactly when
 /// its bytes differ.
 const FILL: [u8; 4] = [0x00, 0xff, 0x01, 0x02];
-const WRITES: usize = 4000;
+const WRITES: usize = 20000;
 const MIN_READS: usize = 2000;
 
 /// Runs `writers` (each called with its iteration number) and `readers`
@@ -272,7 +272,9 @@ fn bulk_copies_never_tear_the_aligned_units_inside_them() {
 // ----- atomics that lose nothing ------------------------------------------
 
 const THREADS: usize = 4;
-const INCREMENTS: u64 = 1500;
+/// Per thread; `THREADS * INCREMENTS` fits in 16 bits, so 2-byte counters
+/// do not wrap.
+const INCREMENTS: u64 = 16000;
 
 /// `THREADS` threads each add 1 `INCREMENTS` times to the `size`-byte value
 /// at `addr` (even threads through the address space, odd ones through an
