@@ -11,7 +11,8 @@
 //! [`Mapping`](crate::Mapping), [`RamSlice`], dirty-logged writes, device
 //! DMA, the guest atomics of [`guest_atomic`](crate::guest_atomic)) ends in
 //! this module, which touches guest bytes only with the host's atomic loads
-//! and stores (`AtomicU8`/`16`/`32`/`64`). So:
+//! and stores (`AtomicU8`/`16`/`32`/`64`) and, for long copies on x86-64,
+//! `rep movsb` (a byte-wise atomic copy, see below). So:
 //!
 //! * **No data race.** Any number of threads may read and write the same
 //!   guest bytes at once; the outcome is some interleaving of their pieces,
@@ -24,15 +25,22 @@
 //!   8-aligned offsets), host and guest alignment agree. RAM from
 //!   [`Topology::new_ram_from_ptr`](crate::Topology::new_ram_from_ptr) keeps
 //!   the alignment of the pointer it was given.
-//! * **Longer or misaligned copies** are split into naturally aligned pieces
-//!   of 1, 2, 4 and 8 bytes (rising to the first 8-byte boundary, whole words,
-//!   then falling), each one atomic access. Every naturally aligned 1-, 2-,
-//!   4- or 8-byte unit that lies wholly inside a copy is moved by a single
-//!   access at least that wide, so it cannot tear either. A copy as a whole
-//!   is not atomic: another thread may see some of its words new and others
-//!   old, in any order (as with x86's `rep movs`). A misaligned access (a
-//!   4-byte value at an odd address, say) may tear between its pieces, as
-//!   it may on x86 when it crosses a cache line.
+//! * **Other copies shorter than 256 bytes** (and every copy on hosts other
+//!   than x86-64) are split into naturally aligned pieces of 1, 2, 4 and 8
+//!   bytes (rising to the first 8-byte boundary, whole words, then falling),
+//!   each one atomic access. Every naturally aligned 1-, 2-, 4- or 8-byte
+//!   unit that lies wholly inside such a copy is moved by a single access at
+//!   least that wide, so it cannot tear either. A misaligned value (4 bytes
+//!   at an odd address, say) may tear between its pieces, as it may on x86
+//!   when it crosses a cache line.
+//! * **Copies of 256 bytes or more** on x86-64 are one `rep movsb`, as fast
+//!   as `memcpy` (which uses it too): race-free, with every byte an atomic
+//!   access. Fast-string hardware moves such copies in cache-line chunks in
+//!   practice, but that is not architectural, so no unit wider than a byte
+//!   is promised atomic there. (A copy with atomic words instead costs about 3x `memcpy`: the
+//!   compiler may not widen or vectorise atomics.)
+//! * **No copy is atomic as a whole**: another thread may see some of its
+//!   pieces new and others old, in any order (as with x86's `rep movs`).
 //! * **Ordering.** Loads are `Acquire` and stores `Release`: on x86 hosts
 //!   they are plain moves (free), on weaker hosts they keep a guest's
 //!   message passing (store data, then store a flag) in order, close to
@@ -359,26 +367,34 @@ const LOAD: Ordering = Ordering::Acquire;
 /// Ordering of guest RAM stores.
 const STORE: Ordering = Ordering::Release;
 
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
+/// Copies at least this long are moved by the CPU's string copy on x86-64
+/// (`string_copy`); shorter ones, and all copies elsewhere, by atomic
+/// pieces. Around this size the two cost the same.
+pub(crate) const STRING_COPY_MIN: usize = 256;
+
 /// Cuts the `len` bytes at host address `addr` into naturally aligned
 /// pieces: rising 1-, 2- and 4-byte pieces up to the first 8-byte boundary,
-/// 8-byte words, then falling 4-, 2- and 1-byte pieces. Calls
-/// `piece(offset, width)` for each, in address order.
+/// a run of 8-byte words, then falling 4-, 2- and 1-byte pieces. Calls
+/// `f(offset, width, count)` for each piece (`count` 1) and for the run
+/// (`width` 8, `count` words), in address order.
 #[inline(always)]
-fn walk(addr: usize, len: usize, mut piece: impl FnMut(usize, usize)) {
+fn walk(addr: usize, len: usize, mut f: impl FnMut(usize, usize, usize)) {
     let mut i = 0;
     for w in [1, 2, 4] {
         if addr.wrapping_add(i) & w != 0 && len - i >= w {
-            piece(i, w);
+            f(i, w, 1);
             i += w;
         }
     }
-    while len - i >= 8 {
-        piece(i, 8);
-        i += 8;
+    let words = (len - i) / 8;
+    if words > 0 {
+        f(i, 8, words);
+        i += words * 8;
     }
     for w in [4, 2, 1] {
         if len - i >= w {
-            piece(i, w);
+            f(i, w, 1);
             i += w;
         }
     }
@@ -432,8 +448,24 @@ unsafe fn load(src: *const u8, dst: &mut [u8]) {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
         return unsafe { load_piece(src, dst) };
     }
-    // SAFETY: `walk` yields aligned pieces inside `[src, src + n)`.
-    walk(src as usize, n, |i, w| unsafe { load_piece(src.add(i), &mut dst[i..i + w]) });
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    if n >= STRING_COPY_MIN {
+        // SAFETY: `src` is valid for `n` bytes of reads (the contract), `dst`
+        // for `n` bytes of writes, and they do not overlap (`dst` is a Rust
+        // buffer; guest RAM is never lent out as one).
+        return unsafe { string_copy(dst.as_mut_ptr(), src, n) };
+    }
+    walk(src as usize, n, |i, w, count| {
+        if count == 1 {
+            // SAFETY: `walk` yields aligned pieces inside `[src, src + n)`.
+            unsafe { load_piece(src.add(i), &mut dst[i..i + w]) }
+        } else {
+            for (k, d) in dst[i..i + count * 8].chunks_exact_mut(8).enumerate() {
+                // SAFETY: an aligned word inside `[src, src + n)`.
+                unsafe { load_piece(src.add(i + k * 8), d) }
+            }
+        }
+    });
 }
 
 /// Copies `src` into guest memory at `dst`.
@@ -448,8 +480,56 @@ unsafe fn store(dst: *mut u8, src: &[u8]) {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
         return unsafe { store_piece(dst, src) };
     }
-    // SAFETY: `walk` yields aligned pieces inside `[dst, dst + n)`.
-    walk(dst as usize, n, |i, w| unsafe { store_piece(dst.add(i), &src[i..i + w]) });
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    if n >= STRING_COPY_MIN {
+        // SAFETY: as in `load`, the other way round.
+        return unsafe { string_copy(dst, src.as_ptr(), n) };
+    }
+    walk(dst as usize, n, |i, w, count| {
+        if count == 1 {
+            // SAFETY: `walk` yields aligned pieces inside `[dst, dst + n)`.
+            unsafe { store_piece(dst.add(i), &src[i..i + w]) }
+        } else {
+            for (k, s) in src[i..i + count * 8].chunks_exact(8).enumerate() {
+                // SAFETY: an aligned word inside `[dst, dst + n)`.
+                unsafe { store_piece(dst.add(i + k * 8), s) }
+            }
+        }
+    });
+}
+
+/// Copies `n` bytes with x86's `rep movsb`, as fast as `memcpy` for long
+/// copies (it is what `memcpy` uses for them on these CPUs).
+///
+/// Why this is race-free: an inline-assembly block stands for some
+/// operation Rust code could perform, and `rep movsb` reads and writes each
+/// byte exactly once with byte-sized, individually atomic accesses in no
+/// promised order: exactly a byte-by-byte copy with relaxed atomic loads and
+/// stores, which races with nothing. (A plain `memcpy` of shared memory is a
+/// data race; a copy with relaxed atomics in Rust is ~3x slower, since the
+/// compiler may not widen or vectorise atomics.) Wider units inside the
+/// copy are moved in whole cache lines by the hardware in practice, but
+/// only byte atomicity is promised, so only that is documented.
+///
+/// # Safety
+/// `src` is valid for reads and `dst` for writes of `n` bytes; the ranges do
+/// not overlap; any of them that is guest RAM is only accessed atomically.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline]
+unsafe fn string_copy(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: the contract above; the direction flag is clear on entry to
+    // an asm block (Rust's rule), so the copy runs upwards over exactly
+    // `[src, src + n)` and `[dst, dst + n)`; the block touches no stack
+    // and no flags.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") n => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags)
+        );
+    }
 }
 
 impl Drop for RamBlock {
@@ -538,7 +618,7 @@ mod tests {
         for addr in 0x1000usize..0x1040 {
             for len in 0..80 {
                 let mut pieces = Vec::new();
-                walk(addr, len, |i, w| pieces.push((addr + i, w)));
+                walk(addr, len, |i, w, count| pieces.extend((0..count).map(|k| (addr + i + k * w, w))));
                 let mut at = addr;
                 for &(p, w) in &pieces {
                     assert_eq!(p, at, "pieces tile the copy ({addr:#x}, {len})");

@@ -269,6 +269,33 @@ fn bulk_copies_never_tear_the_aligned_units_inside_them() {
     }
 }
 
+#[test]
+fn long_copies_never_show_a_byte_nobody_wrote() {
+    // Copies of 256 bytes or more promise only byte atomicity (x86-64's
+    // string copy): every byte read is one some writer stored.
+    let rig = rig();
+    const LO: u64 = 0x3001;
+    const LEN: usize = 0x233;
+    for (k, via) in VIAS.into_iter().enumerate() {
+        let other = VIAS[(k + 1) % 4];
+        let mut writers: Vec<Box<dyn FnMut(usize) + Send>> = Vec::new();
+        for (w, v) in [via, other].into_iter().enumerate() {
+            let mut write = writer(&rig, v);
+            writers.push(Box::new(move |i| write(LO, &[FILL[(i + 2 * w) % 4]; LEN])));
+        }
+        let mut readers: Vec<Box<dyn FnMut() + Send>> = Vec::new();
+        for v in [via, VIAS[(k + 2) % 4]] {
+            let mut read = reader(&rig, v);
+            readers.push(Box::new(move || {
+                let mut b = [0u8; LEN + 6];
+                read(LO - 3, &mut b);
+                assert!(b[3..3 + LEN].iter().all(|x| FILL.contains(x)), "long copy via {v:?}: {b:02x?}");
+            }));
+        }
+        assert!(race(writers, readers) >= 2 * MIN_READS);
+    }
+}
+
 // ----- atomics that lose nothing ------------------------------------------
 
 const THREADS: usize = 4;
