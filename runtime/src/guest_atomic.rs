@@ -32,7 +32,7 @@
 //! | --- | --- | --- |
 //! | writable RAM, host address a multiple of the size | one host atomic (`lock xadd`, `xchg`, `lock cmpxchg`...), `SeqCst` | everything: every other access through the runtime, and vCPUs running natively |
 //! | writable RAM, misaligned but inside one aligned 8-byte host word | a compare-exchange loop on that 8-byte word | everything, as above (a concurrent store to a neighbouring byte of the word makes the loop retry, never lost) |
-//! | writable RAM, crossing an aligned 8-byte word (or a page, or from one RAM range into the next) | a process-wide lock held around a read, the operation and a write of the bytes | **other crossing atomics only**. A plain store or a lock-free atomic to the same bytes can land between its read and its write and be overwritten; each piece of its read and write is still atomic on its own (see [`ram`](crate::ram)) |
+//! | writable RAM, crossing an aligned 8-byte host word (or a page, or from one RAM range into the next, or the edge of embedder-provided memory) | a process-wide lock held around a read, the operation and a write of the bytes | **other crossing atomics only**. A plain store or a lock-free atomic to the same bytes can land between its read and its write and be overwritten; each piece of its read and write is still atomic on its own (see [`ram`](crate::ram)) |
 //! | MMIO, ROM device, ROM, holes, or partly any of these | a read, then a write, through the ordinary paths (devices see a read and a write of the same size) | **nothing**: not atomic across vCPUs |
 //!
 //! * **Split locks.** x86 makes even a `lock`ed access that crosses a cache

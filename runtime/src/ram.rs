@@ -436,18 +436,31 @@ unsafe fn store_piece(dst: *mut u8, src: &[u8]) {
     }
 }
 
-/// Copies `dst.len()` bytes of guest memory at `src` into `dst`.
+/// Copies `dst.len()` bytes of guest memory at `src` into `dst`: the
+/// single-access case inline, the rest out of line.
 ///
 /// # Safety
 /// `src` is valid for reads of `dst.len()` bytes that are only accessed
 /// atomically while this runs.
-#[inline]
+#[inline(always)]
 unsafe fn load(src: *const u8, dst: &mut [u8]) {
     let n = dst.len();
     if matches!(n, 1 | 2 | 4 | 8) && src as usize % n == 0 {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
-        return unsafe { load_piece(src, dst) };
+        unsafe { load_piece(src, dst) }
+    } else {
+        // SAFETY: the same contract.
+        unsafe { load_copy(src, dst) }
     }
+}
+
+/// [`load`] of anything but one aligned piece.
+///
+/// # Safety
+/// As [`load`].
+#[inline(never)]
+unsafe fn load_copy(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if n >= STRING_COPY_MIN {
         // SAFETY: `src` is valid for `n` bytes of reads (the contract), `dst`
@@ -468,21 +481,34 @@ unsafe fn load(src: *const u8, dst: &mut [u8]) {
     });
 }
 
-/// Copies `src` into guest memory at `dst`.
+/// Copies `src` into guest memory at `dst`: the single-access case inline,
+/// the rest out of line.
 ///
 /// # Safety
 /// `dst` is valid for writes of `src.len()` bytes that are only accessed
 /// atomically while this runs.
-#[inline]
+#[inline(always)]
 unsafe fn store(dst: *mut u8, src: &[u8]) {
     let n = src.len();
     if matches!(n, 1 | 2 | 4 | 8) && dst as usize % n == 0 {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
-        return unsafe { store_piece(dst, src) };
+        unsafe { store_piece(dst, src) }
+    } else {
+        // SAFETY: the same contract.
+        unsafe { store_copy(dst, src) }
     }
+}
+
+/// [`store`] of anything but one aligned piece.
+///
+/// # Safety
+/// As [`store`].
+#[inline(never)]
+unsafe fn store_copy(dst: *mut u8, src: &[u8]) {
+    let n = src.len();
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     if n >= STRING_COPY_MIN {
-        // SAFETY: as in `load`, the other way round.
+        // SAFETY: as in `load_copy`, the other way round.
         return unsafe { string_copy(dst, src.as_ptr(), n) };
     }
     walk(dst as usize, n, |i, w, count| {
