@@ -436,25 +436,29 @@ unsafe fn store_piece(dst: *mut u8, src: &[u8]) {
     }
 }
 
-/// Copies `dst.len()` bytes of guest memory at `src` into `dst`: the
-/// single-access case inline, the rest out of line.
+/// Copies `dst.len()` bytes of guest memory at `src` into `dst`: an aligned
+/// 8- or 4-byte access inline (the hot cases), the rest out of line.
 ///
 /// # Safety
 /// `src` is valid for reads of `dst.len()` bytes that are only accessed
 /// atomically while this runs.
 #[inline(always)]
 unsafe fn load(src: *const u8, dst: &mut [u8]) {
-    let n = dst.len();
-    if matches!(n, 1 | 2 | 4 | 8) && src as usize % n == 0 {
+    let (n, a) = (dst.len(), src as usize);
+    if n == 8 && a % 8 == 0 {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
-        unsafe { load_piece(src, dst) }
+        dst.copy_from_slice(&atomic_at!(AtomicU64, src.cast_mut()).load(LOAD).to_ne_bytes());
+    } else if n == 4 && a % 4 == 0 {
+        // SAFETY: as above.
+        dst.copy_from_slice(&atomic_at!(AtomicU32, src.cast_mut()).load(LOAD).to_ne_bytes());
     } else {
         // SAFETY: the same contract.
         unsafe { load_copy(src, dst) }
     }
 }
 
-/// [`load`] of anything but one aligned piece.
+/// [`load`] of anything else (aligned 1- and 2-byte accesses are still one
+/// piece: see [`walk`]).
 ///
 /// # Safety
 /// As [`load`].
@@ -481,25 +485,32 @@ unsafe fn load_copy(src: *const u8, dst: &mut [u8]) {
     });
 }
 
-/// Copies `src` into guest memory at `dst`: the single-access case inline,
-/// the rest out of line.
+/// Copies `src` into guest memory at `dst`: an aligned 8- or 4-byte access
+/// inline, the rest out of line.
 ///
 /// # Safety
 /// `dst` is valid for writes of `src.len()` bytes that are only accessed
 /// atomically while this runs.
 #[inline(always)]
 unsafe fn store(dst: *mut u8, src: &[u8]) {
-    let n = src.len();
-    if matches!(n, 1 | 2 | 4 | 8) && dst as usize % n == 0 {
+    let (n, a) = (src.len(), dst as usize);
+    if n == 8 && a % 8 == 0 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(src);
         // SAFETY: aligned (just checked), valid and atomic (the contract).
-        unsafe { store_piece(dst, src) }
+        atomic_at!(AtomicU64, dst).store(u64::from_ne_bytes(w), STORE);
+    } else if n == 4 && a % 4 == 0 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(src);
+        // SAFETY: as above.
+        atomic_at!(AtomicU32, dst).store(u32::from_ne_bytes(w), STORE);
     } else {
         // SAFETY: the same contract.
         unsafe { store_copy(dst, src) }
     }
 }
 
-/// [`store`] of anything but one aligned piece.
+/// [`store`] of anything else.
 ///
 /// # Safety
 /// As [`store`].
