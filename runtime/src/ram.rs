@@ -371,7 +371,7 @@ const STORE: Ordering = Ordering::Release;
 /// Copies at least this long are moved by the CPU's string copy on x86-64
 /// (`string_copy`); shorter ones, and all copies elsewhere, by atomic
 /// pieces. Around this size the two cost the same.
-pub(crate) const STRING_COPY_MIN: usize = 256;
+const STRING_COPY_MIN: usize = 256;
 
 /// Cuts the `len` bytes at host address `addr` into naturally aligned
 /// pieces: rising 1-, 2- and 4-byte pieces up to the first 8-byte boundary,
@@ -645,7 +645,41 @@ impl std::fmt::Debug for RamSlice {
 
 #[cfg(test)]
 mod tests {
-    use super::walk;
+    use super::{walk, AtomicSite, RamBlock};
+    use crate::guest_atomic::AtomicRmw;
+    use std::ptr::NonNull;
+
+    /// Lock-freedom follows the host address, and a CAS on a containing
+    /// word is only used when the whole word belongs to the block.
+    #[test]
+    fn atomic_sites_follow_host_alignment_and_the_block_edges() {
+        let mut backing = [0u64; 4];
+        // Host bytes [base + 1, base + 21): starts and ends mid-word.
+        let base = backing.as_mut_ptr().cast::<u8>();
+        let start = NonNull::new(base.wrapping_add(1)).expect("not null");
+        // SAFETY: the 20 bytes lie in `backing`, which outlives the block
+        // and is not otherwise touched while it lives.
+        let block = unsafe { RamBlock::new_foreign(start, 20) };
+        let site = |off, size| block.atomic_site(off, size);
+        assert_eq!(site(0, 1), AtomicSite::Native);
+        assert_eq!(site(1, 2), AtomicSite::Native, "host base + 2: touches only its own bytes");
+        assert_eq!(site(3, 4), AtomicSite::Native, "host base + 4");
+        assert_eq!(site(7, 8), AtomicSite::Native, "host base + 8");
+        assert_eq!(site(8, 2), AtomicSite::InWord, "host base + 9..11, in the word at base + 8");
+        assert_eq!(site(9, 4), AtomicSite::InWord, "host base + 10..14");
+        assert_eq!(site(0, 2), AtomicSite::Split, "its word starts before the block");
+        assert_eq!(site(16, 2), AtomicSite::Split, "its word ends after the block");
+        assert_eq!(site(5, 4), AtomicSite::Split, "crosses the word boundary at base + 8");
+        block.write_at(0, &[0x11; 20]);
+        assert_eq!(block.atomic_rmw(5, 4, AtomicRmw::Add(1)), None, "split sites are left to the caller");
+        assert_eq!(block.atomic_cmpxchg(3, 4, 0x1111_1111, 5), Some(Ok(0x1111_1111)));
+        assert_eq!(block.atomic_rmw(8, 2, AtomicRmw::Xor(0x0101)), Some(0x1111));
+        assert_eq!(block.atomic_cmpxchg(10, 4, 0, 1), Some(Err(0x1111_1111)));
+        assert_eq!(block.atomic_update(12, 2, |v| Some(v + 1)), Some(Ok(0x1111)));
+        let mut out = [0u8; 20];
+        block.read_at(0, &mut out);
+        assert_eq!(out[..16], [0x11, 0x11, 0x11, 5, 0, 0, 0, 0x11, 0x10, 0x10, 0x11, 0x11, 0x12, 0x11, 0x11, 0x11]);
+    }
 
     /// Every copy is cut into naturally aligned pieces that tile it, and no
     /// naturally aligned 1/2/4/8-byte unit inside it is split between
