@@ -20,6 +20,8 @@ const RAM2_SIZE: u64 = 0x1000;
 const ROM_BASE: u64 = 0x20000;
 const MMIO_BASE: u64 = 0x30000;
 const HOLE: u64 = 0x40000;
+const RESERVED: u64 = 0x50000;
+const ROMD_BASE: u64 = 0x60000;
 
 struct Rig {
     _topo: Topology,
@@ -28,6 +30,8 @@ struct Rig {
     ram2: MemoryRegion,
     rom: MemoryRegion,
     dev: Arc<LogDevice>,
+    romd: MemoryRegion,
+    romd_dev: Arc<LogDevice>,
 }
 
 fn rig() -> Rig {
@@ -42,7 +46,12 @@ fn rig() -> Rig {
     spaces.system.add_subregion(RAM2_BASE, &ram2).unwrap();
     spaces.system.add_subregion(ROM_BASE, &rom).unwrap();
     spaces.system.add_subregion(MMIO_BASE, &mmio).unwrap();
-    Rig { _topo: topo, spaces, ram, ram2, rom, dev }
+    let reserved = topo.new_reservation("reserved", 0x1000).unwrap();
+    spaces.system.add_subregion(RESERVED, &reserved).unwrap();
+    let romd_dev = Arc::new(LogDevice::default());
+    let romd = topo.new_rom_device_arc("romd", romd_dev.clone(), OpsConfig::default(), 0x1000).unwrap();
+    spaces.system.add_subregion(ROMD_BASE, &romd).unwrap();
+    Rig { _topo: topo, spaces, ram, ram2, rom, dev, romd, romd_dev }
 }
 
 impl Rig {
@@ -557,6 +566,31 @@ fn unassigned_atomics_read_zero_and_drop_the_write() {
     // Off the top of the 64-bit space.
     assert_eq!(rig.mem().atomic_rmw(u64::MAX - 2, 8, AtomicRmw::Add(1)), (0, MemTxResult::DecodeError));
     assert_eq!(acc.atomic_rmw(u64::MAX, 1, AtomicRmw::Add(1)), (0, MemTxResult::DecodeError));
+}
+
+#[test]
+fn reservation_atomics_are_answered_not_served() {
+    let rig = rig();
+    let mut acc = rig.mem().accessor();
+    assert_eq!(rig.mem().atomic_rmw(RESERVED + 4, 4, AtomicRmw::Add(1)), (0, MemTxResult::ReservationAccess));
+    assert_eq!(acc.atomic_compare_exchange(RESERVED, 8, 0, 1), (Ok(0), MemTxResult::ReservationAccess));
+}
+
+#[test]
+fn rom_device_atomics_read_its_ram_in_romd_mode_and_write_through_its_ops() {
+    let rig = rig();
+    let mut acc = rig.mem().accessor();
+    rig.romd.ram().unwrap().write(0x10, &7u32.to_le_bytes()).unwrap();
+    *rig.romd_dev.reg.lock().unwrap() = 100;
+    // romd mode: the old value comes from the RAM, the new one goes to the
+    // device (which decides what the RAM becomes).
+    assert_eq!(rig.mem().atomic_rmw(ROMD_BASE + 0x10, 4, AtomicRmw::Add(1)), (7, MemTxResult::Ok));
+    assert_eq!(rig.romd_dev.take_log(), [('w', 0x10, 8, 4)]);
+    assert_eq!(rig.peek(ROMD_BASE + 0x10, 4), 7);
+    // Out of romd mode, both go to the device.
+    rig.romd.rom_device_set_readable(false).unwrap();
+    assert_eq!(acc.atomic_rmw(ROMD_BASE + 0x10, 4, AtomicRmw::Or(1)), (8, MemTxResult::Ok));
+    assert_eq!(rig.romd_dev.take_log(), [('r', 0x10, 8, 4), ('w', 0x10, 9, 4)]);
 }
 
 #[test]
