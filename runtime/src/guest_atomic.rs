@@ -33,7 +33,7 @@
 //! | writable RAM, host address a multiple of the size | one host atomic (`lock xadd`, `xchg`, `lock cmpxchg`...), `SeqCst` | everything: every other access through the runtime, and vCPUs running natively |
 //! | writable RAM, misaligned but inside one aligned 8-byte host word | a compare-exchange loop on that 8-byte word | everything, as above (a concurrent store to a neighbouring byte of the word makes the loop retry, never lost) |
 //! | writable RAM, crossing an aligned 8-byte host word (or a page, or from one RAM range into the next, or the edge of embedder-provided memory) | a process-wide lock held around a read, the operation and a write of the bytes | **other crossing atomics only**. A plain store or a lock-free atomic to the same bytes can land between its read and its write and be overwritten; each piece of its read and write is still atomic on its own (see [`ram`](crate::ram)) |
-//! | MMIO, ROM device, ROM, holes, or partly any of these | a read, then a write, through the ordinary paths (devices see a read and a write of the same size) | **nothing**: not atomic across vCPUs |
+//! | MMIO, ROM devices, ROM, reservations, holes, or partly any of these | a read, then a write, by the rules of `address_space_read`/`write` (devices see a read and a write of the same size) | **nothing**: not atomic across vCPUs |
 //!
 //! * **Split locks.** x86 makes even a `lock`ed access that crosses a cache
 //!   line atomic (the bus lock), and QEMU's TCG gets there by stopping every
@@ -54,7 +54,10 @@
 //!   write to ROM). A `fetch_update` whose `f` declines writes nothing and
 //!   returns [`MemTxResult::Ok`].
 //! * **Unassigned addresses.** Read as 0 and the write is dropped, with
-//!   [`MemTxResult::DecodeError`] (QEMU's unassigned access).
+//!   [`MemTxResult::DecodeError`] (QEMU's unassigned access); reservations
+//!   answer [`MemTxResult::ReservationAccess`] the same way.
+//! * **ROM devices** in romd mode give the old value from their memory and
+//!   receive the write through their ops, like any write to them.
 //! * **Sizes** other than 1, 2, 4 and 8 touch nothing and return
 //!   [`MemTxResult::DecodeError`] with an old value of 0.
 //! * **Alignment is the host's.** Lock-freedom depends on the host address:
