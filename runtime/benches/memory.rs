@@ -14,13 +14,14 @@ use baselines::{
 };
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use std::hint::black_box;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{
     build_machine, build_machine_within, dirty_one_percent, harvest_ram, io_map, ram_map, run_readers, scrambled_addrs,
     spare_base, topos_mover, DiffListener, NopListener, Writer, FAR_BASE, HARVEST_RAM,
 };
-use topos_runtime::{DirtyClient, FlatRange, MemTxResult, MemoryListener, Topology};
+use topos_runtime::{AtomicRmw, DirtyClient, FlatRange, MemTxResult, MemoryListener, Topology};
 use vm_device::bus::MmioAddress;
 use vm_device::device_manager::MmioManager;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -127,6 +128,19 @@ fn ram(c: &mut Criterion) {
     assert!(asp.accessor().read_u64(addr, 8) == (7, MemTxResult::Ok));
     vmm.memory().write_obj(7u64, ga).expect("write");
     assert_eq!(vmm.memory().read_obj::<u64>(ga).expect("read"), 7);
+    // The region's own accessors, and a direct mapping of the whole region.
+    let slice = region.ram().expect("ram slice");
+    let mut mapping = asp.map(0, RAM_SIZE, true).expect("map");
+    assert!(mapping.is_direct() && mapping.len() == RAM_SIZE);
+    let mut b8 = [0u8; 8];
+    slice.read(addr, &mut b8).expect("slice read");
+    assert_eq!(u64::from_le_bytes(b8), 7);
+    mapping.read(addr, &mut b8).expect("mapping read");
+    assert_eq!(u64::from_le_bytes(b8), 7);
+    // The old RAM copy (`copy_nonoverlapping`, i.e. `memcpy`) between host
+    // buffers, without the dispatch around it.
+    let host = vec![1u8; 64 << 10];
+    let mut host_w = vec![0u8; 64 << 10];
 
     let mut g = c.benchmark_group("ram_read8");
     g.bench_function("topos_asp", |b| {
@@ -141,6 +155,20 @@ fn ram(c: &mut Criterion) {
         b.iter(|| {
             let mut buf = [0u8; 8];
             let _ = acc.read(black_box(addr), &mut buf);
+            u64::from_le_bytes(buf)
+        })
+    });
+    g.bench_function("topos_ramslice", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; 8];
+            let _ = slice.read(black_box(addr), &mut buf);
+            u64::from_le_bytes(buf)
+        })
+    });
+    g.bench_function("topos_mapping", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; 8];
+            let _ = mapping.read(black_box(addr), &mut buf);
             u64::from_le_bytes(buf)
         })
     });
@@ -163,6 +191,20 @@ fn ram(c: &mut Criterion) {
             acc.write(black_box(addr), &v.to_le_bytes())
         })
     });
+    g.bench_function("topos_ramslice", |b| {
+        let mut v = 0u64;
+        b.iter(|| {
+            v = v.wrapping_add(1);
+            slice.write(black_box(addr), &v.to_le_bytes())
+        })
+    });
+    g.bench_function("topos_mapping", |b| {
+        let mut v = 0u64;
+        b.iter(|| {
+            v = v.wrapping_add(1);
+            mapping.write(black_box(addr), &v.to_le_bytes())
+        })
+    });
     g.bench_function("vm_memory", |b| {
         let mut v = 0u64;
         b.iter(|| {
@@ -180,6 +222,9 @@ fn ram(c: &mut Criterion) {
         let mut acc = asp.accessor();
         b.iter(|| acc.read(black_box(0x20_0000), &mut buf))
     });
+    g.bench_function("topos_ramslice", |b| b.iter(|| slice.read(black_box(0x20_0000), &mut buf)));
+    g.bench_function("topos_mapping", |b| b.iter(|| mapping.read(black_box(0x20_0000), &mut buf)));
+    g.bench_function("memcpy", |b| b.iter(|| buf.copy_from_slice(black_box(&host))));
     g.bench_function("vm_memory", |b| {
         b.iter(|| vmm.memory().read_slice(&mut buf, black_box(GuestAddress(0x20_0000))).expect("read"))
     });
@@ -192,8 +237,52 @@ fn ram(c: &mut Criterion) {
         let mut acc = asp.accessor();
         b.iter(|| acc.write(black_box(0x20_0000), &buf))
     });
+    g.bench_function("topos_ramslice", |b| b.iter(|| slice.write(black_box(0x20_0000), &buf)));
+    g.bench_function("topos_mapping", |b| b.iter(|| mapping.write(black_box(0x20_0000), &buf)));
+    g.bench_function("memcpy", |b| b.iter(|| black_box(&mut host_w).copy_from_slice(&buf)));
     g.bench_function("vm_memory", |b| {
         b.iter(|| vmm.memory().write_slice(&buf, black_box(GuestAddress(0x20_0000))).expect("write"))
+    });
+    g.finish();
+    drop(mapping);
+}
+
+/// Guest atomics on RAM: lock-free (naturally aligned, or misaligned inside
+/// one 8-byte word) and serialised (crossing a word), against a host atomic.
+fn ram_atomic(c: &mut Criterion) {
+    let topo = Topology::new();
+    let spaces = topo.standard_spaces().expect("spaces");
+    let region = topo.new_ram("ram", 0x10000).expect("ram");
+    spaces.system.add_subregion(0, &region).expect("map ram");
+    let asp = spaces.memory.clone();
+    // (name, address, size): aligned, inside one word, crossing a word.
+    let cases = [("aligned4", 0x100u64, 4u32), ("aligned8", 0x108, 8), ("in_word4", 0x111, 4), ("split8", 0x11c, 8)];
+    for (_, a, size) in cases {
+        assert!(asp.atomic_rmw(a, size, AtomicRmw::Add(1)) == (0, MemTxResult::Ok));
+        assert!(asp.accessor().atomic_rmw(a, size, AtomicRmw::Add(1)) == (1, MemTxResult::Ok));
+    }
+    let mut g = c.benchmark_group("ram_atomic_add");
+    for (name, a, size) in cases {
+        g.bench_function(BenchmarkId::new("topos_asp", name), |b| {
+            b.iter(|| asp.atomic_rmw(black_box(a), size, AtomicRmw::Add(1)))
+        });
+        g.bench_function(BenchmarkId::new("topos_accessor", name), |b| {
+            let mut acc = asp.accessor();
+            b.iter(|| acc.atomic_rmw(black_box(a), size, AtomicRmw::Add(1)))
+        });
+    }
+    let host = std::sync::atomic::AtomicU64::new(0);
+    g.bench_function("host_atomic_u64", |b| b.iter(|| black_box(&host).fetch_add(1, Ordering::SeqCst)));
+    g.finish();
+
+    let mut g = c.benchmark_group("ram_atomic_cmpxchg8");
+    g.bench_function("topos_accessor", |b| {
+        let mut acc = asp.accessor();
+        let mut v = 0u64;
+        b.iter(|| {
+            let (r, _) = acc.atomic_compare_exchange(black_box(0x200), 8, v, v.wrapping_add(1));
+            v = r.map_or_else(|actual| actual, |old| old.wrapping_add(1));
+        })
     });
     g.finish();
 }
@@ -582,6 +671,7 @@ fn main() {
     let mut c = config().configure_from_args();
     lookup(&mut c);
     ram(&mut c);
+    ram_atomic(&mut c);
     mmio(&mut c);
     contended(&mut c);
     commit(&mut c);

@@ -139,8 +139,10 @@ impl Mapping {
         matches!(self.kind, MapKind::Direct { .. })
     }
     /// The host address of the mapped bytes, valid until unmapped. Direct
-    /// mappings share memory with the guest and other threads: use raw
-    /// copies, not references.
+    /// mappings share memory with the guest and other threads: access them
+    /// with atomic (or volatile) operations, never through references or
+    /// plain copies (see [guest RAM](crate::docs#guest-ram)); prefer
+    /// [`read`](Self::read) and [`write`](Self::write).
     pub fn as_ptr(&self) -> *mut u8 {
         match &self.kind {
             MapKind::Direct { region, offset } => {

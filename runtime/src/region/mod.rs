@@ -471,7 +471,9 @@ impl MemoryRegion {
 
     /// `memory_region_get_ram_ptr`: the host address of the region's memory,
     /// valid while the region is alive. For KVM memslots and similar; use
-    /// [`ram`](Self::ram) for safe access.
+    /// [`ram`](Self::ram) for safe access. The memory is shared with the
+    /// guest and every vCPU: whoever dereferences the pointer must use atomic
+    /// (or volatile) accesses (see [guest RAM](crate::docs#guest-ram)).
     pub fn ram_ptr(&self) -> Result<*mut u8> {
         Ok(self.need_ram()?.host_ptr().as_ptr())
     }
