@@ -568,10 +568,12 @@ impl RamSlice {
     }
 
     /// Copies bytes into the region. Like a DMA by the embedder, this marks
-    /// nothing dirty; call `set_dirty` if a client must see it.
+    /// nothing dirty (call `set_dirty` if a client must see it), but a vCPU
+    /// watching the pages for code learns of it ([`CodeWatch`](crate::CodeWatch)).
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.check(off, buf.len())?;
         self.block().write_at(off, buf);
+        self.region.note_ram_write(off, buf.len() as u64, 0);
         Ok(())
     }
 
