@@ -1072,10 +1072,12 @@ impl Harness {
             h.all.push(r);
         }
         topo.listener_register(h.every.clone(), 2, None).map_err(fail)?;
+        h.log_regions(0);
         h.space_init(SYS)?;
         // What the other address spaces show: containers and aliases.
         let shown: Vec<usize> = containers.iter().chain(&aliases).copied().collect();
         for (i, s) in b.spaces.iter().enumerate() {
+            let made = h.all.len();
             let pool = &h.all[1..];
             let root = match s {
                 SpaceSpec::Region(k) => k.index(pool.len()) + 1,
@@ -1101,6 +1103,7 @@ impl Harness {
                     h.all.len() - 1
                 }
             };
+            h.log_regions(made);
             h.space_init(root)?;
         }
         // Populate everything in one transaction.
@@ -1167,7 +1170,23 @@ impl Harness {
         self.named += 1;
         let name = format!("as{}:{}", self.named, r.name());
         let asp = self.topo.address_space_init(&r, &name).map_err(fail)?;
+        self.log.push(format!("address_space_init({}) -> {name}", r.name()));
         self.register(asp, root)
+    }
+
+    /// Logs the regions made from `all[from]` on: size, and alias offset.
+    fn log_regions(&mut self, from: usize) {
+        if from >= self.all.len() {
+            return;
+        }
+        let list: Vec<String> = self.all[from..]
+            .iter()
+            .map(|r| match r.alias_target() {
+                Some(_) => format!("{} {:#x}@{:#x}", r.name(), r.size(), r.alias_offset()),
+                None => format!("{} {:#x}", r.name(), r.size()),
+            })
+            .collect();
+        self.log.push(format!("regions: {}", list.join(", ")));
     }
 
     fn register(&mut self, asp: AddressSpace, root: usize) -> Result<(), TestCaseError> {
@@ -1433,7 +1452,7 @@ impl Harness {
                 match self.topo.address_space_init(&r, &name) {
                     Ok(asp) => {
                         self.register(asp, k)?;
-                        (format!("address_space_init({})", r.name()), Ok(()))
+                        (format!("address_space_init({}) -> {name}", r.name()), Ok(()))
                     }
                     Err(e) => (format!("address_space_init({})", r.name()), Err(e)),
                 }
