@@ -18,8 +18,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Concurrent map/unmap stress: reader threads access RAM and MMIO while
-    /// a writer maps, unmaps, moves and overlays regions; every read is
-    /// checked against the committed topologies.
+    /// a writer maps, unmaps, moves and overlays regions; reads are checked
+    /// against the committed topologies (sampled in batches, memory bounded).
     Stress {
         /// Reader threads (default: the number of cores).
         #[arg(long)]
