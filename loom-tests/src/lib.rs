@@ -19,7 +19,7 @@
 
 /// Helpers shared by the models.
 pub mod model {
-    use topos_runtime::{AddressSpace, MemoryRegion, Result, Topology};
+    use topos_runtime::{AddressSpace, FlatView, MemoryRegion, Result, Topology};
 
     /// A topology with one 64 KiB root container in address space "m".
     pub fn small() -> Result<(Topology, MemoryRegion, AddressSpace)> {
@@ -31,6 +31,16 @@ pub mod model {
 
     /// The (start, region name) pairs of the address space's current view.
     pub fn layout(asp: &AddressSpace) -> Vec<(u64, String)> {
-        asp.view().ranges().iter().map(|r| (r.start(), r.region().name().to_string())).collect()
+        layout_of(&asp.view())
+    }
+
+    /// The (start, region name) pairs of a view.
+    pub fn layout_of(view: &FlatView) -> Vec<(u64, String)> {
+        view.ranges().iter().map(|r| (r.start(), r.region().name().to_string())).collect()
+    }
+
+    /// A layout written out: `[(0, "a")]` from `&[(0, "a")]`.
+    pub fn lay(pairs: &[(u64, &str)]) -> Vec<(u64, String)> {
+        pairs.iter().map(|(a, n)| (*a, n.to_string())).collect()
     }
 }
