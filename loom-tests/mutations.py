@@ -5,8 +5,11 @@ Each mutation in `mutations.toml` (next to this script) names a file of the
 workspace, a piece of text that must occur in it exactly once, its
 replacement, and the model expected to catch it. For each mutation the
 script applies it, builds the model, runs it, and restores the file (also
-on an error or Ctrl-C; a run killed outright is repaired at the next start
-from the journal in `target/mutations/`). A mutation is
+on an error, Ctrl-C or SIGTERM; a run killed outright is repaired at the
+next start from the journal in `target/mutations/`). With `--scratch` it
+works instead in a separate git worktree of the committed HEAD
+(`target/mutations/worktree`), so the working tree is never touched and can
+be edited meanwhile. A mutation is
 
 * caught    if the build succeeds and the model (or the suite) fails,
 * survived  if the model passes,
@@ -21,6 +24,7 @@ that fails anyway would "catch" everything); `--no-baseline` skips that.
     python3 loom-tests/mutations.py --only gen-relaxed-store dirty-word-swap
     python3 loom-tests/mutations.py --list           # the list, without running
     python3 loom-tests/mutations.py --equivalent     # also run the equivalent mutants
+    python3 loom-tests/mutations.py --scratch        # mutate a worktree of HEAD, not this tree
 
 Models run as CI runs them: `LOOM_MAX_PREEMPTIONS=2`, `RUSTFLAGS="--cfg
 topos_loom"`, release, `--target-dir target/loom` (so builds are shared with
@@ -49,6 +53,8 @@ def workspace_root() -> Path:
 ROOT = workspace_root()
 STATE = ROOT / "target" / "mutations"
 JOURNAL = STATE / "journal.json"
+# Where mutations are applied and cargo runs: ROOT, or a scratch worktree.
+TREE = ROOT
 
 
 # ----- the list -----------------------------------------------------------------
@@ -101,6 +107,8 @@ def commands(m, suite: bool):
     base = ["cargo", "test", "-p", pkg]
     if m.get("loom", True):
         base += ["--release", "--target-dir", str(ROOT / "target" / "loom")]
+    else:
+        base += ["--target-dir", str(ROOT / "target")]
     if suite:
         return base + ["--no-run"], base
     target, name = split_model(m["model"])
@@ -117,7 +125,7 @@ def run(cmd, env, timeout, log):
     with open(log, "a") as f:
         f.write(f"\n$ {cmd if shell else ' '.join(cmd)}\n")
         f.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, shell=shell, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(cmd, cwd=TREE, env=env, shell=shell, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -148,7 +156,7 @@ class Applied:
 
     def __init__(self, m):
         self.m = m
-        self.path = ROOT / m["file"]
+        self.path = TREE / m["file"]
 
     def check(self):
         """None if the mutation applies, else why not."""
@@ -172,6 +180,24 @@ class Applied:
         return False
 
 
+def scratch_worktree() -> Path:
+    """A worktree of HEAD under target/mutations, created or reset."""
+    wt = STATE / "worktree"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    if not (wt / ".git").exists():
+        STATE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(wt), head], cwd=ROOT, check=True, capture_output=True)
+    else:
+        subprocess.run(["git", "checkout", "--detach", "--force", head], cwd=wt, check=True, capture_output=True)
+        subprocess.run(["git", "clean", "-fdq"], cwd=wt, check=True)
+    print(f"scratch worktree at {head[:12]}: {wt} (remove with `git worktree remove {wt}`)")
+    return wt
+
+
+def interrupted(*_):
+    raise KeyboardInterrupt
+
+
 # ----- main ---------------------------------------------------------------------
 
 
@@ -184,9 +210,11 @@ def main():
     ap.add_argument("--list", action="store_true", help="print the list and exit")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the models")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model run (a hang counts as caught)")
+    ap.add_argument("--scratch", action="store_true", help="apply the mutations in a worktree of HEAD, not in this tree")
     args = ap.parse_args()
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    global TREE
+    signal.signal(signal.SIGTERM, interrupted)
     restore_from_journal()
     muts, equivalent = load_list(args.list_file)
     chosen = muts + (equivalent if args.equivalent or args.only else [])
@@ -198,9 +226,12 @@ def main():
 
     if args.list:
         for m in muts + equivalent:
-            tag = " (equivalent)" if m["kind"] == "equivalent" else ""
-            print(f"{m['id']:<28} {m['model']:<44} {m['description']}{tag}")
+            tag = "  [equivalent]" if m["kind"] == "equivalent" else ""
+            print(f"{m['id']}  ->  {m['model']}{tag}\n    {m['file']}: {m['description']}")
         return 0
+
+    if args.scratch:
+        TREE = scratch_worktree()
 
     STATE.mkdir(parents=True, exist_ok=True)
     log = STATE / "log.txt"
@@ -238,7 +269,7 @@ def main():
                     result = {"fail": "caught", "timeout": "caught (timeout)", "ok": "survived"}[r]
         secs = time.monotonic() - t0
         results.append((m, result, secs))
-        print(f"{m['id']:<28} {result:<24} {secs:6.0f}s  {m['model']}", flush=True)
+        print(f"{m['id']:<34} {result:<24} {secs:6.0f}s  {m['model']}", flush=True)
 
     print()
     wid = max(len(m["id"]) for m, _, _ in results) if results else 2
