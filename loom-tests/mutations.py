@@ -225,6 +225,7 @@ def main():
         chosen = [m for m in chosen if m["id"] in args.only]
 
     if args.list:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         for m in muts + equivalent:
             tag = "  [equivalent]" if m["kind"] == "equivalent" else ""
             print(f"{m['id']}  ->  {m['model']}{tag}\n    {m['file']}: {m['description']}")

@@ -1,6 +1,11 @@
 //! RCU publish/retire: a reader holding a view keeps it, and every region it
-//! references, alive; readers see the old or the new view, never a mix; the
-//! old view is freed after its last reader.
+//! references, alive; readers see one transaction's views whole, old or new,
+//! never a mix; the old view is freed after its last reader.
+//!
+//! The loom RCU cell holds retired values only weakly, as arc-swap does (see
+//! the runtime's `sync` module), so "freed after the last reader" checks
+//! that nothing in the runtime (render caches, the commit) keeps a retired
+//! view or a removed region.
 #![cfg(topos_loom)]
 
 use loom::thread;
