@@ -85,3 +85,48 @@ fn commits_do_not_interleave_and_follow_priority() {
         }
     });
 }
+
+/// A synchronous listener that mirrors the ranges it is told about, as the
+/// KVM memslot mirror does. Its state is behind a loom mutex, so that loom
+/// sees the reader and the listener touch it and tries both orders.
+#[derive(Default)]
+struct Mirror(loom::sync::Mutex<Vec<u64>>);
+
+impl MemoryListener for Mirror {
+    fn region_add(&self, s: &MemoryRegionSection) -> ListenerResult {
+        self.0.lock().unwrap().push(s.offset_within_address_space);
+        Ok(())
+    }
+    fn region_del(&self, s: &MemoryRegionSection) -> ListenerResult {
+        self.0.lock().unwrap().retain(|a| *a != s.offset_within_address_space);
+        Ok(())
+    }
+}
+
+/// A commit calls the listeners before it publishes the view: a vCPU that
+/// reaches a new range finds it in the memslot mirror already.
+#[test]
+fn a_reader_never_sees_a_range_before_the_listeners_do() {
+    loom::model(|| {
+        let (topo, root, asp) = small().unwrap();
+        let mirror = Arc::new(Mirror::default());
+        let id = topo.listener_register(mirror.clone(), 0, Some(&asp)).unwrap();
+        let a = topo.new_ram("a", 0x1000).unwrap();
+        // The reader is spawned and the writer runs first, so that loom's
+        // DPOR moves the reader's load back into the commit (it remembers
+        // only the last access to the view, which the commit loads itself).
+        let vcpu = {
+            let asp = asp.clone();
+            let mirror = mirror.clone();
+            thread::spawn(move || {
+                if asp.view().lookup(0x10).is_some() {
+                    assert!(mirror.0.lock().unwrap().contains(&0), "the guest reached a range no listener was told of");
+                }
+            })
+        };
+        root.add_subregion(0, &a).unwrap();
+        vcpu.join().unwrap();
+        assert_eq!(*mirror.0.lock().unwrap(), vec![0]);
+        topo.listener_unregister(id).unwrap();
+    });
+}

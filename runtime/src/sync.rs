@@ -7,9 +7,11 @@
 //! runtime's own protocols rather than a copy of them.
 //!
 //! * [`Rcu`] is the publication cell for FlatViews and other read-mostly
-//!   snapshots: `arc-swap` normally, a loom mutex around an `Arc` under loom
-//!   (arc-swap has no loom hooks; its own correctness rests on its miri and
-//!   sanitizer runs).
+//!   snapshots: `arc-swap` normally; under loom, a loom atomic index over the
+//!   published values with arc-swap's documented orderings, so that loom
+//!   explores stale loads of the cell (see the loom `Rcu` for why and how;
+//!   arc-swap has no loom hooks, and its own correctness rests on its miri
+//!   and sanitizer runs).
 //! * [`Mutex`] never reports poisoning: a panicking listener or device must not
 //!   wedge the topology for everybody else, and every critical section in the
 //!   runtime leaves its data consistent before it calls out.
@@ -135,8 +137,50 @@ impl<T> Rcu<T> {
     }
 }
 
+/// The loom stand-in for arc-swap: a publication whose *visibility* loom
+/// explores.
+///
+/// arc-swap has no loom hooks, and a mutex around an `Arc` (the first
+/// stand-in) made every load see the latest value, so loom could not tell
+/// whether the runtime's own atomics (a generation stored `Release` after the
+/// view, a flag stored after a list) order publication correctly: a reader
+/// that saw a new generation always got the new view anyway. Here the
+/// current value is named by a loom atomic index, swapped `AcqRel` and
+/// loaded `Acquire` — the orderings arc-swap documents for its pointer
+/// (`arc_swap::docs::internal`, "Memory orders") — so a load that is not
+/// ordered after a swap by happens-before may return the value before it,
+/// exactly as loom lets any atomic load return a stale store. A reader that
+/// pairs such a stale value with a newer generation is what the models
+/// catch.
+///
+/// Lifetimes stay arc-swap's: the cell holds one strong reference to the
+/// current value and hands it back from [`swap`](Self::swap); retired values
+/// are kept only weakly, so a retired view is freed after its last reader
+/// (the `flatview_publish` model checks this). A stale load corresponds to a
+/// real load linearized before the swap, which arc-swap would have protected
+/// with a debt; if the value has been freed since, the model cannot hand it
+/// out and returns the oldest live value published after it instead (what a
+/// load ordered later would return; dead values never revive, so a thread's
+/// loads still never go back in time). Values live in a std mutex, invisible
+/// to loom and never held across a loom operation: the atomic index alone
+/// carries the modelled happens-before edges.
 #[cfg(topos_loom)]
-pub(crate) struct Rcu<T>(loom::sync::Mutex<Arc<T>>);
+pub(crate) struct Rcu<T> {
+    /// The index in `values` of the current value.
+    current: loom::sync::atomic::AtomicUsize,
+    /// Serialises writers as arc-swap's single `swap` RMW does (an `AcqRel`
+    /// chain of swaps gives writers the same happens-before edges).
+    writer: loom::sync::Mutex<()>,
+    /// Every value published, by index.
+    values: std::sync::Mutex<Vec<RcuSlot<T>>>,
+}
+
+/// A value of a loom [`Rcu`]: the current one is held, retired ones are not.
+#[cfg(topos_loom)]
+enum RcuSlot<T> {
+    Current(Arc<T>),
+    Retired(Weak<T>),
+}
 
 #[cfg(topos_loom)]
 pub(crate) type RcuGuard<T> = Arc<T>;
@@ -144,16 +188,42 @@ pub(crate) type RcuGuard<T> = Arc<T>;
 #[cfg(topos_loom)]
 impl<T> Rcu<T> {
     pub(crate) fn new(value: Arc<T>) -> Self {
-        Self(loom::sync::Mutex::new(value))
+        Self {
+            current: loom::sync::atomic::AtomicUsize::new(0),
+            writer: loom::sync::Mutex::new(()),
+            values: std::sync::Mutex::new(vec![RcuSlot::Current(value)]),
+        }
     }
+
     pub(crate) fn load(&self) -> RcuGuard<T> {
-        self.0.lock().unwrap().clone()
+        let i = self.current.load(Ordering::Acquire);
+        let values = self.values.lock().unwrap();
+        values[i..]
+            .iter()
+            .find_map(|v| match v {
+                RcuSlot::Current(a) => Some(a.clone()),
+                RcuSlot::Retired(w) => w.upgrade(),
+            })
+            .expect("the current value is held")
     }
+
     pub(crate) fn load_full(&self) -> Arc<T> {
-        self.0.lock().unwrap().clone()
+        self.load()
     }
+
     pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
-        std::mem::replace(&mut *self.0.lock().unwrap(), value)
+        let _w = self.writer.lock().unwrap();
+        let n = {
+            let mut values = self.values.lock().unwrap();
+            values.push(RcuSlot::Current(value));
+            values.len() - 1
+        };
+        let old = self.current.swap(n, Ordering::AcqRel);
+        let mut values = self.values.lock().unwrap();
+        let RcuSlot::Current(a) = &values[old] else { unreachable!("only the current value is swapped out") };
+        let a = a.clone();
+        values[old] = RcuSlot::Retired(Arc::downgrade(&a));
+        a
     }
 }
 
