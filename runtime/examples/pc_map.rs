@@ -50,7 +50,7 @@ fn main() -> Result<(), topos_runtime::Error> {
         topo.new_io("serial", Tagged { tag: 0x60, writes: AtomicU64::new(0) }, OpsConfig::with_impl(1, 1), 8)?;
     s.io.add_subregion(0x3f8, &serial)?;
 
-    print!("{}", topo.mtree(MtreeOptions::default()));
+    print!("{}", topo.mtree(MtreeOptions::default())?);
 
     // A reader keeps reading the BAR's first register at both places it
     // alternates between; it must always see the device or nothing.
@@ -85,6 +85,6 @@ fn main() -> Result<(), topos_runtime::Error> {
     let mut reset_vector = [0u8; 5];
     let _ = s.memory.read(0xffff_fff0, &mut reset_vector);
     println!("reset vector bytes: {reset_vector:02x?}");
-    print!("{}", topo.mtree(MtreeOptions { flatview: true, ..Default::default() }));
+    print!("{}", topo.mtree(MtreeOptions { flatview: true, ..Default::default() })?);
     Ok(())
 }

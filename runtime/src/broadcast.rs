@@ -231,10 +231,16 @@ impl Topology {
     }
 
     /// Every address space with its current view, at one generation.
+    ///
+    /// Built with the topology's turn held (so after any transaction open on
+    /// another thread). A thread that holds a device's turn may not wait for
+    /// it: there the snapshot is read without the turn, retrying until no
+    /// commit was publishing meanwhile, and leaves out address spaces whose
+    /// creation is not committed yet. Either way it is one generation.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        // Built on demand with the turn held, so no commit is half done. (Not
-        // kept per commit: the shared state that regions point to must not
-        // hold the address spaces, or the topology would keep itself alive.)
+        // Built on demand, not kept per commit: the shared state that regions
+        // point to must not hold the address spaces, or the topology would
+        // keep itself alive.
         let build = || {
             let spaces = self.address_spaces().into_iter().map(|a| {
                 let v = a.view();
@@ -242,6 +248,20 @@ impl Topology {
             });
             Arc::new(Snapshot { generation: self.generation(), spaces: spaces.collect() })
         };
-        self.with_query(build).unwrap_or_else(|_| build())
+        self.with_query(build).unwrap_or_else(|_| {
+            self.shared().read_published(|| {
+                let generation = self.generation();
+                let spaces = self
+                    .address_spaces()
+                    .into_iter()
+                    // Never published: created in a transaction still open.
+                    .filter(|a| a.generation() > 0)
+                    .map(|a| {
+                        let v = a.view();
+                        (a, v)
+                    });
+                Arc::new(Snapshot { generation, spaces: spaces.collect() })
+            })
+        })
     }
 }

@@ -54,6 +54,7 @@ impl Topology {
         if topo {
             ls.each_forward("begin", |l| l.begin());
         }
+        self.shared().begin_publication();
         for (asp, root) in ases.iter().zip(&roots) {
             let mut sd = SpaceDiff { address_space: asp.id(), name: asp.name_arc().clone(), ..Default::default() };
             let old = asp.view();
@@ -93,7 +94,7 @@ impl Topology {
             }
         }
         // Every view is out: the generation may say so.
-        self.shared().set_generation(generation);
+        self.shared().end_publication(generation);
         if topo {
             ls.each_forward("commit", |l| l.commit());
         }

@@ -1,5 +1,6 @@
 //! `info mtree` text, in the format of QEMU 7.2.
 
+use crate::error::Result;
 use crate::region::{MemoryRegion, RegionKind};
 use crate::sync::Arc;
 use crate::topology::Topology;
@@ -115,16 +116,21 @@ impl Topology {
     /// Address spaces sharing a root are printed once under one
     /// `address-space:` line each (sorted by name), groups in address-space
     /// creation order; then every alias target as `memory-region:`.
-    pub fn mtree(&self, opts: MtreeOptions) -> String {
-        let mut out = String::new();
-        let _ = self.with_query(|| {
+    ///
+    /// It reads the region tree with the topology's turn held, so it fails
+    /// with [`Error::InsideDeviceTurn`](crate::Error::InsideDeviceTurn) on a
+    /// thread that holds a device's turn (and waits for other threads' open
+    /// transactions).
+    pub fn mtree(&self, opts: MtreeOptions) -> Result<String> {
+        self.with_query(|| {
+            let mut out = String::new();
             if opts.flatview {
                 self.mtree_flatviews(&mut out);
             } else {
                 self.mtree_trees(&mut out, opts.disabled);
             }
-        });
-        out
+            out
+        })
     }
 
     fn mtree_trees(&self, out: &mut String, disabled: bool) {

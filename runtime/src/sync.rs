@@ -17,14 +17,14 @@
 //!   runtime leaves its data consistent before it calls out.
 
 #[cfg(not(topos_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 // Reference counting stays std's under loom too: loom's `Arc` has no `Weak`
 // and no unsized values, and the protocols under test are the publication,
 // locking and atomics around the counts, not the counts themselves.
 pub(crate) use std::sync::{Arc, Weak};
 
 #[cfg(topos_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 #[cfg(not(topos_loom))]
 pub(crate) use std::thread_local;
@@ -42,6 +42,18 @@ pub(crate) fn current_thread_id() -> std::thread::ThreadId {
 #[cfg(topos_loom)]
 pub(crate) fn current_thread_id() -> loom::thread::ThreadId {
     loom::thread::current().id()
+}
+
+/// Lets other threads run (loom's scheduler under loom).
+#[cfg(not(topos_loom))]
+pub(crate) fn yield_now() {
+    std::thread::yield_now();
+}
+
+/// Lets other threads run (loom's scheduler under loom).
+#[cfg(topos_loom)]
+pub(crate) fn yield_now() {
+    loom::thread::yield_now();
 }
 
 /// The type of [`current_thread_id`].
@@ -159,9 +171,11 @@ impl<T> Rcu<T> {
 /// (the `flatview_publish` model checks this). A stale load corresponds to a
 /// real load linearized before the swap, which arc-swap would have protected
 /// with a debt; if the value has been freed since, the model cannot hand it
-/// out and returns the oldest live value published after it instead (what a
-/// load ordered later would return; dead values never revive, so a thread's
-/// loads still never go back in time). Values live in a std mutex, invisible
+/// out and instead orders the load after every swap so far (taking the
+/// writers' lock) and returns the current value, with the happens-before
+/// edges a load of it carries (returning a newer value without them would
+/// let a reader see a view before the stores that preceded its
+/// publication, which no real load can). Values live in a std mutex, invisible
 /// to loom and never held across a loom operation: the atomic index alone
 /// carries the modelled happens-before edges.
 #[cfg(topos_loom)]
@@ -197,14 +211,29 @@ impl<T> Rcu<T> {
 
     pub(crate) fn load(&self) -> RcuGuard<T> {
         let i = self.current.load(Ordering::Acquire);
+        {
+            let values = self.values.lock().unwrap();
+            match &values[i] {
+                RcuSlot::Current(a) => return a.clone(),
+                RcuSlot::Retired(w) => {
+                    if let Some(a) = w.upgrade() {
+                        return a;
+                    }
+                }
+            }
+        }
+        // The value this (stale) load found is gone. A real load that
+        // returns a newer value synchronizes with the swap that published
+        // it, so order this one after every swap so far (the writers' lock)
+        // and load again: the current value, with the happens-before edges
+        // a reader of it has.
+        let _w = self.writer.lock().unwrap();
+        let i = self.current.load(Ordering::Acquire);
         let values = self.values.lock().unwrap();
-        values[i..]
-            .iter()
-            .find_map(|v| match v {
-                RcuSlot::Current(a) => Some(a.clone()),
-                RcuSlot::Retired(w) => w.upgrade(),
-            })
-            .expect("the current value is held")
+        match &values[i] {
+            RcuSlot::Current(a) => a.clone(),
+            RcuSlot::Retired(_) => unreachable!("with the writers' lock held the index names the current value"),
+        }
     }
 
     pub(crate) fn load_full(&self) -> Arc<T> {

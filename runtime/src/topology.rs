@@ -15,7 +15,7 @@ use crate::listener::{ListenerEntry, ListenerId};
 use crate::ops::{MemoryRegionOps, OpsConfig, RegionOps};
 use crate::ram::RamBlock;
 use crate::region::{check_size, MemoryRegion, RegionKind};
-use crate::sync::{thread_local, Arc, AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering, Rcu, Weak};
+use crate::sync::{fence, thread_local, Arc, AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering, Rcu, Weak};
 use crate::transaction::{Intent, Turn};
 use crate::types::HwAddr;
 use std::ptr::NonNull;
@@ -32,6 +32,10 @@ pub(crate) struct TopoShared {
     flush_hook: Rcu<Option<Weak<dyn Fn() + Send + Sync>>>,
     /// The generation of the last commit whose views are all published.
     generation: AtomicU64,
+    /// A sequence count, odd while a commit is publishing its views: lets a
+    /// reader that cannot take the turn read every view at one generation
+    /// (a seqlock; see `Topology::snapshot`).
+    publication: AtomicU64,
     /// Writes that hit a watched code page (see `code_watch.rs`).
     code_epoch: AtomicU64,
     diffs: DiffSender,
@@ -51,9 +55,36 @@ impl TopoShared {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Moves the topology's generation (the commit, after publishing).
-    pub(crate) fn set_generation(&self, generation: u64) {
+    /// A commit starts publishing views (turn holder only).
+    pub(crate) fn begin_publication(&self) {
+        let s = self.publication.load(Ordering::Relaxed);
+        self.publication.store(s + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+    }
+
+    /// Every view of commit `generation` is published: the topology's
+    /// generation moves (turn holder only).
+    pub(crate) fn end_publication(&self, generation: u64) {
         self.generation.store(generation, Ordering::Release);
+        let s = self.publication.load(Ordering::Relaxed);
+        self.publication.store(s + 1, Ordering::Release);
+    }
+
+    /// Runs `read` until it ran while no commit was publishing, and returns
+    /// its result (the read side of the `publication` seqlock; `read` must
+    /// only load atomics and published views).
+    pub(crate) fn read_published<R>(&self, mut read: impl FnMut() -> R) -> R {
+        loop {
+            let s1 = self.publication.load(Ordering::Acquire);
+            if s1 % 2 == 0 {
+                let r = read();
+                fence(Ordering::Acquire);
+                if self.publication.load(Ordering::Relaxed) == s1 {
+                    return r;
+                }
+            }
+            crate::sync::yield_now();
+        }
     }
 
     pub(crate) fn code_write_epoch(&self) -> u64 {
@@ -175,6 +206,7 @@ impl Topology {
                 global_dirty: AtomicBool::new(false),
                 flush_hook: Rcu::new(Arc::new(None)),
                 generation: AtomicU64::new(0),
+                publication: AtomicU64::new(0),
                 code_epoch: AtomicU64::new(0),
                 diffs: tx,
             }),

@@ -100,15 +100,15 @@ fn assert_text(actual: &str, expected: &str) {
 }
 
 fn mtree(topo: &Topology) -> String {
-    topo.mtree(MtreeOptions::default())
+    topo.mtree(MtreeOptions::default()).unwrap()
 }
 
 fn mtree_disabled(topo: &Topology) -> String {
-    topo.mtree(MtreeOptions { disabled: true, ..Default::default() })
+    topo.mtree(MtreeOptions { disabled: true, ..Default::default() }).unwrap()
 }
 
 fn mtree_flat(topo: &Topology) -> String {
-    topo.mtree(MtreeOptions { flatview: true, ..Default::default() })
+    topo.mtree(MtreeOptions { flatview: true, ..Default::default() }).unwrap()
 }
 
 // ----- F1–F12: flattening ------------------------------------------------------

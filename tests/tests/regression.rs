@@ -265,7 +265,7 @@ fn abandoned_transaction_is_completed_by_the_next_user(
     assert_eq!(s.memory.view().lookup(0x2000).map(|r| r.region().name().to_string()), Some("ram".into()));
     assert_eq!(s.memory.view().lookup(0x8000).map(|r| r.region().name().to_string()), Some("other".into()));
     assert!(matches!(topo.faults().as_slice(), [Fault::TransactionAbandoned { .. }]), "{:?}", topo.faults());
-    assert!(!topo.mtree(Default::default()).is_empty());
+    assert!(!topo.mtree(Default::default()).unwrap().is_empty());
     let _ = topo.snapshot();
     let _ = topo.subscribe().unwrap();
 }

@@ -81,15 +81,17 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Command::Mtree { flatview, disabled } => match board::Board::new() {
-            Ok(b) => {
-                print!("{}", b.topo.mtree(MtreeOptions { flatview, disabled }));
-                std::process::ExitCode::SUCCESS
+        Command::Mtree { flatview, disabled } => {
+            match board::Board::new().and_then(|b| b.topo.mtree(MtreeOptions { flatview, disabled })) {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("topos: {e}");
+                    std::process::ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("topos: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+        }
     }
 }
