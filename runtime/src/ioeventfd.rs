@@ -103,10 +103,11 @@ pub(crate) struct RegionEventfds {
     list: Mutex<Vec<Ioeventfd>>,
     /// Snapshot of `list` for the dispatch path.
     published: Rcu<Vec<Ioeventfd>>,
-    /// Whether `published` is non-empty. Stored (Release) after each
-    /// publication, so a reader that sees it set and then loads `published`
-    /// sees at least the list that set it; when clear, dispatch skips the
-    /// load.
+    /// Whether `published` is non-empty: a hint that lets dispatch skip the
+    /// load of `published` for the (many) regions without ioeventfds. The
+    /// list decides; a stale flag only gives the answer of a write that ran
+    /// just before the change, which a racing write may get anyway (the loom
+    /// mutation list records this as an equivalent mutant).
     present: AtomicBool,
 }
 
