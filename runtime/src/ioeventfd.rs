@@ -174,18 +174,9 @@ impl MemoryRegion {
         notifier: &EventNotifier,
     ) -> Result<()> {
         let fd = self.make_ioeventfd(addr, size, match_data, data, notifier)?;
-        self.mutate(|topo| {
-            let state = self.eventfd_state();
-            let mut list = state.list.lock();
+        self.change_eventfds(|list| {
             let pos = list.iter().position(|o| fd.before(o)).unwrap_or(list.len());
             list.insert(pos, fd);
-            state.publish(&list);
-            drop(list);
-            let pending = self.is_enabled();
-            topo.record(|i| {
-                i.eventfds_changed(pending);
-                i.damage(Damage::Eventfds(self.clone()));
-            });
             Ok(())
         })
     }
@@ -201,13 +192,23 @@ impl MemoryRegion {
         notifier: &EventNotifier,
     ) -> Result<()> {
         let fd = self.make_ioeventfd(addr, size, match_data, data, notifier)?;
-        self.mutate(|topo| {
-            let state = self.eventfd_state();
-            let mut list = state.list.lock();
+        self.change_eventfds(|list| {
             let Some(pos) = list.iter().position(|o| o.matches(&fd)) else {
                 return Err(Error::NoSuchEventfd(self.name().to_string()));
             };
             list.remove(pos);
+            Ok(())
+        })
+    }
+
+    /// Changes the region's ioeventfd list with `edit` (as one mutation),
+    /// publishes it to the dispatch path and records where the address
+    /// spaces' sets must be recomputed.
+    fn change_eventfds(&self, edit: impl FnOnce(&mut Vec<Ioeventfd>) -> Result<()>) -> Result<()> {
+        self.mutate(|topo| {
+            let state = self.eventfd_state();
+            let mut list = state.list.lock();
+            edit(&mut list)?;
             state.publish(&list);
             drop(list);
             let pending = self.is_enabled();

@@ -279,26 +279,26 @@ impl Listeners {
         self.entries.iter().map(|e| &**e)
     }
 
-    /// `callback` on every listener, Forward.
-    pub(crate) fn each_forward(
+    /// `callback` on each of `listeners`, in the order given.
+    fn each<'a>(
         &self,
+        listeners: impl Iterator<Item = &'a Arc<ListenerEntry>>,
         callback: &'static str,
         mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
     ) {
-        for l in &self.entries {
+        for l in listeners {
             self.call(l, callback, &mut f);
         }
     }
 
+    /// `callback` on every listener, Forward.
+    pub(crate) fn each_forward(&self, callback: &'static str, f: impl FnMut(&dyn MemoryListener) -> ListenerResult) {
+        self.each(self.entries.iter(), callback, f);
+    }
+
     /// `callback` on every listener, Reverse.
-    pub(crate) fn each_reverse(
-        &self,
-        callback: &'static str,
-        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
-    ) {
-        for l in self.entries.iter().rev() {
-            self.call(l, callback, &mut f);
-        }
+    pub(crate) fn each_reverse(&self, callback: &'static str, f: impl FnMut(&dyn MemoryListener) -> ListenerResult) {
+        self.each(self.entries.iter().rev(), callback, f);
     }
 
     /// `callback` on the listeners of address space `as_id`, Forward.
@@ -306,11 +306,9 @@ impl Listeners {
         &self,
         as_id: u64,
         callback: &'static str,
-        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+        f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
     ) {
-        for l in self.entries.iter().filter(|l| l.wants(as_id)) {
-            self.call(l, callback, &mut f);
-        }
+        self.each(self.entries.iter().filter(|l| l.wants(as_id)), callback, f);
     }
 
     /// `callback` on the listeners of address space `as_id`, Reverse.
@@ -318,18 +316,14 @@ impl Listeners {
         &self,
         as_id: u64,
         callback: &'static str,
-        mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
+        f: impl FnMut(&dyn MemoryListener) -> ListenerResult,
     ) {
-        for l in self.entries.iter().rev().filter(|l| l.wants(as_id)) {
-            self.call(l, callback, &mut f);
-        }
+        self.each(self.entries.iter().rev().filter(|l| l.wants(as_id)), callback, f);
     }
 
     /// `region_nop` on the listeners of `as_id` that want it, Forward.
-    pub(crate) fn each_nop_for(&self, as_id: u64, mut f: impl FnMut(&dyn MemoryListener) -> ListenerResult) {
-        for l in self.entries.iter().filter(|l| l.wants_nop && l.wants(as_id)) {
-            self.call(l, "region_nop", &mut f);
-        }
+    pub(crate) fn each_nop_for(&self, as_id: u64, f: impl FnMut(&dyn MemoryListener) -> ListenerResult) {
+        self.each(self.entries.iter().filter(|l| l.wants_nop && l.wants(as_id)), "region_nop", f);
     }
 
     /// Whether any listener of `as_id` wants `region_nop`.
