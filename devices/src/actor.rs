@@ -38,6 +38,7 @@ use crate::turn::{Held, Turn};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use topos_runtime::turns::{self, DeviceTurn};
 use topos_runtime::{EventNotifier, HwAddr, MemTxResult, MemoryRegionOps};
 
 /// A device model run by the harness.
@@ -117,13 +118,15 @@ impl DeviceCtx<'_> {
         tasks.push(task.abort_handle());
     }
 
-    /// Runs `f` on the calling thread right after the device's turn is given
-    /// back (before the access returns to the guest). Use it for work that
-    /// must not run while holding the turn, such as changing the topology:
-    /// a thread inside a topology transaction may be waiting for this device.
+    /// Runs `f` once the calling thread holds no turn at all — neither this
+    /// device's, nor another device's it was called from, nor the
+    /// topology's (see [`topos_runtime::turns::defer_until_no_turn`]).
+    /// Use it for work that may block, which a thread holding a device turn
+    /// must never do: changing the topology (a thread inside a transaction
+    /// may be waiting for this device), or a synchronous access to another
+    /// device.
     pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
-        self.shared.deferred.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
-        self.shared.has_deferred.store(true, Ordering::Release);
+        turns::defer_until_no_turn(f);
     }
 
     /// The device's name.
@@ -144,6 +147,10 @@ pub enum ActorError {
     /// The device was called from inside its own handler.
     #[error("re-entrant access to the device")]
     Reentrant,
+    /// The device is busy and the calling thread holds a device turn, so it
+    /// may not wait for it (see [`topos_runtime::turns`]).
+    #[error("the device is busy and the caller holds a device turn")]
+    WouldBlock,
 }
 
 type Call<D> = Box<dyn FnOnce(&mut D, &mut DeviceCtx<'_>) + Send>;
@@ -179,27 +186,6 @@ struct Shared {
     runtime: DeviceRuntime,
     poster: Poster,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
-    deferred: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
-    has_deferred: AtomicBool,
-}
-
-impl Shared {
-    /// Runs what handlers deferred (see [`DeviceCtx::defer`]).
-    #[inline]
-    fn run_deferred(&self) {
-        if self.has_deferred.load(Ordering::Acquire) {
-            let work = {
-                let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
-                self.has_deferred.store(false, Ordering::Release);
-                std::mem::take(&mut *d)
-            };
-            for f in work {
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-                    tracing::error!(device = %self.name, "deferred device work panicked");
-                }
-            }
-        }
-    }
 }
 
 struct Core<D: Device> {
@@ -287,14 +273,14 @@ impl<D: Device> Core<D> {
         }
     }
 
-    /// Gives the turn back, draining whatever was queued meanwhile, then runs
-    /// deferred work.
+    /// Gives the turn back, draining whatever was queued meanwhile; then, if
+    /// the thread holds no other turn, runs its deferred work.
     #[inline]
     fn finish(&self, mut held: Held<'_, D>) {
         loop {
             match held.try_release() {
-                Ok(()) => {
-                    self.shared.run_deferred();
+                Ok(marker) => {
+                    drop(marker);
                     return;
                 }
                 Err(h) => {
@@ -337,6 +323,11 @@ impl<D: Device> Core<D> {
             return r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
         }
         if self.turn.held_by_me() {
+            tracing::debug!(device = %self.shared.name, "re-entrant read refused");
+            return (0, MemTxResult::AccessError);
+        }
+        if turns::holds_device_turn() {
+            tracing::debug!(device = %self.shared.name, "read of a busy device from inside a device turn refused");
             return (0, MemTxResult::AccessError);
         }
         let (tx, rx) = flume::bounded(1);
@@ -355,6 +346,7 @@ impl<D: Device> Core<D> {
             return if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
         }
         if self.turn.held_by_me() {
+            tracing::debug!(device = %self.shared.name, "re-entrant write refused");
             return MemTxResult::AccessError;
         }
         self.post(Mail::Write { region, addr, value, size });
@@ -365,7 +357,10 @@ impl<D: Device> Core<D> {
 impl<D: Device> Drop for Core<D> {
     fn drop(&mut self) {
         // Last reference: nobody else can hold the turn. Apply what is still
-        // queued, then say goodbye.
+        // queued, then say goodbye — marked as holding a device turn, like
+        // any handler (this may run inside another device's handler or a
+        // topology commit that dropped the last view of the device).
+        let _marker = DeviceTurn::enter();
         let mails: Vec<Mail<D>> = self.rx.try_iter().collect();
         let Core { turn, failed, shared, .. } = self;
         let dev = turn.get_mut();
@@ -418,8 +413,6 @@ impl<D: Device> Spawned<D> {
             runtime: runtime.clone(),
             poster: poster.clone(),
             tasks: Mutex::new(Vec::new()),
-            deferred: Mutex::new(Vec::new()),
-            has_deferred: AtomicBool::new(false),
         });
         let core = Arc::new(Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared });
         let weak = Arc::downgrade(&core);
@@ -471,6 +464,10 @@ impl<D: Device> ActorHandle<D> {
         }
         if core.turn.held_by_me() {
             return Err(ActorError::Reentrant);
+        }
+        if turns::holds_device_turn() {
+            tracing::debug!(device = %core.shared.name, "call on a busy device from inside a device turn refused");
+            return Err(ActorError::WouldBlock);
         }
         let (tx, rx) = flume::bounded(1);
         core.post(Mail::Call(Box::new(move |d, ctx| {

@@ -16,6 +16,7 @@
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use topos_runtime::turns::DeviceTurn;
 
 const BUSY: usize = 1;
 const ONE: usize = 2;
@@ -52,7 +53,7 @@ impl<T> Turn<T> {
 
     fn held(&self) -> Held<'_, T> {
         self.owner.store(thread_token(), Ordering::Relaxed);
-        Held { turn: self }
+        Held { turn: self, marker: DeviceTurn::enter() }
     }
 
     /// Takes the turn if it is free and nothing is queued (the fast path).
@@ -92,9 +93,13 @@ impl<T> Turn<T> {
     }
 }
 
-/// Proof of holding the turn; gives access to the value.
+/// Proof of holding the turn; gives access to the value. It marks the
+/// thread as holding a device turn (`topos_runtime::turns`) for its whole
+/// life, so the thread's topology operations fail fast instead of waiting
+/// and work deferred with `defer_until_no_turn` waits for the release.
 pub(crate) struct Held<'a, T> {
     turn: &'a Turn<T>,
+    marker: DeviceTurn,
 }
 
 impl<T> Held<'_, T> {
@@ -110,12 +115,16 @@ impl<T> Held<'_, T> {
     }
 
     /// Gives the turn back if nothing is queued; otherwise keeps it (the
-    /// caller drains and tries again).
+    /// caller drains and tries again). On success it returns the thread's
+    /// turn marker: dropping it (once the caller is done) runs the thread's
+    /// deferred work if this was the last turn it held. The marker outlives
+    /// the release so that the deferred work never runs while the turn is
+    /// still taken: it may well access this very device.
     #[inline]
-    pub(crate) fn try_release(self) -> Result<(), Self> {
+    pub(crate) fn try_release(self) -> Result<DeviceTurn, Self> {
         self.turn.owner.store(0, Ordering::Relaxed);
         match self.turn.state.compare_exchange(BUSY, 0, Ordering::Release, Ordering::Relaxed) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(self.marker),
             Err(_) => {
                 self.turn.owner.store(thread_token(), Ordering::Relaxed);
                 Err(self)

@@ -314,3 +314,123 @@ fn deferred_topology_changes_do_not_deadlock_with_a_transaction() {
     // The deferred move happened once the vCPU had given the turn back.
     assert_eq!(ram.addr(), 0x8000);
 }
+
+/// A device whose write handler runs a script (the value written is passed
+/// on); reads return 0.
+#[allow(clippy::type_complexity)]
+struct Scripted(Box<dyn FnMut(&mut DeviceCtx<'_>, u64) + Send>);
+
+impl Device for Scripted {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, value: u64, _size: u32) {
+        (self.0)(ctx, value)
+    }
+}
+
+fn scripted(
+    b: &Board,
+    rt: &DeviceRuntime,
+    name: &str,
+    at: u64,
+    script: impl FnMut(&mut DeviceCtx<'_>, u64) + Send + 'static,
+) -> (topos_devices::ActorHandle<Scripted>, topos_devices::runtime::MemoryRegion) {
+    let s = Spawned::new(name, Scripted(Box::new(script)), vec![], rt);
+    let r = b.topo.new_io_arc(name, s.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(at, &r).unwrap();
+    (s.handle(), r)
+}
+
+#[test]
+fn handlers_run_marked_as_holding_a_device_turn() {
+    use topos_devices::runtime::turns;
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let ram = b.topo.new_ram("ram", 0x100).unwrap();
+    b.root.add_subregion(0x4000, &ram).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s2, ram2) = (seen.clone(), ram.clone());
+    let (_h, _r) = scripted(&b, &rt, "marked", 0x1000, move |_ctx, _| {
+        s2.lock().unwrap().push((turns::holds_device_turn(), ram2.set_enabled(false)));
+    });
+    assert!(!turns::holds_device_turn());
+    assert_eq!(b.mem.write_u64(0x1000, 1, 4), MemTxResult::Ok);
+    // A topology change from inside a handler is refused, not waited for.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].0, "the handler's thread was not marked");
+    assert!(matches!(seen[0].1, Err(topos_devices::runtime::Error::InsideDeviceTurn)), "{:?}", seen[0].1);
+    assert!(ram.is_enabled());
+    assert!(!turns::holds_device_turn(), "the mark outlived the turn");
+}
+
+#[test]
+fn work_deferred_inside_another_devices_turn_waits_for_that_turn_too() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    type Outer = topos_devices::ActorHandle<Scripted>;
+    let outer_slot: Arc<Mutex<Option<Outer>>> = Arc::new(Mutex::new(None));
+    let result = Arc::new(Mutex::new(None));
+    // The inner device defers work that needs the outer device.
+    let (slot, res) = (outer_slot.clone(), result.clone());
+    let (_inner, _ri) = scripted(&b, &rt, "inner", 0x2000, move |ctx, _| {
+        let (slot, res) = (slot.clone(), res.clone());
+        ctx.defer(move || {
+            let outer = slot.lock().unwrap().clone().unwrap();
+            *res.lock().unwrap() = Some(outer.with(|_, _| ()));
+        });
+    });
+    // The outer device writes the inner one from its handler.
+    let mem = b.mem.clone();
+    let (outer, _ro) = scripted(&b, &rt, "outer", 0x1000, move |_ctx, _| {
+        let _ = mem.write_u64(0x2000, 1, 4);
+    });
+    *outer_slot.lock().unwrap() = Some(outer);
+    assert_eq!(b.mem.write_u64(0x1000, 1, 4), MemTxResult::Ok);
+    // The deferred work ran once the thread held no turn at all: the outer
+    // device was free by then.
+    assert_eq!(*result.lock().unwrap(), Some(Ok(())));
+    *outer_slot.lock().unwrap() = None;
+}
+
+#[test]
+fn a_busy_device_is_not_waited_for_from_inside_a_device_turn() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    // `busy` parks its holder until the gate opens.
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let gate = Mutex::new(gate_rx);
+    let (busy, _rb) = scripted(&b, &rt, "busy", 0x2000, move |_ctx, _| {
+        entered_tx.send(()).unwrap();
+        let _ = gate.lock().unwrap().recv();
+    });
+    // `caller` reads `busy` and calls into it from its handler.
+    let seen = Arc::new(Mutex::new(None));
+    let (mem, s2, busy2) = (b.mem.clone(), seen.clone(), busy.clone());
+    let (_caller, _rc) = scripted(&b, &rt, "caller", 0x1000, move |_ctx, _| {
+        let read = mem.read_u64(0x2000, 4);
+        let call = busy2.with(|_, _| ());
+        *s2.lock().unwrap() = Some((read, call));
+    });
+    let holder = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || mem.write_u64(0x2000, 1, 4))
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    // The busy device's holder only goes on once this write returns: had the
+    // caller's handler waited for it, this would never end.
+    let (done_tx, done_rx) = mpsc::channel();
+    let mem = b.mem.clone();
+    std::thread::spawn(move || done_tx.send(mem.write_u64(0x1000, 1, 4)).unwrap());
+    assert_eq!(done_rx.recv_timeout(WAIT).expect("the handler waited for a busy device"), MemTxResult::Ok);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(((0, MemTxResult::AccessError), Err(ActorError::WouldBlock))),
+        "refused like a re-entrant access"
+    );
+    gate_tx.send(()).unwrap();
+    assert_eq!(holder.join().unwrap(), MemTxResult::Ok);
+    assert_eq!(busy.with(|_, _| ()), Ok(()));
+}
