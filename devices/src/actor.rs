@@ -35,6 +35,7 @@
 
 use crate::irq::IrqLine;
 use crate::turn::{Held, Turn};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -92,9 +93,15 @@ impl DeviceRuntime {
     }
 }
 
+/// Work a handler deferred (see [`DeviceCtx::defer`]).
+type Deferred = Box<dyn FnOnce() + Send>;
+
 /// What a device can do besides answering accesses.
 pub struct DeviceCtx<'a> {
     shared: &'a Shared,
+    /// Set while the handler serves a caller that waits for it: its deferred
+    /// work goes back to that caller instead of staying on this thread.
+    collect: Option<&'a RefCell<Vec<Deferred>>>,
 }
 
 impl DeviceCtx<'_> {
@@ -125,14 +132,53 @@ impl DeviceCtx<'_> {
     /// must never do: changing the topology (a thread inside a transaction
     /// may be waiting for this device), or a synchronous access to another
     /// device.
+    ///
+    /// The work runs on the thread that made the access: when the handler
+    /// serves a caller that waits for it (a read, a non-posted write, an
+    /// [`ActorHandle::with`]) on another thread, the work is handed back to
+    /// that caller and done before its access returns; otherwise it runs on
+    /// the thread that ran the handler, before that thread's own access
+    /// returns.
     pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
-        turns::defer_until_no_turn(f);
+        match self.collect {
+            Some(c) => c.borrow_mut().push(Box::new(f)),
+            None => turns::defer_until_no_turn(f),
+        }
     }
 
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.shared.name
     }
+
+    /// The work deferred so far for a waiting caller.
+    fn take_collected(&self) -> Vec<Deferred> {
+        self.collect.map(|c| c.take()).unwrap_or_default()
+    }
+}
+
+/// Runs work a handler deferred on behalf of the calling thread (see
+/// [`DeviceCtx::defer`]): at once, or once the thread holds no turn.
+fn run_handed_back(work: Vec<Deferred>) {
+    for f in work {
+        turns::defer_until_no_turn(f);
+    }
+}
+
+/// How the writes to one of an actor's regions behave while the actor is
+/// busy (an idle actor runs every access at once, on the caller's thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WritePolicy {
+    /// The write is posted: the caller goes on at once; the device sees it
+    /// in mailbox order (a later read from any thread sees it).
+    #[default]
+    Posted,
+    /// The caller waits until the write was handled and the work its
+    /// handler deferred is done, as for a read — for registers whose effects
+    /// a guest expects once its store returns (a PCI configuration write
+    /// that moves a BAR). A caller that holds a device turn cannot wait: its
+    /// write is posted.
+    NonPosted,
 }
 
 /// Why a call to an actor did not run.
@@ -155,6 +201,10 @@ pub enum ActorError {
 
 type Call<D> = Box<dyn FnOnce(&mut D, &mut DeviceCtx<'_>) + Send>;
 
+/// The answer to a caller that waits: the result and the work the handler
+/// deferred, for the caller to run.
+type Reply<T> = flume::Sender<(T, Vec<Deferred>)>;
+
 /// A message in an actor's mailbox. Type-erased messages (timers,
 /// ioeventfds) carry no device type.
 enum Msg {
@@ -163,9 +213,26 @@ enum Msg {
 }
 
 enum Mail<D> {
-    Write { region: usize, addr: HwAddr, value: u64, size: u32 },
-    Read { region: usize, addr: HwAddr, size: u32, reply: flume::Sender<(u64, MemTxResult)> },
-    Call(Call<D>),
+    /// A write; `done` is set when the writer waits for it.
+    Write {
+        region: usize,
+        addr: HwAddr,
+        value: u64,
+        size: u32,
+        done: Option<Reply<MemTxResult>>,
+    },
+    Read {
+        region: usize,
+        addr: HwAddr,
+        size: u32,
+        reply: Reply<(u64, MemTxResult)>,
+    },
+    /// A closure; with `collect`, it answers a waiting caller and takes the
+    /// deferred work back itself (see [`DeviceCtx::take_collected`]).
+    Call {
+        f: Call<D>,
+        collect: bool,
+    },
     Wake(Msg),
 }
 
@@ -206,18 +273,29 @@ impl<D: Device> Core<D> {
 
     fn handle_in(failed: &AtomicBool, shared: &Shared, dev: &mut D, mail: Mail<D>) {
         let run = |dev: &mut D, f: &mut dyn FnMut(&mut D, &mut DeviceCtx<'_>)| {
-            Self::run_in(failed, shared, dev, f);
+            Self::run_in(failed, shared, dev, None, f);
         };
         match mail {
-            Mail::Write { region, addr, value, size } => {
+            Mail::Write { region, addr, value, size, done: None } => {
                 run(dev, &mut |d, ctx| d.write(ctx, region, addr, value, size));
             }
-            Mail::Read { region, addr, size, reply } => {
-                let r = Self::run_in(failed, shared, dev, |d, ctx| d.read(ctx, region, addr, size));
-                let _ = reply.send(r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok)));
+            Mail::Write { region, addr, value, size, done: Some(done) } => {
+                let collected = RefCell::new(Vec::new());
+                let r = Self::run_in(failed, shared, dev, Some(&collected), |d, ctx| {
+                    d.write(ctx, region, addr, value, size)
+                });
+                let r = if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
+                let _ = done.send((r, collected.into_inner()));
             }
-            Mail::Call(f) => {
-                Self::run_in(failed, shared, dev, f);
+            Mail::Read { region, addr, size, reply } => {
+                let collected = RefCell::new(Vec::new());
+                let r = Self::run_in(failed, shared, dev, Some(&collected), |d, ctx| d.read(ctx, region, addr, size));
+                let r = r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
+                let _ = reply.send((r, collected.into_inner()));
+            }
+            Mail::Call { f, collect } => {
+                let collected = RefCell::new(Vec::new());
+                Self::run_in(failed, shared, dev, collect.then_some(&collected), f);
             }
             Mail::Wake(Msg::Timer(t)) => {
                 run(dev, &mut |d, ctx| d.timer(ctx, t));
@@ -231,7 +309,7 @@ impl<D: Device> Core<D> {
     /// Calls into the device, containing a panic.
     #[inline]
     fn run<R>(&self, dev: &mut D, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R) -> Option<R> {
-        Self::run_in(&self.failed, &self.shared, dev, f)
+        Self::run_in(&self.failed, &self.shared, dev, None, f)
     }
 
     #[inline]
@@ -239,12 +317,13 @@ impl<D: Device> Core<D> {
         failed: &AtomicBool,
         shared: &Shared,
         dev: &mut D,
+        collect: Option<&RefCell<Vec<Deferred>>>,
         f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R,
     ) -> Option<R> {
         if failed.load(Ordering::Acquire) {
             return None;
         }
-        let mut ctx = DeviceCtx { shared };
+        let mut ctx = DeviceCtx { shared, collect };
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dev, &mut ctx))) {
             Ok(v) => Some(v),
             Err(p) => {
@@ -332,11 +411,17 @@ impl<D: Device> Core<D> {
         }
         let (tx, rx) = flume::bounded(1);
         self.post(Mail::Read { region, addr, size, reply: tx });
-        rx.recv().unwrap_or((0, MemTxResult::AccessError))
+        match rx.recv() {
+            Ok((r, work)) => {
+                run_handed_back(work);
+                r
+            }
+            Err(_) => (0, MemTxResult::AccessError),
+        }
     }
 
     #[inline]
-    fn write(&self, region: usize, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+    fn write(&self, region: usize, addr: HwAddr, value: u64, size: u32, policy: WritePolicy) -> MemTxResult {
         if self.failed.load(Ordering::Acquire) {
             return MemTxResult::AccessError;
         }
@@ -349,7 +434,21 @@ impl<D: Device> Core<D> {
             tracing::debug!(device = %self.shared.name, "re-entrant write refused");
             return MemTxResult::AccessError;
         }
-        self.post(Mail::Write { region, addr, value, size });
+        if policy == WritePolicy::NonPosted {
+            if !turns::holds_device_turn() {
+                let (tx, rx) = flume::bounded(1);
+                self.post(Mail::Write { region, addr, value, size, done: Some(tx) });
+                return match rx.recv() {
+                    Ok((r, work)) => {
+                        run_handed_back(work);
+                        r
+                    }
+                    Err(_) => MemTxResult::AccessError,
+                };
+            }
+            tracing::debug!(device = %self.shared.name, "non-posted write from inside a device turn is posted");
+        }
+        self.post(Mail::Write { region, addr, value, size, done: None });
         MemTxResult::Ok
     }
 }
@@ -367,7 +466,7 @@ impl<D: Device> Drop for Core<D> {
         for mail in mails {
             Self::handle_in(failed, shared, dev, mail);
         }
-        Self::run_in(failed, shared, dev, |d, ctx| d.unplugged(ctx));
+        Self::run_in(failed, shared, dev, None, |d, ctx| d.unplugged(ctx));
         for t in self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();
         }
@@ -379,6 +478,7 @@ impl<D: Device> Drop for Core<D> {
 struct ActorOps<D: Device> {
     core: Arc<Core<D>>,
     region: usize,
+    policy: WritePolicy,
 }
 
 impl<D: Device> MemoryRegionOps for ActorOps<D> {
@@ -386,13 +486,13 @@ impl<D: Device> MemoryRegionOps for ActorOps<D> {
         self.core.read(self.region, addr, size).0
     }
     fn write(&self, addr: HwAddr, value: u64, size: u32) {
-        let _ = self.core.write(self.region, addr, value, size);
+        let _ = self.core.write(self.region, addr, value, size, self.policy);
     }
     fn read_with_result(&self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
         self.core.read(self.region, addr, size)
     }
     fn write_with_result(&self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
-        self.core.write(self.region, addr, value, size)
+        self.core.write(self.region, addr, value, size, self.policy)
     }
 }
 
@@ -424,15 +524,30 @@ impl<D: Device> Spawned<D> {
         Spawned { core }
     }
 
-    /// The ops for the device's region number `region`.
+    /// The ops for the device's region number `region`, with posted writes.
     pub fn ops(&self, region: usize) -> Arc<dyn MemoryRegionOps> {
-        Arc::new(ActorOps { core: self.core.clone(), region })
+        self.ops_with(region, WritePolicy::Posted)
+    }
+
+    /// The ops for the device's region number `region`, whose writes follow
+    /// `policy` while the actor is busy.
+    pub fn ops_with(&self, region: usize, policy: WritePolicy) -> Arc<dyn MemoryRegionOps> {
+        Arc::new(ActorOps { core: self.core.clone(), region, policy })
     }
 
     /// A handle that does not keep the actor alive.
     pub fn handle(&self) -> ActorHandle<D> {
         ActorHandle { core: Arc::downgrade(&self.core) }
     }
+}
+
+/// Counters of an actor's mailbox (see [`ActorHandle::stats`]), for tests
+/// and monitors: they let a test assert bounds by counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ActorStats {
+    /// Messages waiting in the mailbox now.
+    pub queued: usize,
 }
 
 /// A handle to an actor that does not keep it alive.
@@ -470,11 +585,21 @@ impl<D: Device> ActorHandle<D> {
             return Err(ActorError::WouldBlock);
         }
         let (tx, rx) = flume::bounded(1);
-        core.post(Mail::Call(Box::new(move |d, ctx| {
-            let _ = tx.send(f(d, ctx));
-        })));
+        let call: Call<D> = Box::new(move |d, ctx| {
+            let r = f(d, ctx);
+            let _ = tx.send((r, ctx.take_collected()));
+        });
+        core.post(Mail::Call { f: call, collect: true });
         drop(core);
-        rx.recv().map_err(|_| ActorError::Failed)
+        let (r, work) = rx.recv().map_err(|_| ActorError::Failed)?;
+        run_handed_back(work);
+        Ok(r)
+    }
+
+    /// Counters of the actor's mailbox.
+    pub fn stats(&self) -> Result<ActorStats, ActorError> {
+        let core = self.core.upgrade().ok_or(ActorError::Gone)?;
+        Ok(ActorStats { queued: core.turn.queued() })
     }
 
     /// Whether the actor is still running.

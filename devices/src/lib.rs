@@ -18,6 +18,6 @@ mod turn;
 pub mod uart;
 pub mod virtio_doorbell;
 
-pub use actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+pub use actor::{ActorError, ActorHandle, ActorStats, Device, DeviceCtx, DeviceRuntime, Spawned, WritePolicy};
 pub use irq::{InterruptSink, IrqLine, LevelRecorder};
 pub use topos_runtime as runtime;

@@ -25,6 +25,28 @@
 //!   pattern is therefore never mapped), and unmapped otherwise. Memory BARs
 //!   go into the PCI memory container, I/O BARs into the I/O space, both at
 //!   priority 1. All changes of one write happen in one topology transaction.
+//!
+//! # Remapping outside the bridge's turn
+//!
+//! A thread that holds a device's turn never waits for the topology (see
+//! [`topos_runtime::turns`]), and a thread inside a transaction may be
+//! waiting for the bridge (a configuration read). So the bridge's handler
+//! does not remap: it records the function's *desired* mappings (BAR
+//! addresses and the bus-master enable, from the configuration space) and
+//! defers an *apply* ([`DeviceCtx::defer`]) that runs once the thread holds
+//! no turn. Each apply runs one transaction which, inside it, compares the
+//! latest desired state with the *applied* one and makes the difference;
+//! the topology's turn serializes the appliers, so the last one to run
+//! applies the latest state. [`PciHostBridge::bar_mapping`] reports the
+//! applied state.
+//!
+//! A guest expects a configuration write to have taken effect when its `out`
+//! returns, so CONFIG_DATA is a [non-posted](crate::WritePolicy::NonPosted)
+//! region: a write that finds the bridge busy waits until it was handled and
+//! its apply is done, instead of being posted. A write from an idle bridge
+//! runs on the caller's thread and applies before returning as well.
+//! (Inside a transaction of the caller's own, the apply waits for that
+//! transaction's commit, as every topology change made in it does.)
 //! * Each function has a bus-master address space: a "bus master container"
 //!   holding a "bus master" alias of system memory, enabled only while the
 //!   command register's bus-master bit is set. DMA while it is clear reads
@@ -79,9 +101,10 @@
 //! the bus-master space reaches system memory, which holds the device's own
 //! BARs, so owning it would make the device keep itself alive.
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned, WritePolicy};
 use crate::irq::{InterruptSink, IrqLine};
 use std::sync::{Arc, Mutex, Weak};
+use topos_runtime::turns;
 use topos_runtime::{
     AddressSpace, HwAddr, MemTxResult, MemoryRegion, OpsConfig, StandardSpaces, Topology, WeakRegion, SIZE_MAX,
 };
@@ -431,23 +454,145 @@ impl Drop for PciPlug {
     }
 }
 
-/// One implemented BAR of an attached function.
-struct Bar {
-    spec: BarSpec,
-    region: MemoryRegion,
-    /// Where it is mapped now (QEMU's `io_regions[i].addr`).
-    mapped: Option<u64>,
+/// Where a function's BARs are mapped (`None`: unmapped; QEMU's
+/// `io_regions[i].addr`) and whether it masters the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Targets {
+    bars: Vec<Option<u64>>,
+    master: bool,
+}
+
+/// The mapping state of a function, shared between the bridge's handler
+/// (which sets the desired state) and the appliers it defers (which make the
+/// topology match). The lock is only held for short, non-blocking sections.
+#[derive(Debug)]
+struct MapState {
+    desired: Targets,
+    applied: Targets,
+    /// The function was detached: appliers leave the topology alone.
+    removed: bool,
+}
+
+/// What an applier needs to change a function's mappings, without owning
+/// the function's bus-master space or the topology (either would keep the
+/// bridge alive through its own regions).
+struct Mappings {
+    name: String,
+    /// Each BAR and the region it maps.
+    bars: Vec<(BarSpec, MemoryRegion)>,
+    /// The "bus master" alias, enabled while the function masters the bus.
+    alias: MemoryRegion,
+    space: Weak<AddressSpace>,
+    pci_mem: WeakRegion,
+    io: WeakRegion,
+    state: Mutex<MapState>,
+}
+
+impl Mappings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the desired state; true if it changed (an apply is due).
+    fn desire(&self, want: Targets) -> bool {
+        let mut s = self.lock();
+        if s.desired == want {
+            return false;
+        }
+        s.desired = want;
+        true
+    }
+
+    /// Makes the topology match the latest desired state, in one
+    /// transaction. Runs with no turn held (it waits for the topology).
+    fn apply(&self) {
+        let Some(space) = self.space.upgrade() else { return };
+        let topo = match space.topology() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(function = %self.name, error = %e, "PCI: cannot update mappings");
+                return;
+            }
+        };
+        let r = topo.transaction(|| {
+            // Inside the transaction: appliers are serialized, and each one
+            // reads the state its predecessors left.
+            let (want, mut now) = {
+                let s = self.lock();
+                if s.removed {
+                    return;
+                }
+                (s.desired.clone(), s.applied.clone())
+            };
+            let (mem, io) = (self.pci_mem.upgrade(), self.io.upgrade());
+            for (i, (spec, region)) in self.bars.iter().enumerate() {
+                if want.bars[i] == now.bars[i] {
+                    continue;
+                }
+                let Some(container) = (if spec.kind.is_io() { io.as_ref() } else { mem.as_ref() }) else {
+                    now.bars[i] = None;
+                    continue;
+                };
+                if now.bars[i].take().is_some() {
+                    if let Err(e) = container.del_subregion(region) {
+                        tracing::warn!(function = %self.name, bar = spec.index, error = %e, "PCI: unmapping a BAR failed");
+                    }
+                }
+                if let Some(addr) = want.bars[i] {
+                    match container.add_subregion_overlap(addr, region, 1) {
+                        Ok(()) => now.bars[i] = Some(addr),
+                        Err(e) => {
+                            tracing::warn!(function = %self.name, bar = spec.index, error = %e, "PCI: mapping a BAR failed")
+                        }
+                    }
+                }
+                tracing::debug!(function = %self.name, bar = spec.index, addr = ?now.bars[i], "PCI: BAR mapping");
+            }
+            if want.master != now.master {
+                match self.alias.set_enabled(want.master) {
+                    Ok(()) => now.master = want.master,
+                    Err(e) => tracing::warn!(function = %self.name, error = %e, "PCI: bus master enable failed"),
+                }
+            }
+            self.lock().applied = now;
+        });
+        if let Err(e) = r {
+            tracing::warn!(function = %self.name, error = %e, "PCI: mapping transaction failed");
+        }
+    }
+
+    /// Unmaps everything, disables bus mastering and destroys `space`, in
+    /// one transaction; appliers that run later do nothing.
+    fn remove(&self, space: &AddressSpace) -> Result<(), topos_runtime::Error> {
+        let topo = space.topology()?;
+        topo.transaction(|| {
+            let applied = {
+                let mut s = self.lock();
+                s.removed = true;
+                s.applied.clone()
+            };
+            let (mem, io) = (self.pci_mem.upgrade(), self.io.upgrade());
+            for ((spec, region), at) in self.bars.iter().zip(&applied.bars) {
+                let container = if spec.kind.is_io() { io.as_ref() } else { mem.as_ref() };
+                if let (Some(_), Some(c)) = (at, container) {
+                    let _ = c.del_subregion(region);
+                }
+            }
+            let _ = self.alias.set_enabled(false);
+            let _ = topo.address_space_destroy(space);
+            let mut s = self.lock();
+            s.applied = Targets { bars: vec![None; self.bars.len()], master: false };
+        })
+    }
 }
 
 /// The bridge's state for one function.
 struct Function {
-    name: String,
     config: [u8; CONFIG_SPACE_SIZE],
     wmask: [u8; CONFIG_SPACE_SIZE],
     w1cmask: [u8; CONFIG_SPACE_SIZE],
-    bars: Vec<Bar>,
     router: Arc<IntxRouter>,
-    alias: MemoryRegion,
+    mappings: Arc<Mappings>,
     bus_master: Arc<AddressSpace>,
 }
 
@@ -460,7 +605,7 @@ fn ranges_overlap(a: usize, alen: usize, b: usize, blen: usize) -> bool {
 }
 
 impl Function {
-    fn new(plug: &mut PciPlug, f: PciFunction) -> Function {
+    fn new(plug: &mut PciPlug, f: PciFunction, pci_mem: WeakRegion, io: WeakRegion) -> Function {
         let c = &f.config;
         let mut config = [0u8; CONFIG_SPACE_SIZE];
         let mut wmask = [0u8; CONFIG_SPACE_SIZE];
@@ -488,18 +633,20 @@ impl Function {
             } else {
                 put(&mut wmask, off, &(mask as u32).to_le_bytes());
             }
-            bars.push(Bar { spec: *spec, region, mapped: None });
+            bars.push((*spec, region));
         }
-        Function {
+        let bus_master = plug.bus_master.take().expect("a plug is attached once");
+        let none = Targets { bars: vec![None; bars.len()], master: false };
+        let mappings = Mappings {
             name: plug.name.clone(),
-            config,
-            wmask,
-            w1cmask,
             bars,
-            router: plug.router.clone(),
             alias: plug.alias.clone(),
-            bus_master: plug.bus_master.take().expect("a plug is attached once"),
-        }
+            space: Arc::downgrade(&bus_master),
+            pci_mem,
+            io,
+            state: Mutex::new(MapState { desired: none.clone(), applied: none, removed: false }),
+        };
+        Function { config, wmask, w1cmask, router: plug.router.clone(), mappings: Arc::new(mappings), bus_master }
     }
 
     fn word(&self, off: u8) -> u16 {
@@ -523,7 +670,7 @@ impl Function {
     }
 
     /// `pci_default_write_config`.
-    fn write(&mut self, off: usize, value: u32, len: usize, pci_mem: &WeakRegion, io: &WeakRegion) {
+    fn write(&mut self, ctx: &DeviceCtx<'_>, off: usize, value: u32, len: usize) {
         let n = len.min(4).min(CONFIG_SPACE_SIZE - off);
         for i in 0..n {
             let a = off + i;
@@ -533,7 +680,7 @@ impl Function {
             self.config[a] &= !(b & w1c);
         }
         if ranges_overlap(off, n, PCI_COMMAND as usize, 2) || ranges_overlap(off, n, PCI_BASE_ADDRESS_0 as usize, 24) {
-            self.update_mappings(pci_mem, io);
+            self.update_mappings(ctx);
         }
     }
 
@@ -568,78 +715,15 @@ impl Function {
     }
 
     /// `pci_update_mappings` plus the INTx and bus-master side effects of a
-    /// command write, in one transaction.
-    fn update_mappings(&mut self, pci_mem: &WeakRegion, io: &WeakRegion) {
+    /// command write: INTx masking at once, the mappings through a deferred
+    /// apply (see the [module](self) docs).
+    fn update_mappings(&mut self, ctx: &DeviceCtx<'_>) {
         let cmd = self.word(PCI_COMMAND);
         self.router.update(|s| s.1 = cmd & PCI_COMMAND_INTX_DISABLE != 0);
-        let master = cmd & PCI_COMMAND_MASTER != 0;
-        let changes: Vec<(usize, Option<u64>)> = (0..self.bars.len())
-            .filter_map(|i| {
-                let new = self.bar_address(&self.bars[i].spec);
-                (new != self.bars[i].mapped).then_some((i, new))
-            })
-            .collect();
-        if changes.is_empty() && self.alias.is_enabled() == master {
-            return;
-        }
-        let topo = match self.bus_master.topology() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(function = %self.name, error = %e, "PCI: cannot update mappings");
-                return;
-            }
-        };
-        let (mem, io) = (pci_mem.upgrade(), io.upgrade());
-        let name = &self.name;
-        let bars = &mut self.bars;
-        let alias = &self.alias;
-        let r = topo.transaction(|| {
-            for (i, new) in changes {
-                let bar = &mut bars[i];
-                let Some(container) = (if bar.spec.kind.is_io() { io.as_ref() } else { mem.as_ref() }) else {
-                    bar.mapped = None;
-                    continue;
-                };
-                if bar.mapped.take().is_some() {
-                    if let Err(e) = container.del_subregion(&bar.region) {
-                        tracing::warn!(function = %name, bar = bar.spec.index, error = %e, "PCI: unmapping a BAR failed");
-                    }
-                }
-                if let Some(addr) = new {
-                    match container.add_subregion_overlap(addr, &bar.region, 1) {
-                        Ok(()) => bar.mapped = Some(addr),
-                        Err(e) => {
-                            tracing::warn!(function = %name, bar = bar.spec.index, error = %e, "PCI: mapping a BAR failed")
-                        }
-                    }
-                }
-                tracing::debug!(function = %name, bar = bar.spec.index, addr = ?bar.mapped, "PCI: BAR mapping");
-            }
-            if let Err(e) = alias.set_enabled(master) {
-                tracing::warn!(function = %name, error = %e, "PCI: bus master enable failed");
-            }
-        });
-        if let Err(e) = r {
-            tracing::warn!(function = %self.name, error = %e, "PCI: mapping transaction failed");
-        }
-    }
-
-    /// Unmaps everything and releases the bus-master space (QEMU's
-    /// `pci_unregister_device`).
-    fn remove(self, pci_mem: &WeakRegion, io: &WeakRegion) {
-        self.router.update(|s| s.1 = true);
-        if let Ok(topo) = self.bus_master.topology() {
-            let (mem, io) = (pci_mem.upgrade(), io.upgrade());
-            let _ = topo.transaction(|| {
-                for bar in &self.bars {
-                    let container = if bar.spec.kind.is_io() { io.as_ref() } else { mem.as_ref() };
-                    if let (Some(_), Some(c)) = (bar.mapped, container) {
-                        let _ = c.del_subregion(&bar.region);
-                    }
-                }
-                let _ = self.alias.set_enabled(false);
-                let _ = topo.address_space_destroy(&self.bus_master);
-            });
+        let bars = self.mappings.bars.iter().map(|(spec, _)| self.bar_address(spec)).collect();
+        if self.mappings.desire(Targets { bars, master: cmd & PCI_COMMAND_MASTER != 0 }) {
+            let m = self.mappings.clone();
+            ctx.defer(move || m.apply());
         }
     }
 }
@@ -650,8 +734,6 @@ impl Function {
 pub struct PciHostBridge {
     config_reg: u32,
     functions: Vec<Option<Function>>,
-    pci_mem: WeakRegion,
-    io: WeakRegion,
 }
 
 impl PciHostBridge {
@@ -668,9 +750,12 @@ impl PciHostBridge {
     }
 
     /// The address where BAR `index` of the function in `slot` is mapped
-    /// (inspection for tests and monitors).
+    /// in the topology (inspection for tests and monitors). A configuration
+    /// write that moved the BAR shows here once its apply has run.
     pub fn bar_mapping(&self, slot: u8, index: u8) -> Option<u64> {
-        self.function(u32::from(slot) << 11)?.bars.iter().find(|b| b.spec.index == index)?.mapped
+        let m = &self.function(u32::from(slot) << 11)?.mappings;
+        let i = m.bars.iter().position(|(spec, _)| spec.index == index)?;
+        m.lock().applied.bars[i]
     }
 }
 
@@ -693,7 +778,7 @@ impl Device for PciHostBridge {
         }
     }
 
-    fn write(&mut self, _ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32) {
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32) {
         match region {
             REGION_CONF_IDX if addr == 0 && size == 4 => self.config_reg = value as u32,
             REGION_CONF_DATA if self.config_reg & CONFIG_ENABLE != 0 => {
@@ -701,9 +786,8 @@ impl Device for PciHostBridge {
                 if (a >> 16) & 0xff != 0 {
                     return;
                 }
-                let (pci_mem, io) = (self.pci_mem.clone(), self.io.clone());
                 if let Some(Some(f)) = self.functions.get_mut(((a >> 8) & 0xff) as usize) {
-                    f.write((a & 0xff) as usize, value as u32, size as usize, &pci_mem, &io);
+                    f.write(ctx, (a & 0xff) as usize, value as u32, size as usize);
                 }
             }
             _ => {}
@@ -716,6 +800,7 @@ pub struct PciHost {
     topo: Topology,
     system: MemoryRegion,
     pci_mem: WeakRegion,
+    io: WeakRegion,
     bridge: ActorHandle<PciHostBridge>,
     ports: [MemoryRegion; 2],
 }
@@ -745,15 +830,12 @@ impl PciHost {
         pci_mem: &MemoryRegion,
         runtime: &DeviceRuntime,
     ) -> Result<PciHost, PciError> {
-        let dev = PciHostBridge {
-            config_reg: 0,
-            functions: (0..256).map(|_| None).collect(),
-            pci_mem: pci_mem.downgrade(),
-            io: spaces.io.downgrade(),
-        };
+        let dev = PciHostBridge { config_reg: 0, functions: (0..256).map(|_| None).collect() };
         let spawned = Spawned::new("pci-host", dev, Vec::new(), runtime);
         let idx = topo.new_io_arc("pci-conf-idx", spawned.ops(REGION_CONF_IDX), OpsConfig::default(), 4)?;
-        let data = topo.new_io_arc("pci-conf-data", spawned.ops(REGION_CONF_DATA), OpsConfig::default(), 4)?;
+        // Non-posted: a configuration write has taken effect when it returns.
+        let data_ops = spawned.ops_with(REGION_CONF_DATA, WritePolicy::NonPosted);
+        let data = topo.new_io_arc("pci-conf-data", data_ops, OpsConfig::default(), 4)?;
         topo.transaction(|| -> Result<(), PciError> {
             spaces.io.add_subregion(CONFIG_ADDRESS_PORT, &idx)?;
             spaces.io.add_subregion(CONFIG_DATA_PORT, &data)?;
@@ -763,6 +845,7 @@ impl PciHost {
             topo: topo.clone(),
             system: spaces.system.clone(),
             pci_mem: pci_mem.downgrade(),
+            io: spaces.io.downgrade(),
             bridge: spawned.handle(),
             ports: [idx, data],
         })
@@ -817,7 +900,7 @@ impl PciHost {
     pub fn attach(&self, mut plug: PciPlug, function: PciFunction) -> Result<(), PciError> {
         function.config.validate(&function.bar_regions)?;
         let slot = plug.slot;
-        let f = Function::new(&mut plug, function);
+        let f = Function::new(&mut plug, function, self.pci_mem.clone(), self.io.clone());
         let refused = self.bridge.with(move |b, _| {
             let entry = &mut b.functions[usize::from(slot) << 3];
             if entry.is_some() {
@@ -833,18 +916,23 @@ impl PciHost {
         Ok(())
     }
 
-    /// Unplugs the function in `slot`: unmaps its BARs and destroys its
-    /// bus-master address space, in one transaction; the device stops once
-    /// nothing else refers to its regions.
+    /// Unplugs the function in `slot`: takes it off the bus (configuration
+    /// cycles no longer reach it), then unmaps its BARs and destroys its
+    /// bus-master address space in one transaction, with the bridge free;
+    /// the device stops once nothing else refers to its regions. It waits
+    /// for the topology, so a caller holding a device turn gets
+    /// [`topos_runtime::Error::InsideDeviceTurn`] and nothing changes.
     pub fn detach(&self, slot: u8) -> Result<(), PciError> {
         if slot >= PCI_SLOT_MAX {
             return Err(PciError::NoSuchSlot(slot));
         }
-        let removed = self.bridge.with(move |b, _| {
-            let f = b.functions[usize::from(slot) << 3].take()?;
-            f.remove(&b.pci_mem, &b.io);
-            Some(())
-        })?;
-        removed.ok_or(PciError::SlotEmpty(slot))
+        if turns::holds_device_turn() {
+            return Err(topos_runtime::Error::InsideDeviceTurn.into());
+        }
+        let f = self.bridge.with(move |b, _| b.functions[usize::from(slot) << 3].take())?;
+        let f = f.ok_or(PciError::SlotEmpty(slot))?;
+        f.router.update(|s| s.1 = true);
+        f.mappings.remove(&f.bus_master)?;
+        Ok(())
     }
 }

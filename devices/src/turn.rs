@@ -82,6 +82,11 @@ impl<T> Turn<T> {
         self.state.fetch_add(ONE, Ordering::AcqRel) & BUSY == 0
     }
 
+    /// Messages counted as waiting in the mailbox.
+    pub(crate) fn queued(&self) -> usize {
+        self.state.load(Ordering::Relaxed) / ONE
+    }
+
     /// Whether this thread holds the turn.
     pub(crate) fn held_by_me(&self) -> bool {
         self.state.load(Ordering::Relaxed) & BUSY != 0 && self.owner.load(Ordering::Relaxed) == thread_token()

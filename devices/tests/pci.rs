@@ -700,3 +700,114 @@ proptest! {
         }
     }
 }
+
+// ----- remaps outside the bridge's turn ------------------------------------
+
+/// Runs `f` on its own thread and fails the test if it has not finished
+/// after a generous bound: a deadlock, never a timing assertion.
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || tx.send(f()).unwrap());
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(RecvTimeoutError::Disconnected) => std::panic::resume_unwind(t.join().unwrap_err()),
+        Err(RecvTimeoutError::Timeout) => panic!("{what}: deadlocked"),
+    }
+}
+
+#[test]
+fn a_bar_write_does_not_deadlock_with_a_transaction_that_reads_configuration() {
+    let b = Arc::new(board());
+    b.cfg_write(EDU_SLOT, 0x04, 0x2, 2);
+    within("BAR write against an open transaction", move || {
+        // A opens a transaction; B programs the BAR (memory decoding is on,
+        // so the write remaps); A then reads configuration space until it
+        // sees B's write, and only then commits.
+        b.topo.begin().unwrap();
+        let writer = {
+            let io = b.io().clone();
+            std::thread::spawn(move || cfg_write_at(&io, 0, EDU_SLOT, 0, 0x10, BAR_A as u32, 4))
+        };
+        while b.cfg_read(EDU_SLOT, 0x10, 4) != BAR_A as u32 {
+            std::thread::yield_now();
+        }
+        b.topo.commit().unwrap();
+        writer.join().unwrap();
+        // The writer's write returned once its remap was done.
+        assert_eq!(b.edu_id_at(BAR_A), (u64::from(edu::EDU_ID), MemTxResult::Ok));
+        assert_eq!(b.host.bridge().with(|d, _| d.bar_mapping(EDU_SLOT, 0)).unwrap(), Some(BAR_A));
+        assert!(b.healthy());
+    });
+}
+
+#[test]
+fn detach_does_not_deadlock_with_a_transaction_that_reads_configuration() {
+    let b = Arc::new(board());
+    b.cfg_write(PROBE_SLOT, 0x14, 0xfebf_0000, 4);
+    b.cfg_write(PROBE_SLOT, 0x04, 0x6, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_0000, 4).0, 0x2000);
+    within("detach against an open transaction", move || {
+        b.topo.begin().unwrap();
+        let detacher = {
+            let b = b.clone();
+            std::thread::spawn(move || b.host.detach(PROBE_SLOT))
+        };
+        // Configuration cycles stop reaching the function as soon as it is
+        // off the bus, while its unmapping waits for this transaction.
+        while b.cfg_read(PROBE_SLOT, 0, 4) != 0xffff_ffff {
+            std::thread::yield_now();
+        }
+        b.topo.commit().unwrap();
+        detacher.join().unwrap().unwrap();
+        assert_eq!(b.mem().read_u64(0xfebf_0000, 4).1, MemTxResult::DecodeError);
+        assert!(!b.probe.is_alive());
+        assert!(b.probe_bm.address_space().is_none());
+    });
+}
+
+#[test]
+fn a_bar_write_that_finds_the_bridge_busy_has_taken_effect_when_it_returns() {
+    let b = Arc::new(board());
+    b.cfg_write(EDU_SLOT, 0x04, 0x2, 2);
+    within("BAR write to a busy bridge", move || {
+        // Another thread holds the bridge's turn until the gate opens.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let bridge = b.host.bridge().clone();
+            std::thread::spawn(move || {
+                bridge.with(move |_, _| {
+                    entered_tx.send(()).unwrap();
+                    let _ = gate_rx.recv();
+                })
+            })
+        };
+        entered_rx.recv().unwrap();
+        // A vCPU programs the BAR, then uses it at once.
+        let (res_tx, res_rx) = std::sync::mpsc::channel();
+        {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.cfg_write(EDU_SLOT, 0x10, BAR_A as u32, 4);
+                res_tx.send(b.edu_id_at(BAR_A)).unwrap();
+            });
+        }
+        // Let the bridge go once both of the vCPU's accesses (CONFIG_ADDRESS
+        // and CONFIG_DATA) wait in its mailbox.
+        loop {
+            if let Ok(r) = res_rx.try_recv() {
+                panic!("the configuration write returned before the bridge handled it; the BAR then read {r:?}");
+            }
+            if b.host.bridge().stats().unwrap().queued >= 2 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        gate_tx.send(()).unwrap();
+        assert_eq!(res_rx.recv().unwrap(), (u64::from(edu::EDU_ID), MemTxResult::Ok));
+        holder.join().unwrap().unwrap();
+        assert_eq!(b.host.bridge().with(|d, _| d.bar_mapping(EDU_SLOT, 0)).unwrap(), Some(BAR_A));
+        assert!(b.healthy());
+    });
+}
