@@ -113,12 +113,11 @@ impl DeviceCtx<'_> {
     /// Calls [`Device::timer`] with `token` after `after` (from the device
     /// runtime). Timers of an unplugged device never fire.
     pub fn set_timer(&self, after: Duration, token: u64) {
-        let post = self.shared.poster.clone();
+        let me = self.shared.me.clone();
+        let rt = self.shared.runtime.handle.clone();
         let task = self.shared.runtime.handle.spawn(async move {
             tokio::time::sleep(after).await;
-            if let Some(p) = post.get() {
-                p(Msg::Timer(token));
-            }
+            wake_from_blocking_pool(&rt, me, Msg::Timer(token)).await;
         });
         let mut tasks = self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.retain(|t| !t.is_finished());
@@ -149,6 +148,14 @@ impl DeviceCtx<'_> {
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// A handle to this device's own actor, for work that runs outside the
+    /// turn and comes back to the device ([`ActorHandle::post`]); `None` if
+    /// `D` is not the device's type, or while the actor stops.
+    pub fn handle<D: Device>(&self) -> Option<ActorHandle<D>> {
+        let core = self.shared.me.upgrade()?.into_any().downcast::<Core<D>>().ok()?;
+        Some(ActorHandle { core: Arc::downgrade(&core) })
     }
 
     /// The work deferred so far for a waiting caller.
@@ -236,22 +243,44 @@ enum Mail<D> {
     Wake(Msg),
 }
 
-/// Late-bound poster for type-erased wake-ups (set once the core exists).
-type Poster = Arc<OnceCell<Box<dyn Fn(Msg) + Send + Sync>>>;
+/// An actor without its device type: what wake-ups and
+/// [`DeviceCtx::handle`] need.
+trait AnyCore: Send + Sync + 'static {
+    /// Delivers a wake-up (on a thread that may wait: never the async
+    /// worker).
+    fn wake(&self, msg: Msg);
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+}
 
-/// A cell set once.
-struct OnceCell<T>(std::sync::OnceLock<T>);
-impl<T> OnceCell<T> {
-    fn get(&self) -> Option<&T> {
-        self.0.get()
+impl<D: Device> AnyCore for Core<D> {
+    fn wake(&self, msg: Msg) {
+        self.post(Mail::Wake(msg));
     }
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
+/// Delivers `msg` to the actor from the runtime's blocking pool, so that
+/// neither the device's handlers, nor the work they defer, nor a wait for
+/// room in the mailbox ever run on the async worker, which every timer and
+/// ioeventfd of every device depends on.
+async fn wake_from_blocking_pool(rt: &tokio::runtime::Handle, me: Weak<dyn AnyCore>, msg: Msg) {
+    let _ = rt
+        .spawn_blocking(move || {
+            if let Some(core) = me.upgrade() {
+                core.wake(msg);
+            }
+        })
+        .await;
 }
 
 struct Shared {
     name: String,
     irqs: Vec<IrqLine>,
     runtime: DeviceRuntime,
-    poster: Poster,
+    /// The actor itself (weak: the actor owns this).
+    me: Weak<dyn AnyCore>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
@@ -506,21 +535,16 @@ impl<D: Device> Spawned<D> {
     /// Spawns `device` as an actor named `name` with interrupt lines `irqs`.
     pub fn new(name: &str, device: D, irqs: Vec<IrqLine>, runtime: &DeviceRuntime) -> Spawned<D> {
         let (tx, rx) = flume::unbounded();
-        let poster: Poster = Arc::new(OnceCell(std::sync::OnceLock::new()));
-        let shared = Arc::new(Shared {
-            name: name.to_string(),
-            irqs,
-            runtime: runtime.clone(),
-            poster: poster.clone(),
-            tasks: Mutex::new(Vec::new()),
+        let core = Arc::new_cyclic(|me: &Weak<Core<D>>| {
+            let shared = Arc::new(Shared {
+                name: name.to_string(),
+                irqs,
+                runtime: runtime.clone(),
+                me: me.clone(),
+                tasks: Mutex::new(Vec::new()),
+            });
+            Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared }
         });
-        let core = Arc::new(Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared });
-        let weak = Arc::downgrade(&core);
-        let _ = poster.0.set(Box::new(move |m| {
-            if let Some(c) = weak.upgrade() {
-                c.post(Mail::Wake(m));
-            }
-        }));
         Spawned { core }
     }
 
@@ -596,6 +620,24 @@ impl<D: Device> ActorHandle<D> {
         Ok(r)
     }
 
+    /// Runs `f` on the device in mailbox order (after every access issued
+    /// before it) without waiting for it: at once on this thread if the
+    /// actor is idle, otherwise posted like a write. Work that left the
+    /// device's turn (a DMA) reports back this way.
+    pub fn post(&self, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) + Send + 'static) -> Result<(), ActorError> {
+        let core = self.core.upgrade().ok_or(ActorError::Gone)?;
+        if core.failed.load(Ordering::Acquire) {
+            return Err(ActorError::Failed);
+        }
+        if let Some(mut h) = core.enter() {
+            let r = core.run(&mut h, f);
+            core.finish(h);
+            return r.ok_or(ActorError::Failed);
+        }
+        core.post(Mail::Call { f: Box::new(f), collect: false });
+        Ok(())
+    }
+
     /// Counters of the actor's mailbox.
     pub fn stats(&self) -> Result<ActorStats, ActorError> {
         let core = self.core.upgrade().ok_or(ActorError::Gone)?;
@@ -615,9 +657,10 @@ impl<D: Device> ActorHandle<D> {
     /// Delivers `notifier`'s signals to [`Device::eventfd`] with `index`.
     pub fn watch_eventfd(&self, notifier: EventNotifier, index: usize) -> Result<(), ActorError> {
         let core = self.core.upgrade().ok_or(ActorError::Gone)?;
-        let poster = core.shared.poster.clone();
+        let me = core.shared.me.clone();
         let fd = AsFd(notifier);
         let rt = core.shared.runtime.handle.clone();
+        let pool = rt.clone();
         let task = rt.spawn(async move {
             // The wrapper owns an `Arc` of the eventfd, so the descriptor
             // outlives its registration (the I/O-safety concern behind the
@@ -631,11 +674,12 @@ impl<D: Device> ActorHandle<D> {
                 // Consume the counter; spurious wake-ups read nothing.
                 match afd.get_ref().0.read() {
                     Ok(_) => {
-                        if let Some(p) = poster.get() {
-                            p(Msg::Eventfd(index));
-                        } else {
+                        if me.strong_count() == 0 {
                             return;
                         }
+                        // One wake-up at a time: a device slower than its
+                        // doorbell slows the doorbell down.
+                        wake_from_blocking_pool(&pool, me.clone(), Msg::Eventfd(index)).await;
                     }
                     Err(_) => ready.clear_ready(),
                 }

@@ -434,3 +434,57 @@ fn a_busy_device_is_not_waited_for_from_inside_a_device_turn() {
     assert_eq!(holder.join().unwrap(), MemTxResult::Ok);
     assert_eq!(busy.with(|_, _| ()), Ok(()));
 }
+
+/// Its timer and ioeventfd handlers park until the gate opens (a device
+/// whose wake-up work is slow); it reports each entry.
+struct Slow {
+    gate: Mutex<mpsc::Receiver<()>>,
+    entered: mpsc::Sender<&'static str>,
+}
+
+impl Device for Slow {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _value: u64, _size: u32) {}
+    fn timer(&mut self, _ctx: &mut DeviceCtx<'_>, _token: u64) {
+        self.entered.send("timer").unwrap();
+        let _ = self.gate.lock().unwrap().recv();
+    }
+    fn eventfd(&mut self, _ctx: &mut DeviceCtx<'_>, _index: usize) {
+        self.entered.send("eventfd").unwrap();
+        let _ = self.gate.lock().unwrap().recv();
+    }
+}
+
+#[test]
+fn slow_wake_up_handlers_do_not_hold_up_other_devices_wake_ups() {
+    // One async worker, as the default runtime has.
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let slow = Spawned::new("slow", Slow { gate: Mutex::new(gate_rx), entered: entered_tx }, vec![], &rt);
+    let r = b.topo.new_io_arc("slow", slow.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(0x1000, &r).unwrap();
+    let e = new_event_notifier().unwrap();
+    r.add_eventfd(0x10, 4, false, 0, &e).unwrap();
+    slow.handle().watch_eventfd(e, 0).unwrap();
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let other = Spawned::new("other", Summer { events: Some(ev_tx), ..summer() }, vec![], &rt);
+    let _ro = map(&b, "other", &other, 0, 0x2000);
+
+    // The slow device's timer handler is stuck...
+    slow.handle().with(|_, ctx| ctx.set_timer(Duration::from_micros(1), 0)).unwrap();
+    assert_eq!(entered_rx.recv_timeout(WAIT).unwrap(), "timer");
+    // ...and so is its ioeventfd handler (a second wake-up of the same
+    // device only queues behind the first).
+    assert_eq!(b.mem.write_u64(0x1010, 1, 4), MemTxResult::Ok);
+    // Another device's timer still fires.
+    assert_eq!(b.mem.write_u64(0x2008, 7, 4), MemTxResult::Ok);
+    assert_eq!(ev_rx.recv_timeout(WAIT).expect("the async worker was held up"), "timer 7");
+    gate_tx.send(()).unwrap();
+    assert_eq!(entered_rx.recv_timeout(WAIT).unwrap(), "eventfd");
+    gate_tx.send(()).unwrap();
+    assert!(!slow.handle().is_failed());
+}
