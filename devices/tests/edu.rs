@@ -820,3 +820,60 @@ fn two_edus_dma_from_each_others_registers_without_deadlock_and_timers_keep_firi
         drop(ticker);
     });
 }
+
+#[test]
+fn a_dma_that_commands_a_flash_does_not_deadlock_with_a_transaction_reading_the_edu() {
+    use topos_devices::pflash::{Pflash, PflashConfig, PflashMode};
+    const FLASH: u64 = 0xfff0_0000;
+    const EDU_BAR: u64 = 0xfe00_0000;
+    within("edu DMA into a flash against an open transaction", || {
+        let rt = DeviceRuntime::new().unwrap();
+        let topo = Topology::new();
+        let spaces = topo.standard_spaces().unwrap();
+        let ram = topo.new_ram("ram", 1 << 20).unwrap();
+        spaces.system.add_subregion(0, &ram).unwrap();
+        let config = PflashConfig { width: 1, block_size: 0x1000, num_blocks: 8, ..PflashConfig::default() };
+        let flash = Pflash::new(&topo, &rt, "flash", config, &[0xaa; 16]).unwrap();
+        spaces.system.add_subregion(FLASH, flash.region()).unwrap();
+        let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
+        let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt).unwrap();
+        // QEMU's `dma_mask` property widened: the edu reaches the flash.
+        let options = EduOptions { dma_delay: Duration::from_micros(10), dma_mask: u64::MAX, ..EduOptions::default() };
+        let edu = Edu::plug(&host, SLOT, None, &rt, options).unwrap();
+        let io = &spaces.io_space;
+        for (reg, value, size) in [(0x10u64, EDU_BAR, 4u32), (0x04, 0x6, 2)] {
+            assert!(io.write_u64(0xcf8, 0x8000_0000 | u64::from(SLOT) << 11 | reg, 4).is_ok());
+            assert!(io.write_u64(0xcfc, value, size).is_ok());
+        }
+        let mem = &spaces.memory;
+        let w = |off: u64, v: u64| assert!(mem.write_u64(EDU_BAR + off, v, 8).is_ok());
+        let running = || mem.read_u64(EDU_BAR + reg::DMA_CMD, 8).0 & edu::DMA_CMD_RUN != 0;
+        // The flash command "read status register" into the edu's buffer.
+        assert!(mem.write(0x1000, &[0x70]).is_ok());
+        w(reg::DMA_SRC, 0x1000);
+        w(reg::DMA_DST, edu::DMA_BUF_ADDR);
+        w(reg::DMA_COUNT, 1);
+        w(reg::DMA_CMD, edu::DMA_CMD_RUN);
+        while running() {}
+        assert!(flash.region().is_romd());
+
+        // A transaction is open when the DMA writes the command: the flash's
+        // switch out of romd mode must wait for it...
+        topo.begin().unwrap();
+        w(reg::DMA_SRC, edu::DMA_BUF_ADDR);
+        w(reg::DMA_DST, FLASH);
+        w(reg::DMA_CMD, edu::DMA_CMD_RUN | edu::DMA_CMD_TO_RAM);
+        while flash.handle().with(|d, _| d.mode()).unwrap() != PflashMode::ReadStatus {
+            std::thread::yield_now();
+        }
+        // ...while the transaction reads the edu. Had the switch waited
+        // inside the edu's turn, this read would wait for it forever.
+        assert_eq!(mem.read_u64(EDU_BAR + reg::ID, 4), (u64::from(edu::EDU_ID), MemTxResult::Ok));
+        topo.commit().unwrap();
+        while running() {}
+        // The switch happened: reads reach the device and answer its status.
+        assert!(!flash.region().is_romd());
+        assert_eq!(mem.read_u64(FLASH, 1), (0x80, MemTxResult::Ok));
+        assert!(!edu.is_failed() && !flash.handle().is_failed());
+    });
+}
