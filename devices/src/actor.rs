@@ -1,7 +1,7 @@
 //! The device actor harness.
 //!
 //! A device model implements [`Device`] over state it owns. The harness runs
-//! it as an actor: accesses become messages in a `flume` mailbox, processed
+//! it as an actor: accesses become messages in a bounded mailbox, processed
 //! one at a time in FIFO order by whoever holds the actor's *turn*. There is
 //! no dedicated thread:
 //!
@@ -10,18 +10,57 @@
 //!   are applied first) and runs the access on the calling thread, with
 //!   exclusive ownership of the device state. No thread hop.
 //! * **Busy actor.** Otherwise a write is posted and the caller returns at
-//!   once; a read (or [`ActorHandle::with`]) is posted and the caller waits
-//!   for the reply. The thread holding the turn drains the mailbox before it
-//!   gives the turn back, and re-checks it afterwards, so no message is ever
-//!   left behind.
+//!   once (unless its region is [non-posted](WritePolicy::NonPosted)); a
+//!   read (or [`ActorHandle::with`]) is posted and the caller waits for the
+//!   reply. The thread holding the turn drains the mailbox before it gives
+//!   the turn back, and re-checks it afterwards, so no message is ever left
+//!   behind.
 //!
 //! Either way the device sees accesses one at a time, in the order they were
 //! issued per caller, and a read sees every write the device received before
 //! it. Devices never share a lock with each other: two vCPUs on two devices
 //! run in parallel.
 //!
+//! # The rule: a thread holding a device turn never blocks
+//!
+//! A thread that runs a handler holds the device's turn (it is marked as
+//! such in `topos_runtime::turns`), and it never waits — not for another
+//! actor, not for the topology's turn — because the thread it would wait
+//! for may be waiting for this device. So, from inside a handler:
+//!
+//! * a synchronous access to a busy actor (a read, [`ActorHandle::with`])
+//!   is refused: reads answer `(0, `[`MemTxResult::AccessError`]`)`, calls
+//!   [`ActorError::WouldBlock`], as a re-entrant access does; writes are
+//!   posted;
+//! * topology operations return `Error::InsideDeviceTurn`;
+//! * work that needs to wait — a BAR remap, a romd switch, a DMA through a
+//!   bus-master space — is deferred with [`DeviceCtx::defer`] and runs once
+//!   the thread holds no turn at all. Its results come back to the device
+//!   through its mailbox ([`ActorHandle::post`], [`DeviceCtx::handle`]).
+//!
+//! # Bounded mailboxes, bounded work for others
+//!
+//! A mailbox holds at most [`ActorOptions::capacity`] messages from senders
+//! that may wait: a sender that holds no turn and finds it full waits for
+//! room, so a guest flooding a slow device is slowed down to the device's
+//! pace, never allowed to grow memory without limit. A sender that holds a
+//! turn never waits; it may exceed the bound, since what it posts is bounded
+//! by its own handler.
+//!
+//! A thread that takes the turn handles at most [`ActorOptions::budget`]
+//! queued messages for others in that turn. Beyond it, the turn itself —
+//! still taken, so nothing can slip in — goes with the remaining backlog to
+//! a drainer on the device runtime's blocking pool, which drains it by
+//! rounds of the same budget; the thread's own access then queues behind
+//! the backlog like any other (a write is posted, a read waits; from inside
+//! a handler, where it cannot wait, a read is refused as for a busy actor).
+//! No message is stranded, and no caller drains forever for others.
+//! [`ActorHandle::stats`] counts what happened, so that tests assert bounds
+//! by counting, never by timing.
+//!
 //! Wake-ups other than guest accesses (ioeventfds, timers) come from a small
-//! tokio runtime ([`DeviceRuntime`]) and enter the same mailbox.
+//! tokio runtime ([`DeviceRuntime`]) and enter the same mailbox from its
+//! blocking pool (see [`crate::wakeups`]).
 //!
 //! **Lifetime.** Regions (and the FlatViews that name them) hold the actor.
 //! When the last of them goes, the actor drains its mailbox (no posted write
@@ -34,10 +73,13 @@
 //! Nothing else is affected.
 
 use crate::irq::IrqLine;
-use crate::turn::{Held, Turn};
+use crate::mailbox::Mailbox;
+use crate::reply::{self, ReplyTx};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering, Weak};
+use crate::turn::{HandOff, Held, Turn};
+use crate::wakeups::{self, DeviceRuntime, Msg, Tasks};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::num::NonZeroUsize;
 use std::time::Duration;
 use topos_runtime::turns::{self, DeviceTurn};
 use topos_runtime::{EventNotifier, HwAddr, MemTxResult, MemoryRegionOps};
@@ -48,11 +90,14 @@ use topos_runtime::{EventNotifier, HwAddr, MemTxResult, MemoryRegionOps};
 /// port ranges, numbered as the device chooses when it makes them); `addr` is
 /// relative to that region. Values are in the device's byte order, as for
 /// [`MemoryRegionOps`].
+///
+/// Handlers run holding the device's turn: they must not block (see the
+/// [module](self) documentation).
 #[allow(unused_variables)]
 pub trait Device: Send + 'static {
     /// A guest read.
     fn read(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, size: u32) -> u64;
-    /// A guest write (posted: the guest does not wait for it).
+    /// A guest write.
     fn write(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32);
     /// The ioeventfd registered with index `index` fired.
     fn eventfd(&mut self, ctx: &mut DeviceCtx<'_>, index: usize) {}
@@ -63,33 +108,27 @@ pub trait Device: Send + 'static {
     fn unplugged(&mut self, ctx: &mut DeviceCtx<'_>) {}
 }
 
-/// The tokio runtime that delivers ioeventfd and timer wake-ups to actors.
-#[derive(Clone)]
-pub struct DeviceRuntime {
-    handle: tokio::runtime::Handle,
-    _rt: Option<Arc<tokio::runtime::Runtime>>,
+/// Tunables of an actor's mailbox (see the [module](self) documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorOptions {
+    /// Messages the mailbox holds from senders that may wait.
+    pub capacity: NonZeroUsize,
+    /// Queued messages a thread handles for others in one turn before it
+    /// hands the backlog to a drainer.
+    pub budget: NonZeroUsize,
 }
 
-impl std::fmt::Debug for DeviceRuntime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceRuntime").finish_non_exhaustive()
-    }
+impl ActorOptions {
+    /// The default capacity.
+    pub const DEFAULT_CAPACITY: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+    /// The default budget.
+    pub const DEFAULT_BUDGET: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 }
 
-impl DeviceRuntime {
-    /// A runtime of its own, with one worker thread.
-    pub fn new() -> std::io::Result<DeviceRuntime> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("topos-devices")
-            .enable_all()
-            .build()?;
-        Ok(DeviceRuntime { handle: rt.handle().clone(), _rt: Some(Arc::new(rt)) })
-    }
-
-    /// Uses an existing tokio runtime.
-    pub fn from_handle(handle: tokio::runtime::Handle) -> DeviceRuntime {
-        DeviceRuntime { handle, _rt: None }
+impl Default for ActorOptions {
+    /// 256 messages, 64 of them handled per turn.
+    fn default() -> Self {
+        ActorOptions { capacity: Self::DEFAULT_CAPACITY, budget: Self::DEFAULT_BUDGET }
     }
 }
 
@@ -113,15 +152,7 @@ impl DeviceCtx<'_> {
     /// Calls [`Device::timer`] with `token` after `after` (from the device
     /// runtime). Timers of an unplugged device never fire.
     pub fn set_timer(&self, after: Duration, token: u64) {
-        let me = self.shared.me.clone();
-        let rt = self.shared.runtime.handle.clone();
-        let task = self.shared.runtime.handle.spawn(async move {
-            tokio::time::sleep(after).await;
-            wake_from_blocking_pool(&rt, me, Msg::Timer(token)).await;
-        });
-        let mut tasks = self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
+        wakeups::set_timer(&self.shared.runtime, &self.shared.tasks, self.shared.me.clone(), after, token);
     }
 
     /// Runs `f` once the calling thread holds no turn at all — neither this
@@ -201,7 +232,7 @@ pub enum ActorError {
     #[error("re-entrant access to the device")]
     Reentrant,
     /// The device is busy and the calling thread holds a device turn, so it
-    /// may not wait for it (see [`topos_runtime::turns`]).
+    /// may not wait for it (see the [module](self) documentation).
     #[error("the device is busy and the caller holds a device turn")]
     WouldBlock,
 }
@@ -210,14 +241,7 @@ type Call<D> = Box<dyn FnOnce(&mut D, &mut DeviceCtx<'_>) + Send>;
 
 /// The answer to a caller that waits: the result and the work the handler
 /// deferred, for the caller to run.
-type Reply<T> = flume::Sender<(T, Vec<Deferred>)>;
-
-/// A message in an actor's mailbox. Type-erased messages (timers,
-/// ioeventfds) carry no device type.
-enum Msg {
-    Timer(u64),
-    Eventfd(usize),
-}
+type Reply<T> = ReplyTx<(T, Vec<Deferred>)>;
 
 enum Mail<D> {
     /// A write; `done` is set when the writer waits for it.
@@ -245,7 +269,7 @@ enum Mail<D> {
 
 /// An actor without its device type: what wake-ups and
 /// [`DeviceCtx::handle`] need.
-trait AnyCore: Send + Sync + 'static {
+pub(crate) trait AnyCore: Send + Sync + 'static {
     /// Delivers a wake-up (on a thread that may wait: never the async
     /// worker).
     fn wake(&self, msg: Msg);
@@ -261,45 +285,48 @@ impl<D: Device> AnyCore for Core<D> {
     }
 }
 
-/// Delivers `msg` to the actor from the runtime's blocking pool, so that
-/// neither the device's handlers, nor the work they defer, nor a wait for
-/// room in the mailbox ever run on the async worker, which every timer and
-/// ioeventfd of every device depends on.
-async fn wake_from_blocking_pool(rt: &tokio::runtime::Handle, me: Weak<dyn AnyCore>, msg: Msg) {
-    let _ = rt
-        .spawn_blocking(move || {
-            if let Some(core) = me.upgrade() {
-                core.wake(msg);
-            }
-        })
-        .await;
-}
-
+/// What handlers reach through their [`DeviceCtx`].
 struct Shared {
     name: String,
     irqs: Vec<IrqLine>,
     runtime: DeviceRuntime,
     /// The actor itself (weak: the actor owns this).
     me: Weak<dyn AnyCore>,
-    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    tasks: Tasks,
+}
+
+/// Counters behind [`ActorStats`].
+#[derive(Default)]
+struct Counters {
+    max_queued: AtomicUsize,
+    max_caller_drain: AtomicUsize,
+    handoffs: AtomicUsize,
+}
+
+/// Messages a thread may still handle for others in its turn, and how many
+/// it has.
+struct Work {
+    left: usize,
+    done: usize,
+    /// A drainer of the blocking pool (not a caller with an access of its
+    /// own).
+    drainer: bool,
 }
 
 struct Core<D: Device> {
     /// The device state, reachable only by the holder of the turn; the turn
     /// word also counts the messages waiting in the mailbox.
     turn: Turn<D>,
-    tx: flume::Sender<Mail<D>>,
-    rx: flume::Receiver<Mail<D>>,
+    mailbox: Mailbox<Mail<D>>,
     failed: AtomicBool,
+    options: ActorOptions,
+    counters: Counters,
+    /// The actor itself, for the drainers it starts.
+    me: Weak<Core<D>>,
     shared: Arc<Shared>,
 }
 
 impl<D: Device> Core<D> {
-    /// Runs one message with the turn held.
-    fn handle(&self, dev: &mut D, mail: Mail<D>) {
-        Self::handle_in(&self.failed, &self.shared, dev, mail)
-    }
-
     fn handle_in(failed: &AtomicBool, shared: &Shared, dev: &mut D, mail: Mail<D>) {
         let run = |dev: &mut D, f: &mut dyn FnMut(&mut D, &mut DeviceCtx<'_>)| {
             Self::run_in(failed, shared, dev, None, f);
@@ -314,13 +341,13 @@ impl<D: Device> Core<D> {
                     d.write(ctx, region, addr, value, size)
                 });
                 let r = if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
-                let _ = done.send((r, collected.into_inner()));
+                done.send((r, collected.into_inner()));
             }
             Mail::Read { region, addr, size, reply } => {
                 let collected = RefCell::new(Vec::new());
                 let r = Self::run_in(failed, shared, dev, Some(&collected), |d, ctx| d.read(ctx, region, addr, size));
                 let r = r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
-                let _ = reply.send((r, collected.into_inner()));
+                reply.send((r, collected.into_inner()));
             }
             Mail::Call { f, collect } => {
                 let collected = RefCell::new(Vec::new());
@@ -335,10 +362,10 @@ impl<D: Device> Core<D> {
         }
     }
 
-    /// Calls into the device, containing a panic.
+    /// Calls into the device with the turn held, containing a panic.
     #[inline]
-    fn run<R>(&self, dev: &mut D, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R) -> Option<R> {
-        Self::run_in(&self.failed, &self.shared, dev, None, f)
+    fn run<R>(&self, held: &mut Held<'_, D>, f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R) -> Option<R> {
+        held.with_mut(|dev| Self::run_in(&self.failed, &self.shared, dev, None, f))
     }
 
     #[inline]
@@ -368,55 +395,122 @@ impl<D: Device> Core<D> {
         }
     }
 
-    /// Handles every queued message, with the turn held.
-    fn drain(&self, held: &mut Held<'_, D>) {
-        while held.pending() {
-            match self.rx.try_recv() {
-                Ok(mail) => {
-                    held.take_pending();
-                    self.handle(held, mail);
-                }
-                Err(_) => break,
-            }
+    /// A caller's allowance of work for others.
+    fn caller_work(&self) -> Work {
+        Work { left: self.options.budget.get(), done: 0, drainer: false }
+    }
+
+    /// Handles queued messages with the turn held, while any are counted and
+    /// the budget lasts.
+    fn drain(&self, held: &mut Held<'_, D>, work: &mut Work) {
+        while work.left > 0 && held.pending() {
+            // A counted message was sent before it was counted.
+            let Some(mail) = self.mailbox.recv(|| held.take_pending()) else { break };
+            work.left -= 1;
+            work.done += 1;
+            held.with_mut(|dev| Self::handle_in(&self.failed, &self.shared, dev, mail));
         }
     }
 
-    /// Gives the turn back, draining whatever was queued meanwhile; then, if
-    /// the thread holds no other turn, runs its deferred work.
+    /// Gives the turn back, draining whatever was queued meanwhile; once the
+    /// budget is spent, hands the turn and the backlog to a drainer. Then,
+    /// if the thread holds no other turn, runs its deferred work.
     #[inline]
-    fn finish(&self, mut held: Held<'_, D>) {
+    fn finish(&self, mut held: Held<'_, D>, mut work: Work) {
         loop {
             match held.try_release() {
                 Ok(marker) => {
+                    self.note(&work);
                     drop(marker);
                     return;
                 }
                 Err(h) => {
                     held = h;
-                    self.drain(&mut held);
+                    if work.left == 0 {
+                        self.note(&work);
+                        self.hand_off(held);
+                        return;
+                    }
+                    self.drain(&mut held, &mut work);
                 }
             }
         }
     }
 
-    /// Takes the turn for an access: at once if idle, after draining if
-    /// messages are queued; `None` if another thread holds it.
-    #[inline]
-    fn enter(&self) -> Option<Held<'_, D>> {
-        if let Some(h) = self.turn.try_enter_idle() {
-            return Some(h);
+    fn note(&self, work: &Work) {
+        if !work.drainer && work.done > 0 {
+            self.counters.max_caller_drain.fetch_max(work.done, Ordering::Relaxed);
         }
-        let mut h = self.turn.try_enter()?;
-        self.drain(&mut h);
-        Some(h)
     }
 
+    /// Passes the turn, still taken, to a drainer on the blocking pool.
+    fn hand_off(&self, mut held: Held<'_, D>) {
+        let Some(core) = self.me.upgrade() else {
+            // Unreachable: whoever calls into the actor holds a reference.
+            // Drain here rather than strand anything.
+            let mut work = Work { left: usize::MAX, done: 0, drainer: true };
+            self.drain(&mut held, &mut work);
+            return self.finish(held, work);
+        };
+        self.counters.handoffs.fetch_add(1, Ordering::Relaxed);
+        let (handoff, marker) = held.hand_off();
+        let drainer = Drainer { core, handoff: Some(handoff) };
+        self.shared.runtime.spawn_blocking(move || drainer.run());
+        // Only now: the marker's drop may run deferred work that waits for
+        // this very device, which needs the drainer on its way.
+        drop(marker);
+    }
+
+    /// Takes the turn for an access of the calling thread, with its
+    /// allowance of work for others: at once if idle, after draining the
+    /// queue if that fits in the budget. `None` if another thread holds the
+    /// turn, or if the backlog outlasted the budget (the turn then went to a
+    /// drainer): either way the access must queue behind.
+    #[inline]
+    fn enter(&self) -> Option<(Held<'_, D>, Work)> {
+        if let Some(h) = self.turn.try_enter_idle() {
+            return Some((h, self.caller_work()));
+        }
+        let mut h = self.turn.try_enter()?;
+        let mut work = self.caller_work();
+        self.drain(&mut h, &mut work);
+        if h.pending() {
+            self.note(&work);
+            self.hand_off(h);
+            return None;
+        }
+        Some((h, work))
+    }
+
+    /// Queues `mail`. A caller that holds no turn waits for room; if the turn
+    /// was free, the caller takes it and drains (within its budget).
     fn post(&self, mail: Mail<D>) {
-        if self.tx.send(mail).is_ok() && self.turn.add_pending() {
+        if turns::holds_device_turn() {
+            self.mailbox.send_unbounded(mail);
+        } else {
+            self.mailbox.send_waiting(mail);
+        }
+        let counted = self.turn.add_pending();
+        self.counters.max_queued.fetch_max(counted.queued, Ordering::Relaxed);
+        if counted.was_free {
             if let Some(mut h) = self.turn.try_enter() {
-                self.drain(&mut h);
-                self.finish(h);
+                let mut work = self.caller_work();
+                self.drain(&mut h, &mut work);
+                self.finish(h, work);
             }
+        }
+    }
+
+    /// Why a caller that found the actor busy may not wait for it, if so.
+    fn refuse_wait(&self, what: &str) -> Option<ActorError> {
+        if self.turn.held_by_me() {
+            tracing::debug!(device = %self.shared.name, "re-entrant {what} refused");
+            Some(ActorError::Reentrant)
+        } else if turns::holds_device_turn() {
+            tracing::debug!(device = %self.shared.name, "{what} of a busy device from inside a device turn refused");
+            Some(ActorError::WouldBlock)
+        } else {
+            None
         }
     }
 
@@ -425,20 +519,15 @@ impl<D: Device> Core<D> {
         if self.failed.load(Ordering::Acquire) {
             return (0, MemTxResult::AccessError);
         }
-        if let Some(mut h) = self.enter() {
+        if let Some((mut h, work)) = self.enter() {
             let r = self.run(&mut h, |d, ctx| d.read(ctx, region, addr, size));
-            self.finish(h);
+            self.finish(h, work);
             return r.map_or((0, MemTxResult::AccessError), |v| (v, MemTxResult::Ok));
         }
-        if self.turn.held_by_me() {
-            tracing::debug!(device = %self.shared.name, "re-entrant read refused");
+        if self.refuse_wait("read").is_some() {
             return (0, MemTxResult::AccessError);
         }
-        if turns::holds_device_turn() {
-            tracing::debug!(device = %self.shared.name, "read of a busy device from inside a device turn refused");
-            return (0, MemTxResult::AccessError);
-        }
-        let (tx, rx) = flume::bounded(1);
+        let (tx, rx) = reply::channel();
         self.post(Mail::Read { region, addr, size, reply: tx });
         match rx.recv() {
             Ok((r, work)) => {
@@ -454,9 +543,9 @@ impl<D: Device> Core<D> {
         if self.failed.load(Ordering::Acquire) {
             return MemTxResult::AccessError;
         }
-        if let Some(mut h) = self.enter() {
+        if let Some((mut h, work)) = self.enter() {
             let r = self.run(&mut h, |d, ctx| d.write(ctx, region, addr, value, size));
-            self.finish(h);
+            self.finish(h, work);
             return if r.is_some() { MemTxResult::Ok } else { MemTxResult::AccessError };
         }
         if self.turn.held_by_me() {
@@ -465,7 +554,7 @@ impl<D: Device> Core<D> {
         }
         if policy == WritePolicy::NonPosted {
             if !turns::holds_device_turn() {
-                let (tx, rx) = flume::bounded(1);
+                let (tx, rx) = reply::channel();
                 self.post(Mail::Write { region, addr, value, size, done: Some(tx) });
                 return match rx.recv() {
                     Ok((r, work)) => {
@@ -484,22 +573,57 @@ impl<D: Device> Core<D> {
 
 impl<D: Device> Drop for Core<D> {
     fn drop(&mut self) {
-        // Last reference: nobody else can hold the turn. Apply what is still
-        // queued, then say goodbye — marked as holding a device turn, like
-        // any handler (this may run inside another device's handler or a
-        // topology commit that dropped the last view of the device).
+        // Last reference: nobody else can hold the turn (a drainer holds a
+        // reference). Apply what is still queued, then say goodbye — marked
+        // as holding a device turn, like any handler (this may run inside
+        // another device's handler or a topology commit that dropped the
+        // last view of the device).
         let _marker = DeviceTurn::enter();
-        let mails: Vec<Mail<D>> = self.rx.try_iter().collect();
-        let Core { turn, failed, shared, .. } = self;
-        let dev = turn.get_mut();
-        for mail in mails {
-            Self::handle_in(failed, shared, dev, mail);
+        let Core { turn, mailbox, failed, shared, .. } = self;
+        turn.with_exclusive(|dev| {
+            while let Some(mail) = mailbox.recv(|| ()) {
+                Self::handle_in(failed, shared, dev, mail);
+            }
+            Self::run_in(failed, shared, dev, None, |d, ctx| d.unplugged(ctx));
+        });
+        shared.tasks.abort_all();
+        tracing::debug!(device = %shared.name, "device actor stopped");
+    }
+}
+
+/// Drains an actor whose turn was handed off (see [`Core::hand_off`]).
+struct Drainer<D: Device> {
+    core: Arc<Core<D>>,
+    handoff: Option<HandOff>,
+}
+
+impl<D: Device> Drainer<D> {
+    fn run(mut self) {
+        if let Some(handoff) = self.handoff.take() {
+            self.drain(handoff, self.core.options.budget.get());
         }
-        Self::run_in(failed, shared, dev, None, |d, ctx| d.unplugged(ctx));
-        for t in self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            t.abort();
+    }
+
+    /// Adopts the turn and drains a round of `budget` messages (handing off
+    /// again beyond it).
+    fn drain(&self, handoff: HandOff, budget: usize) {
+        let core = &self.core;
+        let mut held = core.turn.adopt(handoff);
+        let mut work = Work { left: budget, done: 0, drainer: true };
+        core.drain(&mut held, &mut work);
+        core.finish(held, work);
+    }
+}
+
+impl<D: Device> Drop for Drainer<D> {
+    fn drop(&mut self) {
+        // Dropped without running: the device runtime is shut down. The turn
+        // is still taken; drain here, whatever it takes, rather than strand
+        // the backlog.
+        if let Some(handoff) = self.handoff.take() {
+            tracing::warn!(device = %self.core.shared.name, "device runtime gone: draining on this thread");
+            self.drain(handoff, usize::MAX);
         }
-        tracing::debug!(device = %self.shared.name, "device actor stopped");
     }
 }
 
@@ -532,18 +656,37 @@ pub struct Spawned<D: Device> {
 }
 
 impl<D: Device> Spawned<D> {
-    /// Spawns `device` as an actor named `name` with interrupt lines `irqs`.
+    /// Spawns `device` as an actor named `name` with interrupt lines `irqs`
+    /// and the default [`ActorOptions`].
     pub fn new(name: &str, device: D, irqs: Vec<IrqLine>, runtime: &DeviceRuntime) -> Spawned<D> {
-        let (tx, rx) = flume::unbounded();
+        Spawned::with_options(name, device, irqs, runtime, ActorOptions::default())
+    }
+
+    /// Spawns `device` as an actor with the given mailbox `options`.
+    pub fn with_options(
+        name: &str,
+        device: D,
+        irqs: Vec<IrqLine>,
+        runtime: &DeviceRuntime,
+        options: ActorOptions,
+    ) -> Spawned<D> {
         let core = Arc::new_cyclic(|me: &Weak<Core<D>>| {
             let shared = Arc::new(Shared {
                 name: name.to_string(),
                 irqs,
                 runtime: runtime.clone(),
                 me: me.clone(),
-                tasks: Mutex::new(Vec::new()),
+                tasks: Tasks::default(),
             });
-            Core { turn: Turn::new(device), tx, rx, failed: AtomicBool::new(false), shared }
+            Core {
+                turn: Turn::new(device),
+                mailbox: Mailbox::new(options.capacity),
+                failed: AtomicBool::new(false),
+                options,
+                counters: Counters::default(),
+                me: me.clone(),
+                shared,
+            }
         });
         Spawned { core }
     }
@@ -570,8 +713,17 @@ impl<D: Device> Spawned<D> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ActorStats {
+    /// The options the actor was spawned with.
+    pub options: ActorOptions,
     /// Messages waiting in the mailbox now.
     pub queued: usize,
+    /// The most messages ever waiting at once.
+    pub max_queued: usize,
+    /// The most queued messages a caller (a thread with an access of its
+    /// own, not a drainer) handled in one turn.
+    pub max_caller_drain: usize,
+    /// How many times a backlog was handed to a drainer.
+    pub handoffs: usize,
 }
 
 /// A handle to an actor that does not keep it alive.
@@ -585,9 +737,20 @@ impl<D: Device> Clone for ActorHandle<D> {
     }
 }
 
+impl<D: Device> std::fmt::Debug for ActorHandle<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.core.upgrade() {
+            Some(c) => f.debug_struct("ActorHandle").field("device", &c.shared.name).finish(),
+            None => f.write_str("ActorHandle(gone)"),
+        }
+    }
+}
+
 impl<D: Device> ActorHandle<D> {
     /// Runs `f` on the device with exclusive access, in mailbox order (after
-    /// every access issued before it), and returns its result.
+    /// every access issued before it), and returns its result. From inside a
+    /// handler, a busy actor answers [`ActorError::WouldBlock`] instead of
+    /// being waited for.
     pub fn with<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut D, &mut DeviceCtx<'_>) -> R + Send + 'static,
@@ -596,22 +759,18 @@ impl<D: Device> ActorHandle<D> {
         if core.failed.load(Ordering::Acquire) {
             return Err(ActorError::Failed);
         }
-        if let Some(mut h) = core.enter() {
+        if let Some((mut h, work)) = core.enter() {
             let r = core.run(&mut h, f);
-            core.finish(h);
+            core.finish(h, work);
             return r.ok_or(ActorError::Failed);
         }
-        if core.turn.held_by_me() {
-            return Err(ActorError::Reentrant);
+        if let Some(e) = core.refuse_wait("call") {
+            return Err(e);
         }
-        if turns::holds_device_turn() {
-            tracing::debug!(device = %core.shared.name, "call on a busy device from inside a device turn refused");
-            return Err(ActorError::WouldBlock);
-        }
-        let (tx, rx) = flume::bounded(1);
+        let (tx, rx) = reply::channel();
         let call: Call<D> = Box::new(move |d, ctx| {
             let r = f(d, ctx);
-            let _ = tx.send((r, ctx.take_collected()));
+            tx.send((r, ctx.take_collected()));
         });
         core.post(Mail::Call { f: call, collect: true });
         drop(core);
@@ -629,9 +788,9 @@ impl<D: Device> ActorHandle<D> {
         if core.failed.load(Ordering::Acquire) {
             return Err(ActorError::Failed);
         }
-        if let Some(mut h) = core.enter() {
+        if let Some((mut h, work)) = core.enter() {
             let r = core.run(&mut h, f);
-            core.finish(h);
+            core.finish(h, work);
             return r.ok_or(ActorError::Failed);
         }
         core.post(Mail::Call { f: Box::new(f), collect: false });
@@ -641,7 +800,14 @@ impl<D: Device> ActorHandle<D> {
     /// Counters of the actor's mailbox.
     pub fn stats(&self) -> Result<ActorStats, ActorError> {
         let core = self.core.upgrade().ok_or(ActorError::Gone)?;
-        Ok(ActorStats { queued: core.turn.queued() })
+        let c = &core.counters;
+        Ok(ActorStats {
+            options: core.options,
+            queued: core.turn.queued(),
+            max_queued: c.max_queued.load(Ordering::Relaxed),
+            max_caller_drain: c.max_caller_drain.load(Ordering::Relaxed),
+            handoffs: c.handoffs.load(Ordering::Relaxed),
+        })
     }
 
     /// Whether the actor is still running.
@@ -657,44 +823,8 @@ impl<D: Device> ActorHandle<D> {
     /// Delivers `notifier`'s signals to [`Device::eventfd`] with `index`.
     pub fn watch_eventfd(&self, notifier: EventNotifier, index: usize) -> Result<(), ActorError> {
         let core = self.core.upgrade().ok_or(ActorError::Gone)?;
-        let me = core.shared.me.clone();
-        let fd = AsFd(notifier);
-        let rt = core.shared.runtime.handle.clone();
-        let pool = rt.clone();
-        let task = rt.spawn(async move {
-            // The wrapper owns an `Arc` of the eventfd, so the descriptor
-            // outlives its registration (the I/O-safety concern behind the
-            // deprecation does not arise).
-            #[allow(deprecated)]
-            let Ok(afd) = tokio::io::unix::AsyncFd::new(fd) else {
-                return;
-            };
-            loop {
-                let Ok(mut ready) = afd.readable().await else { return };
-                // Consume the counter; spurious wake-ups read nothing.
-                match afd.get_ref().0.read() {
-                    Ok(_) => {
-                        if me.strong_count() == 0 {
-                            return;
-                        }
-                        // One wake-up at a time: a device slower than its
-                        // doorbell slows the doorbell down.
-                        wake_from_blocking_pool(&pool, me.clone(), Msg::Eventfd(index)).await;
-                    }
-                    Err(_) => ready.clear_ready(),
-                }
-            }
-        });
-        core.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+        let shared = &core.shared;
+        wakeups::watch_eventfd(&shared.runtime, &shared.tasks, shared.me.clone(), notifier, index);
         Ok(())
-    }
-}
-
-/// An eventfd as a raw fd for tokio.
-struct AsFd(EventNotifier);
-
-impl std::os::fd::AsRawFd for AsFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
     }
 }

@@ -22,7 +22,8 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::wakeups::DeviceRuntime;
 use std::sync::mpsc;
 use topos_runtime::{Endianness, HwAddr, ImplConstraints, MemoryRegion, OpsConfig, Topology, ValidConstraints};
 

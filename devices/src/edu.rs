@@ -44,9 +44,10 @@
 //! The interrupt is the INTx line (`ctx.irq(0)`), asserted while the
 //! interrupt status is non-zero. QEMU's MSI capability is not modelled.
 
-use crate::actor::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
 use crate::irq::IrqLine;
 use crate::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciError, PciFunction, PciHost};
+use crate::wakeups::DeviceRuntime;
 use std::time::Duration;
 use topos_runtime::{HwAddr, ImplConstraints, OpsConfig, ValidConstraints};
 

@@ -33,7 +33,8 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned};
+use crate::wakeups::DeviceRuntime;
 use std::ops::Range;
 use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, OpsConfig, Topology, PAGE_SIZE};
 

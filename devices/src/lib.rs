@@ -12,12 +12,17 @@ pub mod debug_exit;
 pub mod edu;
 pub mod framebuffer;
 pub mod irq;
+mod mailbox;
 pub mod pci;
 pub mod pflash;
+mod reply;
+mod sync;
 mod turn;
 pub mod uart;
 pub mod virtio_doorbell;
+pub mod wakeups;
 
-pub use actor::{ActorError, ActorHandle, ActorStats, Device, DeviceCtx, DeviceRuntime, Spawned, WritePolicy};
+pub use actor::{ActorError, ActorHandle, ActorOptions, ActorStats, Device, DeviceCtx, Spawned, WritePolicy};
 pub use irq::{InterruptSink, IrqLine, LevelRecorder};
 pub use topos_runtime as runtime;
+pub use wakeups::DeviceRuntime;

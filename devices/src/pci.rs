@@ -101,8 +101,9 @@
 //! the bus-master space reaches system memory, which holds the device's own
 //! BARs, so owning it would make the device keep itself alive.
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned, WritePolicy};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned, WritePolicy};
 use crate::irq::{InterruptSink, IrqLine};
+use crate::wakeups::DeviceRuntime;
 use std::sync::{Arc, Mutex, Weak};
 use topos_runtime::turns;
 use topos_runtime::{

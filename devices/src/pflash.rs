@@ -33,7 +33,8 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned};
+use crate::wakeups::DeviceRuntime;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use topos_runtime::{HwAddr, MemoryRegion, OpsConfig, RamSlice, Topology, WeakRegion};

@@ -84,8 +84,9 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned};
 use crate::irq::IrqLine;
+use crate::wakeups::DeviceRuntime;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};

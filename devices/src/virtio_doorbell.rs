@@ -31,8 +31,9 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned};
 use crate::irq::IrqLine;
+use crate::wakeups::DeviceRuntime;
 use std::sync::mpsc;
 use topos_runtime::{new_event_notifier, EventNotifier, HwAddr, MemoryRegion, OpsConfig, Topology};
 

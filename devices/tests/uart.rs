@@ -529,3 +529,105 @@ proptest! {
         }
     }
 }
+
+// ----- a guest flooding a slow sink ----------------------------------------
+
+/// A sink that spends about 5 µs of work on each byte (a slow terminal),
+/// keeping what it received.
+struct SlowSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SlowSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(5) {
+                std::hint::spin_loop();
+            }
+            self.0.lock().unwrap().push(b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_guest_flooding_a_slow_uart_is_held_to_the_mailbox_bound_and_nobody_drains_for_it_beyond_the_budget() {
+    use std::num::NonZeroUsize;
+    use topos_devices::{ActorOptions, Spawned};
+    const FLOOD: usize = 20_000;
+    const OTHER: u8 = 0xff;
+    let capacity = NonZeroUsize::new(32).unwrap();
+    let budget = NonZeroUsize::new(8).unwrap();
+    let topo = Topology::new();
+    let spaces = topo.standard_spaces().unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let uart = Serial16550::with_options(
+        SerialSink::Writer(Box::new(SlowSink(received.clone()))),
+        SerialOptions { char_timeout: false, ..SerialOptions::default() },
+    );
+    let s = Spawned::with_options("com1", uart, vec![], runtime(), ActorOptions { capacity, budget });
+    let h = s.handle();
+    let region = topo.new_io_arc("serial", s.ops(0), Serial16550::ops_config(), 8).unwrap();
+    spaces.io.add_subregion(BASE, &region).unwrap();
+    drop(s);
+
+    // Another thread holds the UART's turn (an embedder call, parked until
+    // the gate opens) when a vCPU starts printing in a loop (bytes 0..=250
+    // over and over): its writes back up behind the turn.
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            h.with(move |_, _| {
+                entered_tx.send(()).unwrap();
+                let _ = gate_rx.recv();
+            })
+        })
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let flood = {
+        let io = spaces.io_space.clone();
+        std::thread::spawn(move || {
+            for i in 0..FLOOD {
+                assert_eq!(io.write_u64(BASE, (i % 251) as u64, 1), MemTxResult::Ok);
+            }
+        })
+    };
+    // Let the holder go once the mailbox is full: the flood must then wait
+    // for room, and the holder must not drain the flood for it.
+    let deadline = Instant::now() + WAIT;
+    while h.stats().unwrap().queued < capacity.get() {
+        assert!(Instant::now() < deadline, "the flood never filled the mailbox");
+        std::thread::yield_now();
+    }
+    gate_tx.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    // Another vCPU writes one byte while the flood is under way.
+    assert_eq!(spaces.io_space.write_u64(BASE, u64::from(OTHER), 1), MemTxResult::Ok);
+    flood.join().unwrap();
+    // Posted bytes still in the mailbox reach the sink too (bounded wait).
+    let deadline = Instant::now() + WAIT;
+    while received.lock().unwrap().len() < FLOOD + 1 {
+        assert!(Instant::now() < deadline, "bytes were stranded in the mailbox");
+        std::thread::yield_now();
+    }
+
+    let stats = h.stats().unwrap();
+    assert!(stats.max_queued <= capacity.get(), "the mailbox grew to {} messages", stats.max_queued);
+    assert!(
+        stats.max_caller_drain <= budget.get(),
+        "a vCPU handled {} messages for others in one turn",
+        stats.max_caller_drain
+    );
+    assert!(stats.handoffs > 0, "the backlog never went to a drainer: the test did not flood");
+    // Every byte, each vCPU's in its order.
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), FLOOD + 1);
+    assert_eq!(got.iter().filter(|&&b| b == OTHER).count(), 1);
+    let flood_bytes: Vec<u8> = got.into_iter().filter(|&b| b != OTHER).collect();
+    assert!(flood_bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the flood's bytes are out of order");
+    assert_eq!(h.with(|d, _| d.transmitted()).unwrap(), (FLOOD + 1) as u64);
+}
