@@ -264,6 +264,8 @@ enum Mail<D> {
         f: Call<D>,
         collect: bool,
     },
+    /// Under loom no timer or ioeventfd ever wakes an actor.
+    #[cfg_attr(topos_loom, allow(dead_code))]
     Wake(Msg),
 }
 
@@ -272,6 +274,7 @@ enum Mail<D> {
 pub(crate) trait AnyCore: Send + Sync + 'static {
     /// Delivers a wake-up (on a thread that may wait: never the async
     /// worker).
+    #[cfg_attr(topos_loom, allow(dead_code))]
     fn wake(&self, msg: Msg);
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
@@ -715,6 +718,9 @@ impl<D: Device> Spawned<D> {
 pub struct ActorStats {
     /// The options the actor was spawned with.
     pub options: ActorOptions,
+    /// A thread holds the turn now (or it is in transit to a drainer).
+    /// Not busy with messages queued would mean messages stranded.
+    pub busy: bool,
     /// Messages waiting in the mailbox now.
     pub queued: usize,
     /// The most messages ever waiting at once.
@@ -803,6 +809,7 @@ impl<D: Device> ActorHandle<D> {
         let c = &core.counters;
         Ok(ActorStats {
             options: core.options,
+            busy: core.turn.is_taken(),
             queued: core.turn.queued(),
             max_queued: c.max_queued.load(Ordering::Relaxed),
             max_caller_drain: c.max_caller_drain.load(Ordering::Relaxed),

@@ -112,6 +112,12 @@ impl<T> Turn<T> {
         self.state.load(Ordering::Relaxed) / ONE
     }
 
+    /// Whether some thread holds the turn (or it is in transit to a
+    /// drainer).
+    pub(crate) fn is_taken(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & BUSY != 0
+    }
+
     /// Whether this thread holds the turn.
     pub(crate) fn held_by_me(&self) -> bool {
         self.state.load(Ordering::Relaxed) & BUSY != 0 && self.owner.load(Ordering::Relaxed) == thread_token()

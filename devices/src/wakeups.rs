@@ -18,6 +18,7 @@ use std::time::Duration;
 use topos_runtime::EventNotifier;
 
 /// A wake-up that is not a guest access.
+#[cfg_attr(topos_loom, allow(dead_code))]
 pub(crate) enum Msg {
     /// A timer set with `DeviceCtx::set_timer` expired.
     Timer(u64),

@@ -1,5 +1,7 @@
 //! The actor harness: ordering, posting, unplug, failure containment,
 //! ioeventfd and timer wake-ups, re-entrancy.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,6 @@
 //! QEMU's `isa-debug-exit`, driven through the I/O-port address space.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use proptest::prelude::*;
 use std::sync::mpsc;

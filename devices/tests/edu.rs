@@ -6,6 +6,8 @@
 //! when a test drives it, so the asynchronous factorial and DMA complete
 //! exactly when a test lets time pass: "computing" is observed set for sure,
 //! and waiting is polling with a bound, never a timed assertion.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use proptest::prelude::*;
 use std::sync::Arc;

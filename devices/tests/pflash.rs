@@ -1,4 +1,6 @@
 //! The CFI flash, driven through address-space accesses as a guest would.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use proptest::prelude::*;
 use std::sync::OnceLock;

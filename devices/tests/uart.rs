@@ -1,5 +1,7 @@
 //! The 16550A UART, register by register, driven through the I/O-port
 //! address space as a guest would, with a `LevelRecorder` on its interrupt.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use proptest::prelude::*;
 use std::sync::{Arc, OnceLock};

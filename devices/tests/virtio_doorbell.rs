@@ -1,5 +1,7 @@
 //! The virtio-mmio doorbell, driven through address-space accesses as a
 //! guest would.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
 
 use proptest::prelude::*;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};

@@ -1,11 +1,13 @@
-//! loom models of the runtime's concurrency protocols.
+//! loom models of topos's concurrency protocols.
 //!
-//! Each file in `tests/` models one protocol against the real runtime code:
-//! built with `--cfg topos_loom`, the runtime takes its locks, atomics, RCU
-//! cell and thread identities from loom (see `topos_runtime`'s `sync`
-//! module), so loom explores the interleavings of the runtime's own
-//! publication, transaction, listener, broadcast, dirty-bitmap and bounce
-//! buffer code.
+//! Each file in `tests/` models one protocol against the real code: built
+//! with `--cfg topos_loom`, the runtime and the device harness take their
+//! locks, atomics, cells, queues, thread identities and drainer threads from
+//! loom (see the `sync` modules of `topos_runtime` and `topos_devices`), so
+//! loom explores the interleavings of the runtime's own publication,
+//! transaction, listener, broadcast, dirty-bitmap and bounce buffer code,
+//! and of the device harness's turn, mailbox, hand-off and no-block rule
+//! (the `device_*` files).
 //!
 //! ```sh
 //! # bounded, as CI runs them
@@ -32,5 +34,45 @@ pub mod model {
     /// The (start, region name) pairs of the address space's current view.
     pub fn layout(asp: &AddressSpace) -> Vec<(u64, String)> {
         asp.view().ranges().iter().map(|r| (r.start(), r.region().name().to_string())).collect()
+    }
+}
+
+/// Helpers shared by the device harness models.
+pub mod devices {
+    use std::sync::{Arc, Mutex};
+    use topos_devices::runtime::HwAddr;
+    use topos_devices::{Device, DeviceCtx};
+
+    /// What a [`Recorder`] saw, in order.
+    ///
+    /// A std mutex, invisible to loom: nothing in its critical sections
+    /// yields to loom, and the models read it once their threads are done.
+    pub type Log = Arc<Mutex<Vec<u64>>>;
+
+    /// Records every value written to it; reads return how many it has.
+    /// Its handlers run inside the harness's turn cell, so loom checks that
+    /// the turn makes them exclusive.
+    pub struct Recorder(pub Log);
+
+    impl Recorder {
+        /// A recorder and its log.
+        pub fn new() -> (Recorder, Log) {
+            let log = Log::default();
+            (Recorder(log.clone()), log)
+        }
+    }
+
+    impl Device for Recorder {
+        fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: HwAddr, _size: u32) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn write(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: HwAddr, value: u64, _size: u32) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    /// Whether `a` comes before `b` in `log` (both present).
+    pub fn before(log: &[u64], a: u64, b: u64) -> bool {
+        matches!((log.iter().position(|&v| v == a), log.iter().position(|&v| v == b)), (Some(i), Some(j)) if i < j)
     }
 }
