@@ -1,10 +1,26 @@
 //! # topos-devices
 //!
 //! Device models for topos, run as actors (see [`actor`]): each device owns
-//! its state, receives accesses through a mailbox, and never shares a lock
-//! with another device (the only `unsafe` is the actor's turn cell, in
-//! `turn.rs`). All device behaviour is reached through address
-//! space accesses, as a guest would.
+//! its state, receives accesses through a bounded mailbox, and never shares
+//! a lock with another device (the only `unsafe` is the actor's turn cell,
+//! in `turn.rs`). All device behaviour is reached through address space
+//! accesses, as a guest would.
+//!
+//! One rule keeps the actors deadlock-free: **a thread that holds a device's
+//! turn never blocks** — not on another actor, not on the topology's turn.
+//! From inside a handler, a synchronous access to a busy actor is refused
+//! (as a re-entrant one is), topology operations fail with
+//! `Error::InsideDeviceTurn`, and work that must wait (a BAR remap, a romd
+//! switch, a DMA) is deferred until the thread holds no turn at all
+//! ([`DeviceCtx::defer`]); its results come back through the device's
+//! mailbox. Mailboxes are bounded: a guest that floods a slow device is
+//! slowed down to its pace, and a thread that takes a turn does a bounded
+//! amount of work for others before handing the backlog to a drainer
+//! ([`ActorOptions`]).
+//!
+//! The harness takes its concurrency primitives from one shim (`sync.rs`),
+//! so that the loom models in `loom-tests/` (`--cfg topos_loom`) check its
+//! real code.
 #![deny(unsafe_code)]
 
 pub mod actor;

@@ -252,9 +252,9 @@ impl PflashCfi01 {
     }
 
     /// Puts the region in romd mode exactly while in read array mode. The
-    /// switch changes the topology, so it runs after the actor's turn is
-    /// given back (`DeviceCtx::defer`): a thread inside a topology
-    /// transaction may be waiting for this flash.
+    /// switch changes the topology, so it is deferred until the thread holds
+    /// no turn (`DeviceCtx::defer`): a thread inside a topology transaction
+    /// may be waiting for this flash, or for a device whose DMA wrote it.
     fn sync_romd(&self, ctx: &DeviceCtx<'_>) {
         let want = self.mode == PflashMode::ReadArray;
         if self.want_romd.swap(want, Ordering::AcqRel) == want && self.region().is_some_and(|r| r.is_romd() == want) {
