@@ -45,9 +45,8 @@
 //! interrupt status is non-zero. QEMU's MSI capability is not modelled.
 
 use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
-use crate::irq::IrqLine;
-use crate::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciError, PciFunction, PciHost};
-use crate::wakeups::DeviceRuntime;
+use crate::pci::{BarKind, BarSpec, BusMaster, PciConfig};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::time::Duration;
 use topos_runtime::{HwAddr, ImplConstraints, OpsConfig, ValidConstraints};
 
@@ -63,6 +62,9 @@ pub const EDU_CLASS: u16 = 0x00ff;
 pub const EDU_MMIO_SIZE: u64 = 1 << 20;
 /// Value of the identification register (version 1.0).
 pub const EDU_ID: u32 = 0x0100_00ed;
+/// The role of the edu's one region: its registers (BAR 0 as a PCI
+/// function).
+pub const MMIO: &str = "mmio";
 
 /// Register offsets in BAR 0.
 pub mod reg {
@@ -133,7 +135,7 @@ impl Default for EduOptions {
     }
 }
 
-/// The edu device state (an actor; see [`Edu::plug`]).
+/// The edu device state (an actor; see its [`DeviceModel`] implementation).
 pub struct Edu {
     liveness: u32,
     fact: u32,
@@ -208,23 +210,6 @@ impl Edu {
             impl_: ImplConstraints { min_access_size: 4, max_access_size: 8, unaligned: false },
             ..OpsConfig::default()
         }
-    }
-
-    /// Spawns an edu and plugs it into `slot` of `host`, its INTA wired to
-    /// `intx`. Returns a handle to the actor.
-    pub fn plug(
-        host: &PciHost,
-        slot: u8,
-        intx: Option<IrqLine>,
-        runtime: &DeviceRuntime,
-        options: EduOptions,
-    ) -> Result<ActorHandle<Edu>, PciError> {
-        let plug = host.plug(slot, "edu", intx)?;
-        let spawned = Spawned::new("edu", Edu::new(plug.bus_master(), options), vec![plug.irq_line()], runtime);
-        let mmio = host.topology().new_io_arc("edu-mmio", spawned.ops(0), Edu::ops_config(), EDU_MMIO_SIZE as u128)?;
-        let handle = spawned.handle();
-        host.attach(plug, PciFunction { config: Edu::pci_config(), bar_regions: vec![mmio] })?;
-        Ok(handle)
     }
 
     fn update_irq(&self, ctx: &DeviceCtx<'_>) {
@@ -318,6 +303,27 @@ impl Edu {
         } else {
             size == 4 || size == 8
         }
+    }
+}
+
+/// Plugging an edu: one region, [`MMIO`] (1 MiB of registers); a PCI device
+/// by nature ([`Edu::pci_config`]), usually plugged through
+/// [`PciHost::plug_model`](crate::pci::PciHost::plug_model), which gives it
+/// its bus-master space and INTA. Interrupt line 0 of the context is INTA.
+impl DeviceModel for Edu {
+    type Config = EduOptions;
+    type Handle = ActorHandle<Edu>;
+
+    fn plug(options: EduOptions, ctx: PlugCtx) -> crate::Result<Plugged<ActorHandle<Edu>>> {
+        let dev = Edu::new(ctx.bus_master.clone(), options);
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let mmio = ctx.topology.new_io_arc(
+            &format!("{}-mmio", ctx.name),
+            spawned.ops(0),
+            Edu::ops_config(),
+            u128::from(EDU_MMIO_SIZE),
+        )?;
+        Ok(Plugged::new(vec![DeviceRegion::memory(MMIO, mmio)], spawned.handle()).with_pci_identity(Edu::pci_config()))
     }
 }
 

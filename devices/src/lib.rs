@@ -26,11 +26,13 @@
 pub mod actor;
 pub mod debug_exit;
 pub mod edu;
+mod error;
 pub mod framebuffer;
 pub mod irq;
 mod mailbox;
 pub mod pci;
 pub mod pflash;
+pub mod plug;
 mod reply;
 mod sync;
 mod turn;
@@ -39,6 +41,8 @@ pub mod virtio_doorbell;
 pub mod wakeups;
 
 pub use actor::{ActorError, ActorHandle, ActorOptions, ActorStats, Device, DeviceCtx, Spawned, WritePolicy};
+pub use error::{Error, Result};
 pub use irq::{InterruptSink, IrqLine, LevelRecorder};
+pub use plug::{DeviceModel, PlugCtx, Plugged};
 pub use topos_runtime as runtime;
 pub use wakeups::DeviceRuntime;
