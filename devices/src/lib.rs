@@ -18,6 +18,13 @@
 //! amount of work for others before handing the backlog to a drainer
 //! ([`ActorOptions`]).
 //!
+//! Every model is plugged the same way ([`plug`]): configuration in, its
+//! regions (unmapped) and a handle out; the board maps the regions — at
+//! fixed addresses in system memory or the I/O space, or as a PCI
+//! function's BARs through the host bridge
+//! ([`pci::PciHost::plug_model`]). Errors of plugging and wiring are one
+//! type, [`Error`].
+//!
 //! The harness takes its concurrency primitives from one shim (`sync.rs`),
 //! so that the loom models in `loom-tests/` (`--cfg topos_loom`) check its
 //! real code.

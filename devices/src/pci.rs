@@ -920,6 +920,18 @@ impl PciHost {
         &self.bridge
     }
 
+    /// The bus-master path of the function in `slot` (inspection: what its
+    /// DMA reaches).
+    pub fn bus_master(&self, slot: u8) -> Result<BusMaster> {
+        if slot >= PCI_SLOT_MAX {
+            return Err(Error::NoSuchSlot(slot));
+        }
+        let space = self
+            .bridge
+            .with(move |b, _| b.functions[usize::from(slot) << 3].as_ref().map(|f| Arc::downgrade(&f.bus_master)))?;
+        space.map(|space| BusMaster { space }).ok_or(Error::SlotEmpty(slot))
+    }
+
     /// Plugs a device of model `M` into the bus as `at` says: reserves the
     /// slot, makes the device with the slot's bus-master space and INTx
     /// line (they replace those of `ctx`), and attaches it with its regions

@@ -3,14 +3,14 @@
 // Runs real threads and a tokio runtime: not a loom model.
 #![cfg(not(topos_loom))]
 
+mod support;
+
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::WAIT;
 use topos_devices::runtime::{new_event_notifier, AddressSpace, MemTxResult, OpsConfig, Topology};
 use topos_devices::{ActorError, Device, DeviceCtx, DeviceRuntime, IrqLine, LevelRecorder, Spawned};
-
-/// Generous bound for waiting on another thread; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Sums what is written; reads return the sum. A write of `BLOCK` parks
 /// the writer (holding the actor's turn) until `gate` is released; a write
@@ -74,17 +74,19 @@ fn summer() -> Summer {
     Summer { sum: 0, writes: 0, gate: None, entered: None, events: None, on_unplug: Arc::new(Mutex::new(None)) }
 }
 
+/// The harness is tested on its own actors (`Spawned`), mapped in system
+/// memory.
 struct Board {
     topo: Topology,
     mem: AddressSpace,
     root: topos_devices::runtime::MemoryRegion,
+    _board: support::Board,
 }
 
 fn board() -> Board {
-    let topo = Topology::new();
-    let root = topo.new_container("root", 0x10000).unwrap();
-    let mem = topo.address_space_init(&root, "memory").unwrap();
-    Board { topo, mem, root }
+    let board = support::Board::new();
+    let (topo, mem, root) = (board.topo.clone(), board.spaces.memory.clone(), board.spaces.system.clone());
+    Board { topo, mem, root, _board: board }
 }
 
 fn map(b: &Board, name: &str, s: &Spawned<Summer>, region: usize, at: u64) -> topos_devices::runtime::MemoryRegion {

@@ -9,12 +9,15 @@
 // Runs real threads and a tokio runtime: not a loom model.
 #![cfg(not(topos_loom))]
 
+mod support;
+
 use proptest::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
+use support::{within, Board};
 use topos_devices::edu::{self, reg, Edu, EduOptions};
-use topos_devices::pci::PciHost;
-use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion, StandardSpaces, Topology};
+use topos_devices::pci::{PciHost, PciPlacement};
+use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion, StandardSpaces};
 use topos_devices::{ActorHandle, DeviceRuntime, IrqLine, LevelRecorder};
 
 const SLOT: u8 = 4;
@@ -23,6 +26,7 @@ const BAR: u64 = 0xfe80_0000;
 
 struct EduBoard {
     rt: tokio::runtime::Runtime,
+    _board: Board,
     spaces: StandardSpaces,
     ram: MemoryRegion,
     host: PciHost,
@@ -32,21 +36,19 @@ struct EduBoard {
 
 fn edu_board(ram_size: u64) -> EduBoard {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let drt = DeviceRuntime::from_handle(rt.handle().clone());
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", ram_size as u128).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-    let host = PciHost::spawn(&topo, &spaces, &pci_mem, &drt).unwrap();
+    let board = Board::with_runtime(DeviceRuntime::from_handle(rt.handle().clone()));
+    let ram = board.add_ram(ram_size);
+    let host = board.pci_host();
     let irqs = LevelRecorder::new();
     let options = EduOptions {
         factorial_delay: Duration::from_micros(50),
         dma_delay: Duration::from_micros(50),
         ..EduOptions::default()
     };
-    let edu = Edu::plug(&host, SLOT, Some(IrqLine::new(irqs.clone(), IRQ)), &drt, options).unwrap();
-    let b = EduBoard { rt, spaces, ram, host, edu, irqs };
+    let at = PciPlacement::slot(SLOT).with_intx(IrqLine::new(irqs.clone(), IRQ));
+    let edu = host.plug_model::<Edu>(at, options, board.ctx("edu")).unwrap();
+    let spaces = board.spaces.clone();
+    let b = EduBoard { rt, _board: board, spaces, ram, host, edu, irqs };
     // What a firmware does: find the device, size and place BAR0, enable
     // memory decoding and bus mastering.
     assert_eq!(b.cfg_read(0x00), 0x11e8_1234);
@@ -720,19 +722,6 @@ proptest! {
 
 // ----- DMA between devices -------------------------------------------------
 
-/// Runs `f` on its own thread and fails the test if it has not finished
-/// after a generous bound: a deadlock, never a timing assertion.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::sync::mpsc::RecvTimeoutError;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || tx.send(f()).unwrap());
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(v) => v,
-        Err(RecvTimeoutError::Disconnected) => std::panic::resume_unwind(t.join().unwrap_err()),
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: deadlocked"),
-    }
-}
-
 /// Counts its timer's ticks and re-arms it: a device whose only life is
 /// the device runtime's timers.
 struct Ticker(Arc<std::sync::atomic::AtomicU64>);
@@ -754,15 +743,15 @@ fn two_edus_dma_from_each_others_registers_without_deadlock_and_timers_keep_firi
     const BARS: [u64; 2] = [0x0800_0000, 0x0810_0000];
     const ROUNDS: usize = 200;
     within("two edus DMA-ing from each other", || {
-        let rt = DeviceRuntime::new().unwrap();
-        let topo = Topology::new();
-        let spaces = topo.standard_spaces().unwrap();
-        let ram = topo.new_ram("ram", 1 << 20).unwrap();
-        spaces.system.add_subregion(0, &ram).unwrap();
-        let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-        let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt).unwrap();
+        let board = Board::with_runtime(DeviceRuntime::new().unwrap());
+        let (rt, spaces) = (&board.rt, &board.spaces);
+        board.add_ram(1 << 20);
+        let host = board.pci_host();
         let options = EduOptions { dma_delay: Duration::from_micros(10), ..EduOptions::default() };
-        let edus: Vec<_> = [4u8, 5].iter().map(|&slot| Edu::plug(&host, slot, None, &rt, options).unwrap()).collect();
+        let edus: Vec<_> = [4u8, 5]
+            .iter()
+            .map(|&slot| host.plug_model::<Edu>(PciPlacement::slot(slot), options, board.ctx("edu")).unwrap())
+            .collect();
         // The guest places both BARs below 256 MiB, where the other device's
         // DMA (28-bit addresses) reaches them, and enables them.
         for (slot, bar) in [(4u64, BARS[0]), (5, BARS[1])] {
@@ -774,7 +763,7 @@ fn two_edus_dma_from_each_others_registers_without_deadlock_and_timers_keep_firi
         }
         // A third device lives on its timer alone.
         let ticks = Arc::new(AtomicU64::new(0));
-        let ticker = topos_devices::Spawned::new("ticker", Ticker(ticks.clone()), vec![], &rt);
+        let ticker = topos_devices::Spawned::new("ticker", Ticker(ticks.clone()), vec![], rt);
         ticker.handle().with(|_, ctx| ctx.set_timer(Duration::from_micros(500), 1)).unwrap();
 
         // Two vCPUs: each has its edu copy the other's identification
@@ -825,23 +814,21 @@ fn two_edus_dma_from_each_others_registers_without_deadlock_and_timers_keep_firi
 
 #[test]
 fn a_dma_that_commands_a_flash_does_not_deadlock_with_a_transaction_reading_the_edu() {
-    use topos_devices::pflash::{Pflash, PflashConfig, PflashMode};
+    use topos_devices::pflash::{PflashCfi01, PflashConfig, PflashImage, PflashMode};
     const FLASH: u64 = 0xfff0_0000;
     const EDU_BAR: u64 = 0xfe00_0000;
     within("edu DMA into a flash against an open transaction", || {
-        let rt = DeviceRuntime::new().unwrap();
-        let topo = Topology::new();
-        let spaces = topo.standard_spaces().unwrap();
-        let ram = topo.new_ram("ram", 1 << 20).unwrap();
-        spaces.system.add_subregion(0, &ram).unwrap();
+        let board = Board::with_runtime(DeviceRuntime::new().unwrap());
+        let (topo, spaces) = (&board.topo, &board.spaces);
+        board.add_ram(1 << 20);
         let config = PflashConfig { width: 1, block_size: 0x1000, num_blocks: 8, ..PflashConfig::default() };
-        let flash = Pflash::new(&topo, &rt, "flash", config, &[0xaa; 16]).unwrap();
-        spaces.system.add_subregion(FLASH, flash.region()).unwrap();
-        let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-        let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt).unwrap();
+        let image = PflashImage { config, content: vec![0xaa; 16] };
+        let plugged = board.plug_mem::<PflashCfi01>(image, board.ctx("flash"), topos_devices::pflash::FLASH, FLASH);
+        let (flash, flash_region) = (&plugged.handle, plugged.region(topos_devices::pflash::FLASH).unwrap());
+        let host = board.pci_host();
         // QEMU's `dma_mask` property widened: the edu reaches the flash.
         let options = EduOptions { dma_delay: Duration::from_micros(10), dma_mask: u64::MAX, ..EduOptions::default() };
-        let edu = Edu::plug(&host, SLOT, None, &rt, options).unwrap();
+        let edu = host.plug_model::<Edu>(PciPlacement::slot(SLOT), options, board.ctx("edu")).unwrap();
         let io = &spaces.io_space;
         for (reg, value, size) in [(0x10u64, EDU_BAR, 4u32), (0x04, 0x6, 2)] {
             assert!(io.write_u64(0xcf8, 0x8000_0000 | u64::from(SLOT) << 11 | reg, 4).is_ok());
@@ -857,7 +844,7 @@ fn a_dma_that_commands_a_flash_does_not_deadlock_with_a_transaction_reading_the_
         w(reg::DMA_COUNT, 1);
         w(reg::DMA_CMD, edu::DMA_CMD_RUN);
         while running() {}
-        assert!(flash.region().is_romd());
+        assert!(flash_region.is_romd());
 
         // A transaction is open when the DMA writes the command: the flash's
         // switch out of romd mode must wait for it...
@@ -865,7 +852,7 @@ fn a_dma_that_commands_a_flash_does_not_deadlock_with_a_transaction_reading_the_
         w(reg::DMA_SRC, edu::DMA_BUF_ADDR);
         w(reg::DMA_DST, FLASH);
         w(reg::DMA_CMD, edu::DMA_CMD_RUN | edu::DMA_CMD_TO_RAM);
-        while flash.handle().with(|d, _| d.mode()).unwrap() != PflashMode::ReadStatus {
+        while flash.with(|d, _| d.mode()).unwrap() != PflashMode::ReadStatus {
             std::thread::yield_now();
         }
         // ...while the transaction reads the edu. Had the switch waited
@@ -874,8 +861,8 @@ fn a_dma_that_commands_a_flash_does_not_deadlock_with_a_transaction_reading_the_
         topo.commit().unwrap();
         while running() {}
         // The switch happened: reads reach the device and answer its status.
-        assert!(!flash.region().is_romd());
+        assert!(!flash_region.is_romd());
         assert_eq!(mem.read_u64(FLASH, 1), (0x80, MemTxResult::Ok));
-        assert!(!edu.is_failed() && !flash.handle().is_failed());
+        assert!(!edu.is_failed() && !flash.is_failed());
     });
 }

@@ -4,12 +4,16 @@
 // Runs real threads and a tokio runtime: not a loom model.
 #![cfg(not(topos_loom))]
 
+mod support;
+
 use proptest::prelude::*;
 use std::sync::Arc;
+use support::{cfg_read_at, cfg_write_at, within};
 use topos_devices::edu::{self, Edu, EduOptions};
-use topos_devices::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciError, PciFunction, PciHost};
-use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion, OpsConfig, StandardSpaces, Topology};
-use topos_devices::{ActorHandle, Device, DeviceCtx, DeviceRuntime, IrqLine, LevelRecorder, Spawned};
+use topos_devices::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciHost, PciPlacement};
+use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
+use topos_devices::runtime::{AddressSpace, MemTxResult, OpsConfig, StandardSpaces, Topology};
+use topos_devices::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Error, IrqLine, LevelRecorder, Spawned};
 
 const EDU_SLOT: u8 = 3;
 const PROBE_SLOT: u8 = 7;
@@ -42,6 +46,31 @@ fn probe_config() -> PciConfig {
     c
 }
 
+/// Plugging a probe: one region per `(size, is I/O)`, served by the
+/// probe's region numbers in order.
+impl DeviceModel for Probe {
+    type Config = Vec<(u64, bool)>;
+    type Handle = ActorHandle<Probe>;
+
+    fn plug(regions: Vec<(u64, bool)>, ctx: PlugCtx) -> topos_devices::Result<Plugged<ActorHandle<Probe>>> {
+        let s = Spawned::new(&ctx.name, Probe, ctx.irqs, &ctx.runtime);
+        let regions = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(size, io))| {
+                let r = ctx.topology.new_io_arc(&ctx.name, s.ops(i), OpsConfig::default(), u128::from(size))?;
+                Ok(if io { DeviceRegion::io("bar", r) } else { DeviceRegion::memory("bar", r) })
+            })
+            .collect::<topos_devices::Result<_>>()?;
+        Ok(Plugged::new(regions, s.handle()))
+    }
+}
+
+/// The probe's BAR regions: I/O, 32-bit memory, 64-bit memory.
+fn probe_regions() -> Vec<(u64, bool)> {
+    vec![(PROBE_IO_SIZE, true), (PROBE_MEM32_SIZE, false), (PROBE_MEM64_SIZE, false)]
+}
+
 struct Board {
     topo: Topology,
     spaces: StandardSpaces,
@@ -50,49 +79,23 @@ struct Board {
     probe: ActorHandle<Probe>,
     probe_bm: BusMaster,
     irqs: Arc<LevelRecorder>,
-    _rt: DeviceRuntime,
+    board: support::Board,
 }
 
+/// RAM, a PCI host, an edu (INTA wired) and a probe, as a `pc` board plugs
+/// them.
 fn board() -> Board {
-    let rt = DeviceRuntime::new().unwrap();
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", RAM_SIZE as u128).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-    let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt).unwrap();
+    let board = support::Board::with_runtime(DeviceRuntime::new().unwrap());
+    board.add_ram(RAM_SIZE);
+    let host = board.pci_host();
     let irqs = LevelRecorder::new();
-    let edu =
-        Edu::plug(&host, EDU_SLOT, Some(IrqLine::new(irqs.clone(), EDU_IRQ)), &rt, EduOptions::default()).unwrap();
-
-    let plug = host.plug(PROBE_SLOT, "probe", None).unwrap();
-    let probe_bm = plug.bus_master();
-    let s = Spawned::new("probe", Probe, vec![], &rt);
-    let regions: Vec<MemoryRegion> =
-        [("probe-io", PROBE_IO_SIZE), ("probe-mem32", PROBE_MEM32_SIZE), ("probe-mem64", PROBE_MEM64_SIZE)]
-            .iter()
-            .enumerate()
-            .map(|(i, (name, size))| topo.new_io_arc(name, s.ops(i), OpsConfig::default(), *size as u128).unwrap())
-            .collect();
-    let probe = s.handle();
-    host.attach(plug, PciFunction { config: probe_config(), bar_regions: regions }).unwrap();
-    Board { topo, spaces, host, edu, probe, probe_bm, irqs, _rt: rt }
-}
-
-fn addr(bus: u32, slot: u8, func: u32, reg: u8) -> u32 {
-    0x8000_0000 | bus << 16 | u32::from(slot) << 11 | func << 8 | u32::from(reg & 0xfc)
-}
-
-fn cfg_read_at(io: &AddressSpace, bus: u32, slot: u8, func: u32, reg: u8, size: u32) -> u32 {
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(bus, slot, func, reg)), 4), MemTxResult::Ok);
-    let (v, r) = io.read_u64(0xcfc + u64::from(reg & 3), size);
-    assert_eq!(r, MemTxResult::Ok);
-    v as u32
-}
-
-fn cfg_write_at(io: &AddressSpace, bus: u32, slot: u8, func: u32, reg: u8, value: u32, size: u32) {
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(bus, slot, func, reg)), 4), MemTxResult::Ok);
-    assert_eq!(io.write_u64(0xcfc + u64::from(reg & 3), u64::from(value), size), MemTxResult::Ok);
+    let at = PciPlacement::slot(EDU_SLOT).with_intx(IrqLine::new(irqs.clone(), EDU_IRQ));
+    let edu = host.plug_model::<Edu>(at, EduOptions::default(), board.ctx("edu")).unwrap();
+    let at = PciPlacement::slot(PROBE_SLOT).with_identity(probe_config());
+    let probe = host.plug_model::<Probe>(at, probe_regions(), board.ctx("probe")).unwrap();
+    let probe_bm = host.bus_master(PROBE_SLOT).unwrap();
+    let (topo, spaces) = (board.topo.clone(), board.spaces.clone());
+    Board { topo, spaces, host, edu, probe, probe_bm, irqs, board }
 }
 
 impl Board {
@@ -152,19 +155,22 @@ fn config_address_and_data_follow_qemu() {
     let b = board();
     let io = b.io();
     // CONFIG_ADDRESS latches 4-byte writes and reads back.
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(0, EDU_SLOT, 0, 0)), 4), MemTxResult::Ok);
-    assert_eq!(io.read_u64(0xcf8, 4), (u64::from(addr(0, EDU_SLOT, 0, 0)), MemTxResult::Ok));
+    assert_eq!(io.write_u64(0xcf8, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)), 4), MemTxResult::Ok);
+    assert_eq!(io.read_u64(0xcf8, 4), (u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)), MemTxResult::Ok));
     // Narrow writes are ignored.
     assert_eq!(io.write_u64(0xcf8, 0, 2), MemTxResult::Ok);
     assert_eq!(io.write_u64(0xcfa, 0, 1), MemTxResult::Ok);
-    assert_eq!(io.read_u64(0xcf8, 4).0, u64::from(addr(0, EDU_SLOT, 0, 0)));
+    assert_eq!(io.read_u64(0xcf8, 4).0, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)));
     // Byte and word accesses at the data port offsets.
     assert_eq!(io.read_u64(0xcfc, 2).0, 0x1234);
     assert_eq!(io.read_u64(0xcfe, 2).0, 0x11e8);
     assert_eq!(io.read_u64(0xcfd, 1).0, 0x12);
     assert_eq!(io.read_u64(0xcff, 1).0, 0x11);
     // With the enable bit clear, data reads all-ones and writes are dropped.
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(0, EDU_SLOT, 0, 0x3c) & 0x7fff_ffff), 4), MemTxResult::Ok);
+    assert_eq!(
+        io.write_u64(0xcf8, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0x3c) & 0x7fff_ffff), 4),
+        MemTxResult::Ok
+    );
     assert_eq!(io.read_u64(0xcfc, 4).0, 0xffff_ffff);
     assert_eq!(io.write_u64(0xcfc, 0x55, 1), MemTxResult::Ok);
     assert_eq!(b.cfg_read(EDU_SLOT, 0x3c, 1), 0);
@@ -373,7 +379,7 @@ fn detach_unmaps_stops_the_device_and_frees_the_slot() {
     let mut buf = [1u8; 4];
     assert_eq!(b.probe_bm.read(0, &mut buf), MemTxResult::DecodeError);
     assert_eq!(buf, [0; 4]);
-    assert!(matches!(b.host.detach(PROBE_SLOT), Err(PciError::SlotEmpty(PROBE_SLOT))));
+    assert!(matches!(b.host.detach(PROBE_SLOT), Err(Error::SlotEmpty(PROBE_SLOT))));
     // The edu too, mapped and bus-mastering (its bus-master space reaches
     // its own BAR through system memory: no cycle keeps it alive).
     b.cfg_write(EDU_SLOT, 0x10, BAR_A as u32, 4);
@@ -383,28 +389,31 @@ fn detach_unmaps_stops_the_device_and_frees_the_slot() {
     assert_eq!(b.edu_id_at(BAR_A).1, MemTxResult::DecodeError);
     assert!(!b.edu.is_alive());
     // The slot can be reused.
-    let rt = DeviceRuntime::new().unwrap();
-    Edu::plug(&b.host, PROBE_SLOT, None, &rt, EduOptions::default()).unwrap();
+    let at = PciPlacement::slot(PROBE_SLOT);
+    b.host.plug_model::<Edu>(at, EduOptions::default(), b.board.ctx("edu2")).unwrap();
     assert_eq!(b.cfg_read(PROBE_SLOT, 0, 4), 0x11e8_1234);
 }
 
 #[test]
 fn attach_rejects_what_cannot_be_a_function() {
     let b = board();
-    let rt = DeviceRuntime::new().unwrap();
-    assert!(matches!(b.host.plug(EDU_SLOT, "x", None), Err(PciError::SlotInUse(EDU_SLOT))));
-    assert!(matches!(b.host.plug(32, "x", None), Err(PciError::NoSuchSlot(32))));
+    let plug = |slot: u8| {
+        let at = PciPlacement::slot(slot);
+        b.host.plug_model::<Edu>(at, EduOptions::default(), b.board.ctx("x"))
+    };
+    assert!(matches!(plug(EDU_SLOT), Err(Error::SlotInUse(EDU_SLOT))));
+    assert!(matches!(plug(32), Err(Error::NoSuchSlot(32))));
+    // A model without a PCI identity needs one from the board.
+    let at = PciPlacement::slot(12);
+    let r = b.host.plug_model::<Probe>(at, probe_regions(), b.board.ctx("anonymous"));
+    assert!(matches!(r, Err(Error::InvalidFunction(_))), "{r:?}");
     let spaces = b.topo.address_spaces().len();
     let bad = |bars: Vec<BarSpec>, sizes: &[u64]| {
-        let plug = b.host.plug(12, "bad", None).unwrap();
-        let s = Spawned::new("bad", Probe, vec![], &rt);
-        let regions = sizes
-            .iter()
-            .map(|&sz| b.topo.new_io_arc("bad", s.ops(0), OpsConfig::default(), sz as u128).unwrap())
-            .collect();
         let mut config = PciConfig::new(1, 2, 3);
         config.bars = bars;
-        b.host.attach(plug, PciFunction { config, bar_regions: regions })
+        let at = PciPlacement::slot(12).with_identity(config);
+        let regions = sizes.iter().map(|&size| (size, false)).collect();
+        b.host.plug_model::<Probe>(at, regions, b.board.ctx("bad"))
     };
     let mem = BarKind::Memory32 { prefetchable: false };
     let m64 = BarKind::Memory64 { prefetchable: false };
@@ -420,7 +429,7 @@ fn attach_rejects_what_cannot_be_a_function() {
         ),
         (vec![BarSpec { index: 0, size: 0x1000, kind: mem }], vec![]),
     ] {
-        assert!(matches!(bad(bars, &sizes), Err(PciError::InvalidFunction(_))));
+        assert!(matches!(bad(bars, &sizes), Err(Error::InvalidFunction(_))));
     }
     // Failed attaches released their bus-master spaces and the slot.
     assert_eq!(b.topo.address_spaces().len(), spaces);
@@ -599,26 +608,20 @@ struct SmallBoard {
     edu: ActorHandle<Edu>,
     irqs: Arc<LevelRecorder>,
     bm: BusMaster,
+    _board: support::Board,
     _rt: tokio::runtime::Runtime,
 }
 
 fn small_board() -> SmallBoard {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let drt = DeviceRuntime::from_handle(rt.handle().clone());
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", 0x10000).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-    let host = PciHost::spawn(&topo, &spaces, &pci_mem, &drt).unwrap();
+    let board = support::Board::with_runtime(DeviceRuntime::from_handle(rt.handle().clone()));
+    board.add_ram(0x10000);
+    let host = board.pci_host();
     let irqs = LevelRecorder::new();
-    let plug = host.plug(EDU_SLOT, "edu", Some(IrqLine::new(irqs.clone(), EDU_IRQ))).unwrap();
-    let bm = plug.bus_master();
-    let s = Spawned::new("edu", Edu::new(plug.bus_master(), EduOptions::default()), vec![plug.irq_line()], &drt);
-    let mmio = topo.new_io_arc("edu-mmio", s.ops(0), Edu::ops_config(), edu::EDU_MMIO_SIZE as u128).unwrap();
-    let edu = s.handle();
-    host.attach(plug, PciFunction { config: Edu::pci_config(), bar_regions: vec![mmio] }).unwrap();
-    SmallBoard { spaces, host, edu, irqs, bm, _rt: rt }
+    let at = PciPlacement::slot(EDU_SLOT).with_intx(IrqLine::new(irqs.clone(), EDU_IRQ));
+    let edu = host.plug_model::<Edu>(at, EduOptions::default(), board.ctx("edu")).unwrap();
+    let bm = host.bus_master(EDU_SLOT).unwrap();
+    SmallBoard { spaces: board.spaces.clone(), host, edu, irqs, bm, _board: board, _rt: rt }
 }
 
 proptest! {
@@ -704,19 +707,6 @@ proptest! {
 }
 
 // ----- remaps outside the bridge's turn ------------------------------------
-
-/// Runs `f` on its own thread and fails the test if it has not finished
-/// after a generous bound: a deadlock, never a timing assertion.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    use std::sync::mpsc::RecvTimeoutError;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || tx.send(f()).unwrap());
-    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(v) => v,
-        Err(RecvTimeoutError::Disconnected) => std::panic::resume_unwind(t.join().unwrap_err()),
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: deadlocked"),
-    }
-}
 
 #[test]
 fn a_bar_write_does_not_deadlock_with_a_transaction_that_reads_configuration() {

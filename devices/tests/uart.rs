@@ -3,30 +3,25 @@
 // Runs real threads and a tokio runtime: not a loom model.
 #![cfg(not(topos_loom))]
 
-use proptest::prelude::*;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
-use topos_devices::runtime::{MemTxResult, MemoryRegion, StandardSpaces, Topology};
-use topos_devices::uart::*;
-use topos_devices::{ActorHandle, DeviceRuntime, IrqLine, LevelRecorder};
+mod support;
 
-/// Generous bound for waiting on a device timer; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(20);
+use proptest::prelude::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{Board, WAIT};
+use topos_devices::runtime::{AddressSpace, MemTxResult};
+use topos_devices::uart::*;
+use topos_devices::{ActorHandle, IrqLine, LevelRecorder, Plugged};
+
 const BASE: u64 = COM1_BASE;
 const IRQ: u32 = COM1_IRQ;
 
-fn runtime() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
-
 struct Rig {
-    _topo: Topology,
-    spaces: StandardSpaces,
+    board: Board,
     irqs: Arc<LevelRecorder>,
     out: SerialBuffer,
     h: ActorHandle<Serial16550>,
-    _region: MemoryRegion,
+    uart: Plugged<ActorHandle<Serial16550>>,
 }
 
 /// A UART at COM1 with deterministic interrupts (no character timeout).
@@ -34,26 +29,30 @@ fn rig() -> Rig {
     rig_with(SerialOptions { char_timeout: false, ..SerialOptions::default() })
 }
 
+/// A UART at COM1, plugged as the `pc` board does, writing to a buffer.
 fn rig_with(options: SerialOptions) -> Rig {
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
+    let board = Board::new();
     let irqs = LevelRecorder::new();
     let (sink, out) = SerialSink::buffer();
-    let (region, h) = Serial16550::with_options(sink, options)
-        .plug(&topo, &spaces.io, BASE, Some(IrqLine::new(irqs.clone(), IRQ)), runtime())
-        .unwrap();
-    Rig { _topo: topo, spaces, irqs, out, h, _region: region }
+    let ctx = board.ctx("com1").with_irq(IrqLine::new(irqs.clone(), IRQ));
+    let uart = board.plug_io::<Serial16550>(SerialConfig { sink, options }, ctx, PORTS, BASE);
+    let h = uart.handle.clone();
+    Rig { board, irqs, out, h, uart }
 }
 
 impl Rig {
+    fn io(&self) -> &AddressSpace {
+        self.board.io()
+    }
+
     fn rd(&self, off: u64) -> u8 {
-        let (v, r) = self.spaces.io_space.read_u64(BASE + off, 1);
+        let (v, r) = self.io().read_u64(BASE + off, 1);
         assert_eq!(r, MemTxResult::Ok);
         v as u8
     }
 
     fn wr(&self, off: u64, v: u8) {
-        assert_eq!(self.spaces.io_space.write_u64(BASE + off, v as u64, 1), MemTxResult::Ok);
+        assert_eq!(self.io().write_u64(BASE + off, v as u64, 1), MemTxResult::Ok);
     }
 
     fn irq(&self) -> bool {
@@ -84,7 +83,7 @@ fn reset_state_matches_qemu() {
     assert_eq!((r.rd(0), r.rd(1)), (0x0c, 0x00), "9600 baud");
     assert!(!r.irq());
     // Ports past the UART are unassigned I/O (all-ones).
-    assert_eq!(r.spaces.io_space.read_u64(BASE + 8, 1), (0xff, MemTxResult::Ok));
+    assert_eq!(r.io().read_u64(BASE + 8, 1), (0xff, MemTxResult::Ok));
 }
 
 #[test]
@@ -104,8 +103,8 @@ fn divisor_latch_round_trip_behind_dlab() {
     r.wr(reg::LCR, LCR_DLAB | 0x03);
     assert_eq!((r.rd(0), r.rd(1)), (0x34, 0x12), "IER writes without DLAB leave DLM alone");
     // A 2-byte access covers DLL and DLM (split into byte accesses).
-    assert_eq!(r.spaces.io_space.write_u64(BASE, 0xbeef, 2), MemTxResult::Ok);
-    assert_eq!(r.spaces.io_space.read_u64(BASE, 2), (0xbeef, MemTxResult::Ok));
+    assert_eq!(r.io().write_u64(BASE, 0xbeef, 2), MemTxResult::Ok);
+    assert_eq!(r.io().read_u64(BASE, 2), (0xbeef, MemTxResult::Ok));
     assert_eq!(r.rd(reg::LCR), LCR_DLAB | 0x03);
 }
 
@@ -131,7 +130,7 @@ fn lcr_scr_mcr_read_back() {
     assert_eq!(r.rd(reg::MSR), 0xb0 | MSR_TERI);
     // A 4-byte read from MCR covers MCR, LSR, MSR and SCR.
     r.wr(reg::SCR, 0x42);
-    assert_eq!(r.spaces.io_space.read_u64(BASE + 4, 4), (0x42b0_600b, MemTxResult::Ok));
+    assert_eq!(r.io().read_u64(BASE + 4, 4), (0x42b0_600b, MemTxResult::Ok));
 }
 
 #[test]
@@ -384,9 +383,9 @@ fn character_timeout_interrupt_below_the_trigger_level() {
 #[test]
 fn unplugging_stops_the_actor() {
     let r = rig();
-    r.spaces.io.del_subregion(&r._region).unwrap();
-    let Rig { h, _region, .. } = r;
-    drop(_region);
+    r.board.spaces.io.del_subregion(r.uart.region(PORTS).unwrap()).unwrap();
+    let Rig { h, uart, .. } = r;
+    drop(uart);
     assert!(!h.is_alive());
 }
 
@@ -488,7 +487,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Read { off, size } => {
-                    let (v, res) = r.spaces.io_space.read_u64(BASE + off, size);
+                    let (v, res) = r.io().read_u64(BASE + off, size);
                     prop_assert_eq!(res, MemTxResult::Ok);
                     // Byte k came from port BASE + off + k.
                     for k in 0..size as u64 {
@@ -507,7 +506,7 @@ proptest! {
                     }
                 }
                 Op::Write { off, size, value } => {
-                    prop_assert_eq!(r.spaces.io_space.write_u64(BASE + off, value, size), MemTxResult::Ok);
+                    prop_assert_eq!(r.io().write_u64(BASE + off, value, size), MemTxResult::Ok);
                     for k in 0..size as u64 {
                         let b = (value >> (8 * k)) as u8;
                         let dlab = shadow.lcr & LCR_DLAB != 0;
@@ -557,23 +556,20 @@ impl std::io::Write for SlowSink {
 #[test]
 fn a_guest_flooding_a_slow_uart_is_held_to_the_mailbox_bound_and_nobody_drains_for_it_beyond_the_budget() {
     use std::num::NonZeroUsize;
-    use topos_devices::{ActorOptions, Spawned};
+    use topos_devices::ActorOptions;
     const FLOOD: usize = 20_000;
     const OTHER: u8 = 0xff;
     let capacity = NonZeroUsize::new(32).unwrap();
     let budget = NonZeroUsize::new(8).unwrap();
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
+    let board = Board::new();
+    let spaces = &board.spaces;
     let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let uart = Serial16550::with_options(
-        SerialSink::Writer(Box::new(SlowSink(received.clone()))),
-        SerialOptions { char_timeout: false, ..SerialOptions::default() },
-    );
-    let s = Spawned::with_options("com1", uart, vec![], runtime(), ActorOptions { capacity, budget });
-    let h = s.handle();
-    let region = topo.new_io_arc("serial", s.ops(0), Serial16550::ops_config(), 8).unwrap();
-    spaces.io.add_subregion(BASE, &region).unwrap();
-    drop(s);
+    let config = SerialConfig {
+        sink: SerialSink::Writer(Box::new(SlowSink(received.clone()))),
+        options: SerialOptions { char_timeout: false, ..SerialOptions::default() },
+    };
+    let ctx = board.ctx("com1").with_actor_options(ActorOptions { capacity, budget });
+    let h = board.plug_io::<Serial16550>(config, ctx, PORTS, BASE).handle;
 
     // Another thread holds the UART's turn (an embedder call, parked until
     // the gate opens) when a vCPU starts printing in a loop (bytes 0..=250
