@@ -803,3 +803,36 @@ fn a_bar_write_that_finds_the_bridge_busy_has_taken_effect_when_it_returns() {
         assert!(b.healthy());
     });
 }
+
+// ----- any model as a PCI function -----------------------------------------
+
+#[test]
+fn the_framebuffer_and_the_doorbell_plug_as_pci_functions_with_a_board_given_identity() {
+    use topos_devices::framebuffer::{FbConfig, FbMode, FbRegs, REG_VRAM_SIZE};
+    use topos_devices::virtio_doorbell::{reg, DoorbellConfig, VirtioDoorbell, MAGIC};
+    let b = board();
+    // The framebuffer: BAR 0 is its video RAM (prefetchable), BAR 1 its
+    // registers, in the model's order.
+    let mode = FbMode { width: 64, height: 16, bytes_per_pixel: 4, stride: 256 };
+    let at = PciPlacement::slot(9).with_identity(PciConfig::new(0x1234, 0x1111, 0x0380));
+    let mut fb = b.host.plug_model::<FbRegs>(at, FbConfig { vram_size: 0x10000, mode }, b.board.ctx("fb")).unwrap();
+    b.cfg_write(9, 0x10, 0xffff_ffff, 4);
+    assert_eq!(b.cfg_read(9, 0x10, 4), 0xffff_0008, "64 KiB, prefetchable");
+    b.cfg_write(9, 0x14, 0xffff_ffff, 4);
+    assert_eq!(b.cfg_read(9, 0x14, 4), 0xffff_ffe0, "32 bytes of registers");
+    b.cfg_write(9, 0x10, 0xe000_0000, 4);
+    b.cfg_write(9, 0x14, 0xfebf_2000, 4);
+    b.cfg_write(9, 0x04, 0x2, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_2000 + REG_VRAM_SIZE, 4), (0x10000, MemTxResult::Ok));
+    fb.update().unwrap();
+    assert_eq!(b.mem().write_u64(0xe000_0000 + 3 * 256, 0xffff_ffff, 4), MemTxResult::Ok);
+    assert_eq!(fb.update().unwrap().dirty, vec![0..16], "one page of video RAM holds every scanline");
+    // The doorbell: BAR 0 is its registers; its ioeventfds move with it.
+    let at = PciPlacement::slot(10).with_identity(PciConfig::new(0x1b36, 0x00f0, 0x0880));
+    let bell = b.host.plug_model::<VirtioDoorbell>(at, DoorbellConfig::default(), b.board.ctx("bell")).unwrap();
+    b.cfg_write(10, 0x10, 0xfebf_3000, 4);
+    b.cfg_write(10, 0x04, 0x2, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_3000 + reg::MAGIC_VALUE, 4), (u64::from(MAGIC), MemTxResult::Ok));
+    assert_eq!(bell.notifiers().len(), 1);
+    assert!(b.healthy() && !bell.handle().is_failed());
+}
