@@ -14,17 +14,20 @@
 //!   `std::sync::mpsc::Sender<i32>`, a closure, ...) and carries on; every
 //!   write is a request, and it is up to the embedder to stop the vCPUs.
 //! * QEMU's properties default to `iobase = 0x501`, `iosize = 2`
-//!   ([`DebugExitConfig::default`]); test harnesses conventionally pass
-//!   `iobase=0xf4,iosize=0x04` ([`DebugExitConfig::conventional`]).
+//!   ([`QEMU_DEFAULT_IOBASE`], [`QEMU_DEFAULT_IOSIZE`]); test harnesses
+//!   conventionally pass `iobase=0xf4,iosize=0x04` ([`CONVENTIONAL_IOBASE`],
+//!   [`DebugExitConfig::conventional`]). The size is the device's; the base
+//!   is where the board maps its region ([`PORTS`]).
 //!   Accesses are valid with 1 to 4 bytes; like any MMIO in QEMU an access
 //!   starting inside the range is not clamped to it, so a 4-byte write to a
 //!   1-byte range reaches the device whole.
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::sync::mpsc;
-use topos_runtime::{Endianness, HwAddr, ImplConstraints, MemoryRegion, OpsConfig, Topology, ValidConstraints};
+use topos_runtime::{Endianness, HwAddr, ImplConstraints, OpsConfig, ValidConstraints};
 
 /// QEMU's default `iobase` property.
 pub const QEMU_DEFAULT_IOBASE: u64 = 0x501;
@@ -34,6 +37,9 @@ pub const QEMU_DEFAULT_IOSIZE: u64 = 2;
 pub const CONVENTIONAL_IOBASE: u64 = 0xf4;
 /// The size test harnesses conventionally use with it (`iosize=0x04`).
 pub const CONVENTIONAL_IOSIZE: u64 = 4;
+/// The role of the device's one region: its port range (map it in the I/O
+/// space).
+pub const PORTS: &str = "ports";
 
 /// The exit status QEMU derives from a written value: `(value << 1) | 1`,
 /// truncated to a C `int`.
@@ -68,35 +74,41 @@ impl<F: Fn(i32) + Send + 'static> ExitSink for F {
     }
 }
 
-/// Placement of the port range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What makes an `isa-debug-exit`: its number of ports and where its exit
+/// requests go.
 pub struct DebugExitConfig {
-    /// First port.
-    pub iobase: u64,
-    /// Number of ports.
+    /// Number of ports (QEMU's `iosize`), 1 or more.
     pub iosize: u64,
+    /// Where exit requests go.
+    pub sink: Box<dyn ExitSink>,
 }
 
-impl Default for DebugExitConfig {
-    /// QEMU's property defaults: 2 ports at `0x501`.
-    fn default() -> Self {
-        DebugExitConfig { iobase: QEMU_DEFAULT_IOBASE, iosize: QEMU_DEFAULT_IOSIZE }
+impl std::fmt::Debug for DebugExitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DebugExitConfig").field("iosize", &self.iosize).finish_non_exhaustive()
     }
 }
 
 impl DebugExitConfig {
-    /// `iosize` ports at `iobase`.
-    pub fn new(iobase: u64, iosize: u64) -> DebugExitConfig {
-        DebugExitConfig { iobase, iosize }
+    /// `iosize` ports reporting to `sink`.
+    pub fn new(iosize: u64, sink: impl ExitSink) -> DebugExitConfig {
+        DebugExitConfig { iosize, sink: Box::new(sink) }
     }
 
-    /// `iobase=0xf4,iosize=0x04`, the usual test-harness setting.
-    pub fn conventional() -> DebugExitConfig {
-        DebugExitConfig { iobase: CONVENTIONAL_IOBASE, iosize: CONVENTIONAL_IOSIZE }
+    /// QEMU's default size (2 ports), reporting to `sink`.
+    pub fn qemu_default(sink: impl ExitSink) -> DebugExitConfig {
+        DebugExitConfig::new(QEMU_DEFAULT_IOSIZE, sink)
+    }
+
+    /// The usual test-harness size (`iosize=0x04`, to map at
+    /// [`CONVENTIONAL_IOBASE`]), reporting to `sink`.
+    pub fn conventional(sink: impl ExitSink) -> DebugExitConfig {
+        DebugExitConfig::new(CONVENTIONAL_IOSIZE, sink)
     }
 }
 
-/// The `isa-debug-exit` device (an actor; see [`DebugExit::spawn`]).
+/// The `isa-debug-exit` device (an actor; see its [`DeviceModel`]
+/// implementation).
 pub struct DebugExit {
     sink: Box<dyn ExitSink>,
     requests: u64,
@@ -128,24 +140,6 @@ impl DebugExit {
         }
     }
 
-    /// Spawns a device reporting to `sink` and maps it in `io` (an I/O-port
-    /// container such as `StandardSpaces::io`) as `config` says. Returns
-    /// the region (unmap it with `io.del_subregion` to unplug the device)
-    /// and a handle to the actor.
-    pub fn spawn(
-        topo: &Topology,
-        io: &MemoryRegion,
-        config: DebugExitConfig,
-        sink: impl ExitSink,
-        runtime: &DeviceRuntime,
-    ) -> topos_runtime::Result<(MemoryRegion, ActorHandle<DebugExit>)> {
-        let spawned = Spawned::new("isa-debug-exit", DebugExit::new(sink), Vec::new(), runtime);
-        let region =
-            topo.new_io_arc("isa-debug-exit", spawned.ops(0), DebugExit::ops_config(), u128::from(config.iosize))?;
-        io.add_subregion(config.iobase, &region)?;
-        Ok((region, spawned.handle()))
-    }
-
     /// How many exit requests the guest made.
     pub fn requests(&self) -> u64 {
         self.requests
@@ -154,6 +148,24 @@ impl DebugExit {
     /// The status of the latest request.
     pub fn last_status(&self) -> Option<i32> {
         self.last_status
+    }
+}
+
+/// Plugging an `isa-debug-exit`: one region, [`PORTS`] (`iosize` ports,
+/// for the I/O space).
+impl DeviceModel for DebugExit {
+    type Config = DebugExitConfig;
+    type Handle = ActorHandle<DebugExit>;
+
+    fn plug(config: DebugExitConfig, ctx: PlugCtx) -> crate::Result<Plugged<ActorHandle<DebugExit>>> {
+        if config.iosize == 0 {
+            return Err(crate::Error::InvalidConfig { device: "isa-debug-exit", reason: "iosize is 0".into() });
+        }
+        let dev = DebugExit { sink: config.sink, requests: 0, last_status: None };
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let region =
+            ctx.topology.new_io_arc(&ctx.name, spawned.ops(0), DebugExit::ops_config(), u128::from(config.iosize))?;
+        Ok(Plugged::new(vec![DeviceRegion::io(PORTS, region)], spawned.handle()))
     }
 }
 

@@ -32,12 +32,21 @@
 //! default `dma_mask`); transfers that do not fit in the buffer are skipped,
 //! as in current QEMU.
 //!
+//! The bus-master access may land on any device's registers, its own
+//! included, and a thread holding a device's turn must never wait for
+//! another device or the topology (`topos_runtime::turns`). So when the DMA
+//! timer fires the device only snapshots the transfer (copying the buffer
+//! slice for EDU→RAM); the transfer itself runs once the thread holds no
+//! turn, and its data, the end of the run bit and the interrupt come back
+//! through the device's mailbox. Two edus DMA-ing from each other's
+//! registers therefore never wait for each other while holding a turn.
+//!
 //! The interrupt is the INTx line (`ctx.irq(0)`), asserted while the
 //! interrupt status is non-zero. QEMU's MSI capability is not modelled.
 
-use crate::actor::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
-use crate::irq::IrqLine;
-use crate::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciError, PciFunction, PciHost};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::pci::{BarKind, BarSpec, BusMaster, PciConfig};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::time::Duration;
 use topos_runtime::{HwAddr, ImplConstraints, OpsConfig, ValidConstraints};
 
@@ -53,6 +62,9 @@ pub const EDU_CLASS: u16 = 0x00ff;
 pub const EDU_MMIO_SIZE: u64 = 1 << 20;
 /// Value of the identification register (version 1.0).
 pub const EDU_ID: u32 = 0x0100_00ed;
+/// The role of the edu's one region: its registers (BAR 0 as a PCI
+/// function).
+pub const MMIO: &str = "mmio";
 
 /// Register offsets in BAR 0.
 pub mod reg {
@@ -123,7 +135,7 @@ impl Default for EduOptions {
     }
 }
 
-/// The edu device state (an actor; see [`Edu::plug`]).
+/// The edu device state (an actor; see its [`DeviceModel`] implementation).
 pub struct Edu {
     liveness: u32,
     fact: u32,
@@ -200,23 +212,6 @@ impl Edu {
         }
     }
 
-    /// Spawns an edu and plugs it into `slot` of `host`, its INTA wired to
-    /// `intx`. Returns a handle to the actor.
-    pub fn plug(
-        host: &PciHost,
-        slot: u8,
-        intx: Option<IrqLine>,
-        runtime: &DeviceRuntime,
-        options: EduOptions,
-    ) -> Result<ActorHandle<Edu>, PciError> {
-        let plug = host.plug(slot, "edu", intx)?;
-        let spawned = Spawned::new("edu", Edu::new(plug.bus_master(), options), vec![plug.irq_line()], runtime);
-        let mmio = host.topology().new_io_arc("edu-mmio", spawned.ops(0), Edu::ops_config(), EDU_MMIO_SIZE as u128)?;
-        let handle = spawned.handle();
-        host.attach(plug, PciFunction { config: Edu::pci_config(), bar_regions: vec![mmio] })?;
-        Ok(handle)
-    }
-
     fn update_irq(&self, ctx: &DeviceCtx<'_>) {
         if let Some(line) = ctx.irq(0) {
             line.set(self.irq_status != 0);
@@ -244,36 +239,57 @@ impl Edu {
         }
     }
 
-    fn run_dma(&mut self, ctx: &DeviceCtx<'_>) {
+    /// The DMA timer expired: starts the transfer. The bus-master access
+    /// may reach any device's registers (another edu's, a flash's), and a
+    /// thread holding this device's turn must never wait for another device
+    /// or the topology; so the transfer runs outside the turn
+    /// ([`DeviceCtx::defer`]), and its result and completion come back
+    /// through the mailbox ([`ActorHandle::post`]). The DMA registers stay
+    /// locked until then, as while QEMU's timer is pending.
+    fn start_dma(&mut self, ctx: &DeviceCtx<'_>) {
         if self.dma_cmd & DMA_CMD_RUN == 0 {
             return;
         }
         let count = self.dma_count;
         let mask = self.options.dma_mask;
-        if self.dma_cmd & DMA_CMD_TO_RAM == 0 {
-            match buffer_range(self.dma_dst, count) {
-                Some(off) => {
-                    let r = self.bus_master.read(self.dma_src & mask, &mut self.buf[off..off + count as usize]);
-                    if !r.is_ok() {
-                        tracing::debug!(device = ctx.name(), result = ?r, "edu: DMA read incomplete");
-                    }
+        let to_ram = self.dma_cmd & DMA_CMD_TO_RAM != 0;
+        let (buf_addr, guest) = if to_ram { (self.dma_src, self.dma_dst) } else { (self.dma_dst, self.dma_src) };
+        let Some(off) = buffer_range(buf_addr, count) else {
+            tracing::debug!(device = ctx.name(), buf_addr, count, "edu: DMA out of buffer, skipped");
+            self.finish_dma(ctx, None);
+            return;
+        };
+        let Some(me) = ctx.handle::<Edu>() else { return };
+        let bus_master = self.bus_master.clone();
+        let name = ctx.name().to_string();
+        let guest = guest & mask;
+        if to_ram {
+            // Copy the slice now: the transfer runs after the turn.
+            let data = self.buf[off..off + count as usize].to_vec();
+            ctx.defer(move || {
+                let r = bus_master.write(guest, &data);
+                if !r.is_ok() {
+                    tracing::debug!(device = %name, result = ?r, "edu: DMA write incomplete");
                 }
-                None => {
-                    tracing::debug!(device = ctx.name(), dst = self.dma_dst, count, "edu: DMA out of buffer, skipped")
-                }
-            }
+                let _ = me.post(|d, ctx| d.finish_dma(ctx, None));
+            });
         } else {
-            match buffer_range(self.dma_src, count) {
-                Some(off) => {
-                    let r = self.bus_master.write(self.dma_dst & mask, &self.buf[off..off + count as usize]);
-                    if !r.is_ok() {
-                        tracing::debug!(device = ctx.name(), result = ?r, "edu: DMA write incomplete");
-                    }
+            ctx.defer(move || {
+                let mut data = vec![0; count as usize];
+                let r = bus_master.read(guest, &mut data);
+                if !r.is_ok() {
+                    tracing::debug!(device = %name, result = ?r, "edu: DMA read incomplete");
                 }
-                None => {
-                    tracing::debug!(device = ctx.name(), src = self.dma_src, count, "edu: DMA out of buffer, skipped")
-                }
-            }
+                let _ = me.post(move |d, ctx| d.finish_dma(ctx, Some((off, data))));
+            });
+        }
+    }
+
+    /// The transfer is over: stores what it read into the buffer, clears
+    /// the run bit and raises the completion interrupt if asked.
+    fn finish_dma(&mut self, ctx: &DeviceCtx<'_>, read: Option<(usize, Vec<u8>)>) {
+        if let Some((off, data)) = read {
+            self.buf[off..off + data.len()].copy_from_slice(&data);
         }
         self.dma_cmd &= !DMA_CMD_RUN;
         if self.dma_cmd & DMA_CMD_IRQ != 0 {
@@ -287,6 +303,27 @@ impl Edu {
         } else {
             size == 4 || size == 8
         }
+    }
+}
+
+/// Plugging an edu: one region, [`MMIO`] (1 MiB of registers); a PCI device
+/// by nature ([`Edu::pci_config`]), usually plugged through
+/// [`PciHost::plug_model`](crate::pci::PciHost::plug_model), which gives it
+/// its bus-master space and INTA. Interrupt line 0 of the context is INTA.
+impl DeviceModel for Edu {
+    type Config = EduOptions;
+    type Handle = ActorHandle<Edu>;
+
+    fn plug(options: EduOptions, ctx: PlugCtx) -> crate::Result<Plugged<ActorHandle<Edu>>> {
+        let dev = Edu::new(ctx.bus_master.clone(), options);
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let mmio = ctx.topology.new_io_arc(
+            &format!("{}-mmio", ctx.name),
+            spawned.ops(0),
+            Edu::ops_config(),
+            u128::from(EDU_MMIO_SIZE),
+        )?;
+        Ok(Plugged::new(vec![DeviceRegion::memory(MMIO, mmio)], spawned.handle()).with_pci_identity(Edu::pci_config()))
     }
 }
 
@@ -344,7 +381,7 @@ impl Device for Edu {
     fn timer(&mut self, ctx: &mut DeviceCtx<'_>, token: u64) {
         match token {
             TIMER_FACTORIAL => self.finish_factorial(ctx),
-            TIMER_DMA => self.run_dma(ctx),
+            TIMER_DMA => self.start_dma(ctx),
             _ => {}
         }
     }

@@ -33,9 +33,16 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::error::{Error, Result};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::ops::Range;
-use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, OpsConfig, Topology, PAGE_SIZE};
+use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, OpsConfig, PAGE_SIZE};
+
+/// The role of the video RAM region (prefetchable memory).
+pub const VRAM: &str = "vram";
+/// The role of the register block region (memory).
+pub const REGS: &str = "regs";
 
 /// Register: width in pixels.
 pub const REG_WIDTH: HwAddr = 0x00;
@@ -105,20 +112,13 @@ impl FbUpdate {
     }
 }
 
-/// Why a [`Framebuffer`] could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum FbError {
-    /// The initial mode does not fit the video RAM.
-    #[error("mode {mode:?} does not fit {vram_size:#x} bytes of video RAM")]
-    BadMode {
-        /// The mode asked for.
-        mode: FbMode,
-        /// The video RAM size.
-        vram_size: u64,
-    },
-    /// The memory runtime refused to make a region.
-    #[error(transparent)]
-    Runtime(#[from] topos_runtime::Error),
+/// What makes a framebuffer: its video RAM size and initial mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FbConfig {
+    /// Video RAM size in bytes (a power of two to be a PCI BAR).
+    pub vram_size: u64,
+    /// The mode the registers start in; it must fit the video RAM.
+    pub mode: FbMode,
 }
 
 /// The register block's state, run as an actor.
@@ -189,11 +189,10 @@ impl Device for FbRegs {
     }
 }
 
-/// A framebuffer as the embedder holds it: video RAM and register regions
-/// to map, and the display side's view of them.
+/// A framebuffer as the display holds it: the video RAM and the register
+/// block's actor (the handle of a plugged framebuffer).
 pub struct Framebuffer {
     vram: MemoryRegion,
-    regs: MemoryRegion,
     handle: ActorHandle<FbRegs>,
     /// Register generation and mode of the previous update.
     last: Option<(u64, Option<FbMode>)>,
@@ -201,42 +200,44 @@ pub struct Framebuffer {
 
 impl std::fmt::Debug for Framebuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Framebuffer").field("vram", &self.vram).field("regs", &self.regs).finish_non_exhaustive()
+        f.debug_struct("Framebuffer").field("vram", &self.vram).field("regs", &self.handle).finish_non_exhaustive()
+    }
+}
+
+/// Plugging a framebuffer: two regions, [`VRAM`] (RAM named
+/// `{name}.vram`, logged for the VGA client, prefetchable) and [`REGS`] (the
+/// register block, `{name}.regs`), both for memory; the handle is the
+/// display side's [`Framebuffer`].
+impl DeviceModel for FbRegs {
+    type Config = FbConfig;
+    type Handle = Framebuffer;
+
+    fn plug(config: FbConfig, ctx: PlugCtx) -> Result<Plugged<Framebuffer>> {
+        let FbConfig { vram_size, mode } = config;
+        if !mode.fits(vram_size) {
+            let reason = format!("mode {mode:?} does not fit {vram_size:#x} bytes of video RAM");
+            return Err(Error::InvalidConfig { device: "framebuffer", reason });
+        }
+        let topo = &ctx.topology;
+        let vram = topo.new_ram(&format!("{}.vram", ctx.name), u128::from(vram_size))?;
+        vram.set_log(true, DirtyClient::Vga)?;
+        let dev = FbRegs { raw: mode, vram_size, generation: 0, writes: 0 };
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let regs = topo.new_io_arc(
+            &format!("{}.regs", ctx.name),
+            spawned.ops(0),
+            OpsConfig::with_impl(1, 4),
+            u128::from(REGS_SIZE),
+        )?;
+        let fb = Framebuffer { vram: vram.clone(), handle: spawned.handle(), last: None };
+        Ok(Plugged::new(vec![DeviceRegion::prefetchable(VRAM, vram), DeviceRegion::memory(REGS, regs)], fb))
     }
 }
 
 impl Framebuffer {
-    /// Makes video RAM of `vram_size` bytes named `{name}.vram`, logged for
-    /// the VGA client, and a register block named `{name}.regs` set to
-    /// `mode`. Neither is mapped yet.
-    pub fn new(
-        topo: &Topology,
-        rt: &DeviceRuntime,
-        name: &str,
-        vram_size: u64,
-        mode: FbMode,
-    ) -> Result<Framebuffer, FbError> {
-        if !mode.fits(vram_size) {
-            return Err(FbError::BadMode { mode, vram_size });
-        }
-        let vram = topo.new_ram(&format!("{name}.vram"), vram_size as u128)?;
-        vram.set_log(true, DirtyClient::Vga)?;
-        let dev = FbRegs { raw: mode, vram_size, generation: 0, writes: 0 };
-        let spawned = Spawned::new(name, dev, vec![], rt);
-        let regs =
-            topo.new_io_arc(&format!("{name}.regs"), spawned.ops(0), OpsConfig::with_impl(1, 4), REGS_SIZE as u128)?;
-        let handle = spawned.handle();
-        Ok(Framebuffer { vram, regs, handle, last: None })
-    }
-
     /// The video RAM region.
     pub fn vram(&self) -> &MemoryRegion {
         &self.vram
-    }
-
-    /// The register block region.
-    pub fn regs(&self) -> &MemoryRegion {
-        &self.regs
     }
 
     /// A handle to the register block's actor.
@@ -253,7 +254,7 @@ impl Framebuffer {
     /// Harvests the dirty pages of the video RAM and reports the scanlines
     /// of the current mode that changed since the previous call. Clears what
     /// it reports: a second call without writes in between reports nothing.
-    pub fn update(&mut self) -> Result<FbUpdate, ActorError> {
+    pub fn update(&mut self) -> Result<FbUpdate> {
         let (generation, mode) = self.handle.with(|d, _| (d.generation(), d.mode()))?;
         let size = self.vram.size() as u64;
         // Harvest before the pixels are read: a write after this is

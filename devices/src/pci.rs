@@ -32,25 +32,63 @@
 //! * INTx: the function's interrupt line passes through the bridge, which
 //!   reflects its level in status bit 3 and masks it while command bit 10
 //!   is set. Routing pins to interrupt controller inputs is the board's
-//!   business: it hands [`PciHost::plug`] the line to drive.
+//!   business: it gives [`PciHost::plug_model`] the line to drive.
 //! * Only function 0 of each slot is populated (single-function devices),
 //!   and no capabilities are offered (the capability pointer reads 0).
 //!
-//! # Plugging a function in
+//! # Remapping outside the bridge's turn
 //!
-//! A device model needs its bus-master space and interrupt line when it is
-//! spawned, and the bridge needs the device's BAR regions, which exist only
-//! once it is spawned. So plugging is two steps:
+//! A thread that holds a device's turn never waits for the topology (see
+//! [`topos_runtime::turns`]), and a thread inside a transaction may be
+//! waiting for the bridge (a configuration read). So the bridge's handler
+//! does not remap: it records the function's *desired* mappings (BAR
+//! addresses and the bus-master enable, from the configuration space) and
+//! defers an *apply* ([`DeviceCtx::defer`]) that runs once the thread holds
+//! no turn. Each apply runs one transaction which, inside it, compares the
+//! latest desired state with the *applied* one and makes the difference;
+//! the topology's turn serializes the appliers, so the last one to run
+//! applies the latest state. [`PciHostBridge::bar_mapping`] reports the
+//! applied state.
+//!
+//! A guest expects a configuration write to have taken effect when its `out`
+//! returns, so CONFIG_DATA is a [non-posted](crate::WritePolicy::NonPosted)
+//! region: a write that finds the bridge busy waits until it was handled and
+//! its apply is done, instead of being posted. A write from an idle bridge
+//! runs on the caller's thread and applies before returning as well.
+//! (Inside a transaction of the caller's own, the apply waits for that
+//! transaction's commit, as every topology change made in it does.)
+//!
+//! # Plugging
+//!
+//! The bridge is a [`DeviceModel`] like any other ([`PciHostBridge`]): its
+//! two regions, [`CONFIG_ADDRESS`] and [`CONFIG_DATA`], go where the board
+//! maps them (ports `0xcf8` and `0xcfc` on a PC), and its handle is a
+//! [`PciHost`]. A function is any [`DeviceModel`] the board plugs through
+//! [`PciHost::plug_model`]: the host reserves the slot, gives the model its
+//! bus-master space and INTx line, and attaches the model's regions as its
+//! BARs.
 //!
 //! ```
-//! use topos_devices::pci::{BarKind, BarSpec, PciConfig, PciFunction, PciHost};
-//! use topos_devices::{Device, DeviceCtx, DeviceRuntime, Spawned};
+//! use topos_devices::pci::{PciConfig, PciHost, PciHostBridge, PciHostConfig, PciPlacement};
+//! use topos_devices::pci::{CONFIG_ADDRESS, CONFIG_ADDRESS_PORT, CONFIG_DATA, CONFIG_DATA_PORT};
+//! use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 //! use topos_devices::runtime::{OpsConfig, Topology};
+//! use topos_devices::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
 //!
+//! /// A function with one 4 KiB register BAR.
 //! struct Dummy;
 //! impl Device for Dummy {
 //!     fn read(&mut self, _: &mut DeviceCtx<'_>, _: usize, _: u64, _: u32) -> u64 { 0x42 }
 //!     fn write(&mut self, _: &mut DeviceCtx<'_>, _: usize, _: u64, _: u64, _: u32) {}
+//! }
+//! impl DeviceModel for Dummy {
+//!     type Config = ();
+//!     type Handle = ActorHandle<Dummy>;
+//!     fn plug(_: (), ctx: PlugCtx) -> topos_devices::Result<Plugged<ActorHandle<Dummy>>> {
+//!         let dev = Spawned::new(&ctx.name, Dummy, ctx.irqs, &ctx.runtime);
+//!         let bar = ctx.topology.new_io_arc(&ctx.name, dev.ops(0), OpsConfig::default(), 0x1000)?;
+//!         Ok(Plugged::new(vec![DeviceRegion::memory("regs", bar)], dev.handle()))
+//!     }
 //! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -58,16 +96,15 @@
 //! let spaces = topo.standard_spaces()?;
 //! let rt = DeviceRuntime::new()?;
 //! let pci_mem = PciHost::pci_memory(&topo, &spaces.system)?;
-//! let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt)?;
+//! let config = PciHostConfig { system: spaces.system.clone(), pci_mem, io: spaces.io.clone() };
+//! let bridge = PciHostBridge::plug(config, PlugCtx::new(&topo, &rt, "pci-host"))?;
+//! bridge.map(CONFIG_ADDRESS, &spaces.io, CONFIG_ADDRESS_PORT)?;
+//! bridge.map(CONFIG_DATA, &spaces.io, CONFIG_DATA_PORT)?;
+//! let host = bridge.handle;
 //!
-//! // 1. Reserve slot 4: the bus-master space and the INTx line exist now.
-//! let plug = host.plug(4, "dummy", None)?;
-//! let dev = Spawned::new("dummy", Dummy, vec![plug.irq_line()], &rt);
-//! let bar = topo.new_io_arc("dummy-mmio", dev.ops(0), OpsConfig::default(), 0x1000)?;
-//! // 2. Publish the function with its BAR regions.
-//! let mut config = PciConfig::new(0x1234, 0x0001, 0x00ff);
-//! config.bars.push(BarSpec { index: 0, size: 0x1000, kind: BarKind::Memory32 { prefetchable: false } });
-//! host.attach(plug, PciFunction { config, bar_regions: vec![bar] })?;
+//! // The board gives the dummy an identity; its BAR comes from its region.
+//! let at = PciPlacement::slot(4).with_identity(PciConfig::new(0x1234, 0x0001, 0x00ff));
+//! host.plug_model::<Dummy>(at, (), PlugCtx::new(&topo, &rt, "dummy"))?;
 //!
 //! spaces.io_space.write_u64(0xcf8, 0x8000_0000 | 4 << 11, 4);
 //! assert_eq!(spaces.io_space.read_u64(0xcfc, 4).0, 0x0001_1234);
@@ -79,14 +116,21 @@
 //! the bus-master space reaches system memory, which holds the device's own
 //! BARs, so owning it would make the device keep itself alive.
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned, WritePolicy};
+use crate::error::{Error, Result};
 use crate::irq::{InterruptSink, IrqLine};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged, Space};
 use std::sync::{Arc, Mutex, Weak};
-use topos_runtime::{
-    AddressSpace, HwAddr, MemTxResult, MemoryRegion, OpsConfig, StandardSpaces, Topology, WeakRegion, SIZE_MAX,
-};
+use topos_runtime::turns;
+use topos_runtime::{AddressSpace, HwAddr, MemTxResult, MemoryRegion, OpsConfig, Topology, WeakRegion, SIZE_MAX};
 
-/// I/O port of CONFIG_ADDRESS.
+/// The role of the bridge's CONFIG_ADDRESS region (4 ports, for the I/O
+/// space).
+pub const CONFIG_ADDRESS: &str = "config-address";
+/// The role of the bridge's CONFIG_DATA region (4 ports, for the I/O
+/// space).
+pub const CONFIG_DATA: &str = "config-data";
+/// I/O port of CONFIG_ADDRESS on a PC.
 pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 /// First I/O port of CONFIG_DATA.
 pub const CONFIG_DATA_PORT: u64 = 0xcfc;
@@ -153,30 +197,6 @@ const COMMAND_WMASK: u16 = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MAS
 /// Region numbers of the host bridge actor.
 const REGION_CONF_IDX: usize = 0;
 const REGION_CONF_DATA: usize = 1;
-
-/// Errors of plugging functions into the bridge (the guest never causes
-/// one).
-#[derive(Debug, thiserror::Error)]
-pub enum PciError {
-    /// The slot number is not below 32.
-    #[error("slot {0} does not exist (bus 0 has slots 0-31)")]
-    NoSuchSlot(u8),
-    /// A function is already plugged into the slot.
-    #[error("slot {0} is in use")]
-    SlotInUse(u8),
-    /// No function is plugged into the slot.
-    #[error("slot {0} is empty")]
-    SlotEmpty(u8),
-    /// The function's description is inconsistent.
-    #[error("invalid PCI function: {0}")]
-    InvalidFunction(String),
-    /// The memory API refused an operation.
-    #[error(transparent)]
-    Memory(#[from] topos_runtime::Error),
-    /// The bridge actor is gone or failed.
-    #[error(transparent)]
-    Actor(#[from] ActorError),
-}
 
 /// The kind of a base address register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,8 +282,8 @@ impl PciConfig {
         }
     }
 
-    fn validate(&self, regions: &[MemoryRegion]) -> Result<(), PciError> {
-        let bad = |m: String| Err(PciError::InvalidFunction(m));
+    fn validate(&self, regions: &[MemoryRegion]) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidFunction(m));
         if self.interrupt_pin > 4 {
             return bad(format!("interrupt pin {} (must be 0-4)", self.interrupt_pin));
         }
@@ -309,11 +329,11 @@ impl PciConfig {
 /// A function to attach: its header and one region per BAR (in the order of
 /// [`PciConfig::bars`]).
 #[derive(Debug)]
-pub struct PciFunction {
+struct PciFunction {
     /// Identity and BARs.
-    pub config: PciConfig,
+    config: PciConfig,
     /// The region each BAR maps, same order as `config.bars`.
-    pub bar_regions: Vec<MemoryRegion>,
+    bar_regions: Vec<MemoryRegion>,
 }
 
 /// A function's path to memory as a bus master (its DMA address space).
@@ -387,9 +407,9 @@ impl InterruptSink for IntxRouter {
 }
 
 /// A reserved slot: the bus-master address space and the INTx line of a
-/// function that is being built. Pass it to [`PciHost::attach`]; dropping it
-/// instead releases the address space.
-pub struct PciPlug {
+/// function that is being built. Attached, or dropped, which releases the
+/// address space.
+struct PciPlug {
     slot: u8,
     name: String,
     topo: Topology,
@@ -405,19 +425,14 @@ impl std::fmt::Debug for PciPlug {
 }
 
 impl PciPlug {
-    /// The slot.
-    pub fn slot(&self) -> u8 {
-        self.slot
-    }
-
     /// The function's bus-master path, for the device model.
-    pub fn bus_master(&self) -> BusMaster {
+    fn bus_master(&self) -> BusMaster {
         BusMaster { space: self.bus_master.as_ref().map(Arc::downgrade).unwrap_or_default() }
     }
 
     /// The interrupt line to give the device (its INTx pin): routed through
-    /// the bridge to the line given to [`PciHost::plug`].
-    pub fn irq_line(&self) -> IrqLine {
+    /// the bridge to the board's line.
+    fn irq_line(&self) -> IrqLine {
         let n = self.router.out.as_ref().map_or(0, IrqLine::number);
         IrqLine::new(self.router.clone(), n)
     }
@@ -431,23 +446,145 @@ impl Drop for PciPlug {
     }
 }
 
-/// One implemented BAR of an attached function.
-struct Bar {
-    spec: BarSpec,
-    region: MemoryRegion,
-    /// Where it is mapped now (QEMU's `io_regions[i].addr`).
-    mapped: Option<u64>,
+/// Where a function's BARs are mapped (`None`: unmapped; QEMU's
+/// `io_regions[i].addr`) and whether it masters the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Targets {
+    bars: Vec<Option<u64>>,
+    master: bool,
+}
+
+/// The mapping state of a function, shared between the bridge's handler
+/// (which sets the desired state) and the appliers it defers (which make the
+/// topology match). The lock is only held for short, non-blocking sections.
+#[derive(Debug)]
+struct MapState {
+    desired: Targets,
+    applied: Targets,
+    /// The function was detached: appliers leave the topology alone.
+    removed: bool,
+}
+
+/// What an applier needs to change a function's mappings, without owning
+/// the function's bus-master space or the topology (either would keep the
+/// bridge alive through its own regions).
+struct Mappings {
+    name: String,
+    /// Each BAR and the region it maps.
+    bars: Vec<(BarSpec, MemoryRegion)>,
+    /// The "bus master" alias, enabled while the function masters the bus.
+    alias: MemoryRegion,
+    space: Weak<AddressSpace>,
+    pci_mem: WeakRegion,
+    io: WeakRegion,
+    state: Mutex<MapState>,
+}
+
+impl Mappings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MapState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the desired state; true if it changed (an apply is due).
+    fn desire(&self, want: Targets) -> bool {
+        let mut s = self.lock();
+        if s.desired == want {
+            return false;
+        }
+        s.desired = want;
+        true
+    }
+
+    /// Makes the topology match the latest desired state, in one
+    /// transaction. Runs with no turn held (it waits for the topology).
+    fn apply(&self) {
+        let Some(space) = self.space.upgrade() else { return };
+        let topo = match space.topology() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(function = %self.name, error = %e, "PCI: cannot update mappings");
+                return;
+            }
+        };
+        let r = topo.transaction(|| {
+            // Inside the transaction: appliers are serialized, and each one
+            // reads the state its predecessors left.
+            let (want, mut now) = {
+                let s = self.lock();
+                if s.removed {
+                    return;
+                }
+                (s.desired.clone(), s.applied.clone())
+            };
+            let (mem, io) = (self.pci_mem.upgrade(), self.io.upgrade());
+            for (i, (spec, region)) in self.bars.iter().enumerate() {
+                if want.bars[i] == now.bars[i] {
+                    continue;
+                }
+                let Some(container) = (if spec.kind.is_io() { io.as_ref() } else { mem.as_ref() }) else {
+                    now.bars[i] = None;
+                    continue;
+                };
+                if now.bars[i].take().is_some() {
+                    if let Err(e) = container.del_subregion(region) {
+                        tracing::warn!(function = %self.name, bar = spec.index, error = %e, "PCI: unmapping a BAR failed");
+                    }
+                }
+                if let Some(addr) = want.bars[i] {
+                    match container.add_subregion_overlap(addr, region, 1) {
+                        Ok(()) => now.bars[i] = Some(addr),
+                        Err(e) => {
+                            tracing::warn!(function = %self.name, bar = spec.index, error = %e, "PCI: mapping a BAR failed")
+                        }
+                    }
+                }
+                tracing::debug!(function = %self.name, bar = spec.index, addr = ?now.bars[i], "PCI: BAR mapping");
+            }
+            if want.master != now.master {
+                match self.alias.set_enabled(want.master) {
+                    Ok(()) => now.master = want.master,
+                    Err(e) => tracing::warn!(function = %self.name, error = %e, "PCI: bus master enable failed"),
+                }
+            }
+            self.lock().applied = now;
+        });
+        if let Err(e) = r {
+            tracing::warn!(function = %self.name, error = %e, "PCI: mapping transaction failed");
+        }
+    }
+
+    /// Unmaps everything, disables bus mastering and destroys `space`, in
+    /// one transaction; appliers that run later do nothing.
+    fn remove(&self, space: &AddressSpace) -> std::result::Result<(), topos_runtime::Error> {
+        let topo = space.topology()?;
+        topo.transaction(|| {
+            let applied = {
+                let mut s = self.lock();
+                s.removed = true;
+                s.applied.clone()
+            };
+            let (mem, io) = (self.pci_mem.upgrade(), self.io.upgrade());
+            for ((spec, region), at) in self.bars.iter().zip(&applied.bars) {
+                let container = if spec.kind.is_io() { io.as_ref() } else { mem.as_ref() };
+                if let (Some(_), Some(c)) = (at, container) {
+                    let _ = c.del_subregion(region);
+                }
+            }
+            let _ = self.alias.set_enabled(false);
+            let _ = topo.address_space_destroy(space);
+            let mut s = self.lock();
+            s.applied = Targets { bars: vec![None; self.bars.len()], master: false };
+        })
+    }
 }
 
 /// The bridge's state for one function.
 struct Function {
-    name: String,
     config: [u8; CONFIG_SPACE_SIZE],
     wmask: [u8; CONFIG_SPACE_SIZE],
     w1cmask: [u8; CONFIG_SPACE_SIZE],
-    bars: Vec<Bar>,
     router: Arc<IntxRouter>,
-    alias: MemoryRegion,
+    mappings: Arc<Mappings>,
     bus_master: Arc<AddressSpace>,
 }
 
@@ -460,7 +597,7 @@ fn ranges_overlap(a: usize, alen: usize, b: usize, blen: usize) -> bool {
 }
 
 impl Function {
-    fn new(plug: &mut PciPlug, f: PciFunction) -> Function {
+    fn new(plug: &mut PciPlug, f: PciFunction, pci_mem: WeakRegion, io: WeakRegion) -> Function {
         let c = &f.config;
         let mut config = [0u8; CONFIG_SPACE_SIZE];
         let mut wmask = [0u8; CONFIG_SPACE_SIZE];
@@ -488,18 +625,20 @@ impl Function {
             } else {
                 put(&mut wmask, off, &(mask as u32).to_le_bytes());
             }
-            bars.push(Bar { spec: *spec, region, mapped: None });
+            bars.push((*spec, region));
         }
-        Function {
+        let bus_master = plug.bus_master.take().expect("a plug is attached once");
+        let none = Targets { bars: vec![None; bars.len()], master: false };
+        let mappings = Mappings {
             name: plug.name.clone(),
-            config,
-            wmask,
-            w1cmask,
             bars,
-            router: plug.router.clone(),
             alias: plug.alias.clone(),
-            bus_master: plug.bus_master.take().expect("a plug is attached once"),
-        }
+            space: Arc::downgrade(&bus_master),
+            pci_mem,
+            io,
+            state: Mutex::new(MapState { desired: none.clone(), applied: none, removed: false }),
+        };
+        Function { config, wmask, w1cmask, router: plug.router.clone(), mappings: Arc::new(mappings), bus_master }
     }
 
     fn word(&self, off: u8) -> u16 {
@@ -523,7 +662,7 @@ impl Function {
     }
 
     /// `pci_default_write_config`.
-    fn write(&mut self, off: usize, value: u32, len: usize, pci_mem: &WeakRegion, io: &WeakRegion) {
+    fn write(&mut self, ctx: &DeviceCtx<'_>, off: usize, value: u32, len: usize) {
         let n = len.min(4).min(CONFIG_SPACE_SIZE - off);
         for i in 0..n {
             let a = off + i;
@@ -533,7 +672,7 @@ impl Function {
             self.config[a] &= !(b & w1c);
         }
         if ranges_overlap(off, n, PCI_COMMAND as usize, 2) || ranges_overlap(off, n, PCI_BASE_ADDRESS_0 as usize, 24) {
-            self.update_mappings(pci_mem, io);
+            self.update_mappings(ctx);
         }
     }
 
@@ -568,90 +707,25 @@ impl Function {
     }
 
     /// `pci_update_mappings` plus the INTx and bus-master side effects of a
-    /// command write, in one transaction.
-    fn update_mappings(&mut self, pci_mem: &WeakRegion, io: &WeakRegion) {
+    /// command write: INTx masking at once, the mappings through a deferred
+    /// apply (see the [module](self) docs).
+    fn update_mappings(&mut self, ctx: &DeviceCtx<'_>) {
         let cmd = self.word(PCI_COMMAND);
         self.router.update(|s| s.1 = cmd & PCI_COMMAND_INTX_DISABLE != 0);
-        let master = cmd & PCI_COMMAND_MASTER != 0;
-        let changes: Vec<(usize, Option<u64>)> = (0..self.bars.len())
-            .filter_map(|i| {
-                let new = self.bar_address(&self.bars[i].spec);
-                (new != self.bars[i].mapped).then_some((i, new))
-            })
-            .collect();
-        if changes.is_empty() && self.alias.is_enabled() == master {
-            return;
-        }
-        let topo = match self.bus_master.topology() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(function = %self.name, error = %e, "PCI: cannot update mappings");
-                return;
-            }
-        };
-        let (mem, io) = (pci_mem.upgrade(), io.upgrade());
-        let name = &self.name;
-        let bars = &mut self.bars;
-        let alias = &self.alias;
-        let r = topo.transaction(|| {
-            for (i, new) in changes {
-                let bar = &mut bars[i];
-                let Some(container) = (if bar.spec.kind.is_io() { io.as_ref() } else { mem.as_ref() }) else {
-                    bar.mapped = None;
-                    continue;
-                };
-                if bar.mapped.take().is_some() {
-                    if let Err(e) = container.del_subregion(&bar.region) {
-                        tracing::warn!(function = %name, bar = bar.spec.index, error = %e, "PCI: unmapping a BAR failed");
-                    }
-                }
-                if let Some(addr) = new {
-                    match container.add_subregion_overlap(addr, &bar.region, 1) {
-                        Ok(()) => bar.mapped = Some(addr),
-                        Err(e) => {
-                            tracing::warn!(function = %name, bar = bar.spec.index, error = %e, "PCI: mapping a BAR failed")
-                        }
-                    }
-                }
-                tracing::debug!(function = %name, bar = bar.spec.index, addr = ?bar.mapped, "PCI: BAR mapping");
-            }
-            if let Err(e) = alias.set_enabled(master) {
-                tracing::warn!(function = %name, error = %e, "PCI: bus master enable failed");
-            }
-        });
-        if let Err(e) = r {
-            tracing::warn!(function = %self.name, error = %e, "PCI: mapping transaction failed");
-        }
-    }
-
-    /// Unmaps everything and releases the bus-master space (QEMU's
-    /// `pci_unregister_device`).
-    fn remove(self, pci_mem: &WeakRegion, io: &WeakRegion) {
-        self.router.update(|s| s.1 = true);
-        if let Ok(topo) = self.bus_master.topology() {
-            let (mem, io) = (pci_mem.upgrade(), io.upgrade());
-            let _ = topo.transaction(|| {
-                for bar in &self.bars {
-                    let container = if bar.spec.kind.is_io() { io.as_ref() } else { mem.as_ref() };
-                    if let (Some(_), Some(c)) = (bar.mapped, container) {
-                        let _ = c.del_subregion(&bar.region);
-                    }
-                }
-                let _ = self.alias.set_enabled(false);
-                let _ = topo.address_space_destroy(&self.bus_master);
-            });
+        let bars = self.mappings.bars.iter().map(|(spec, _)| self.bar_address(spec)).collect();
+        if self.mappings.desire(Targets { bars, master: cmd & PCI_COMMAND_MASTER != 0 }) {
+            let m = self.mappings.clone();
+            ctx.defer(move || m.apply());
         }
     }
 }
 
 /// The host bridge device: CONFIG_ADDRESS (region 0) and CONFIG_DATA
-/// (region 1), and every function's configuration space. Spawned by
-/// [`PciHost::spawn`].
+/// (region 1), and every function's configuration space (see its
+/// [`DeviceModel`] implementation).
 pub struct PciHostBridge {
     config_reg: u32,
     functions: Vec<Option<Function>>,
-    pci_mem: WeakRegion,
-    io: WeakRegion,
 }
 
 impl PciHostBridge {
@@ -668,9 +742,12 @@ impl PciHostBridge {
     }
 
     /// The address where BAR `index` of the function in `slot` is mapped
-    /// (inspection for tests and monitors).
+    /// in the topology (inspection for tests and monitors). A configuration
+    /// write that moved the BAR shows here once its apply has run.
     pub fn bar_mapping(&self, slot: u8, index: u8) -> Option<u64> {
-        self.function(u32::from(slot) << 11)?.bars.iter().find(|b| b.spec.index == index)?.mapped
+        let m = &self.function(u32::from(slot) << 11)?.mappings;
+        let i = m.bars.iter().position(|(spec, _)| spec.index == index)?;
+        m.lock().applied.bars[i]
     }
 }
 
@@ -693,7 +770,7 @@ impl Device for PciHostBridge {
         }
     }
 
-    fn write(&mut self, _ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32) {
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, region: usize, addr: HwAddr, value: u64, size: u32) {
         match region {
             REGION_CONF_IDX if addr == 0 && size == 4 => self.config_reg = value as u32,
             REGION_CONF_DATA if self.config_reg & CONFIG_ENABLE != 0 => {
@@ -701,9 +778,8 @@ impl Device for PciHostBridge {
                 if (a >> 16) & 0xff != 0 {
                     return;
                 }
-                let (pci_mem, io) = (self.pci_mem.clone(), self.io.clone());
                 if let Some(Some(f)) = self.functions.get_mut(((a >> 8) & 0xff) as usize) {
-                    f.write((a & 0xff) as usize, value as u32, size as usize, &pci_mem, &io);
+                    f.write(ctx, (a & 0xff) as usize, value as u32, size as usize);
                 }
             }
             _ => {}
@@ -716,56 +792,116 @@ pub struct PciHost {
     topo: Topology,
     system: MemoryRegion,
     pci_mem: WeakRegion,
+    io: WeakRegion,
     bridge: ActorHandle<PciHostBridge>,
-    ports: [MemoryRegion; 2],
 }
 
 impl std::fmt::Debug for PciHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PciHost").field("ports", &self.ports).finish_non_exhaustive()
+        f.debug_struct("PciHost").field("bridge", &self.bridge).finish_non_exhaustive()
     }
+}
+
+/// Where a board's PCI host puts its functions' BARs, and what their bus
+/// masters see.
+#[derive(Debug, Clone)]
+pub struct PciHostConfig {
+    /// What bus masters reach (system memory): each function's bus-master
+    /// space is an alias of it.
+    pub system: MemoryRegion,
+    /// Where memory BARs are mapped: a container the board placed in
+    /// system memory (see [`PciHost::pci_memory`]).
+    pub pci_mem: MemoryRegion,
+    /// Where I/O BARs are mapped (the I/O space's root).
+    pub io: MemoryRegion,
+}
+
+/// Plugging the host bridge: two regions, [`CONFIG_ADDRESS`] and
+/// [`CONFIG_DATA`] (4 ports each, for the I/O space; CONFIG_DATA is
+/// non-posted, see the [module](self) documentation); the handle is the
+/// board's [`PciHost`].
+impl DeviceModel for PciHostBridge {
+    type Config = PciHostConfig;
+    type Handle = PciHost;
+
+    fn plug(config: PciHostConfig, ctx: PlugCtx) -> Result<Plugged<PciHost>> {
+        let dev = PciHostBridge { config_reg: 0, functions: (0..256).map(|_| None).collect() };
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let topo = &ctx.topology;
+        let idx = topo.new_io_arc("pci-conf-idx", spawned.ops(REGION_CONF_IDX), OpsConfig::default(), 4)?;
+        // Non-posted: a configuration write has taken effect when it returns.
+        let data_ops = spawned.ops_with(REGION_CONF_DATA, WritePolicy::NonPosted);
+        let data = topo.new_io_arc("pci-conf-data", data_ops, OpsConfig::default(), 4)?;
+        let host = PciHost {
+            topo: topo.clone(),
+            system: config.system,
+            pci_mem: config.pci_mem.downgrade(),
+            io: config.io.downgrade(),
+            bridge: spawned.handle(),
+        };
+        Ok(Plugged::new(vec![DeviceRegion::io(CONFIG_ADDRESS, idx), DeviceRegion::io(CONFIG_DATA, data)], host))
+    }
+}
+
+/// Where and as what a board puts a device on the PCI bus (see
+/// [`PciHost::plug_model`]).
+#[derive(Debug, Clone)]
+pub struct PciPlacement {
+    /// The slot, 0 to 31 (function 0).
+    pub slot: u8,
+    /// The board's line for the slot's interrupt pin, if it wires one.
+    pub intx: Option<IrqLine>,
+    /// The function's header; `None` takes the model's own. Its BARs, if it
+    /// lists none, are made from the model's regions.
+    pub identity: Option<PciConfig>,
+}
+
+impl PciPlacement {
+    /// Slot `slot`, no interrupt wired, the model's own identity.
+    pub fn slot(slot: u8) -> PciPlacement {
+        PciPlacement { slot, intx: None, identity: None }
+    }
+
+    /// Wires the function's INTx to `line`.
+    pub fn with_intx(mut self, line: IrqLine) -> PciPlacement {
+        self.intx = Some(line);
+        self
+    }
+
+    /// Gives the function `identity` instead of the model's own.
+    pub fn with_identity(mut self, identity: PciConfig) -> PciPlacement {
+        self.identity = Some(identity);
+        self
+    }
+}
+
+/// BARs 0, 1, ... for `regions`, in order: I/O regions as I/O BARs, memory
+/// as 32-bit memory BARs, or 64-bit ones (two slots) beyond 2 GiB.
+fn bars_for(regions: &[DeviceRegion]) -> Vec<BarSpec> {
+    let mut index = 0u8;
+    regions
+        .iter()
+        .map(|r| {
+            let size = r.region.size().min(u128::from(u64::MAX)) as u64;
+            let kind = match r.space {
+                Space::Io => BarKind::Io,
+                Space::Memory if size > 1 << 31 => BarKind::Memory64 { prefetchable: r.prefetchable },
+                Space::Memory => BarKind::Memory32 { prefetchable: r.prefetchable },
+            };
+            let bar = BarSpec { index, size, kind };
+            index = index.saturating_add(if matches!(kind, BarKind::Memory64 { .. }) { 2 } else { 1 });
+            bar
+        })
+        .collect()
 }
 
 impl PciHost {
     /// Creates QEMU's `pci` container (2^64 bytes) in `system` at address 0,
     /// priority -1: PCI memory shows wherever nothing else is mapped.
-    pub fn pci_memory(topo: &Topology, system: &MemoryRegion) -> Result<MemoryRegion, PciError> {
+    pub fn pci_memory(topo: &Topology, system: &MemoryRegion) -> Result<MemoryRegion> {
         let pci = topo.new_container("pci", SIZE_MAX)?;
         system.add_subregion_overlap(0, &pci, -1)?;
         Ok(pci)
-    }
-
-    /// Spawns the bridge and maps CONFIG_ADDRESS and CONFIG_DATA in the I/O
-    /// space. Memory BARs will be mapped in `pci_mem` (a container the board
-    /// placed in system memory), I/O BARs in `spaces.io`; bus masters see
-    /// `spaces.system`.
-    pub fn spawn(
-        topo: &Topology,
-        spaces: &StandardSpaces,
-        pci_mem: &MemoryRegion,
-        runtime: &DeviceRuntime,
-    ) -> Result<PciHost, PciError> {
-        let dev = PciHostBridge {
-            config_reg: 0,
-            functions: (0..256).map(|_| None).collect(),
-            pci_mem: pci_mem.downgrade(),
-            io: spaces.io.downgrade(),
-        };
-        let spawned = Spawned::new("pci-host", dev, Vec::new(), runtime);
-        let idx = topo.new_io_arc("pci-conf-idx", spawned.ops(REGION_CONF_IDX), OpsConfig::default(), 4)?;
-        let data = topo.new_io_arc("pci-conf-data", spawned.ops(REGION_CONF_DATA), OpsConfig::default(), 4)?;
-        topo.transaction(|| -> Result<(), PciError> {
-            spaces.io.add_subregion(CONFIG_ADDRESS_PORT, &idx)?;
-            spaces.io.add_subregion(CONFIG_DATA_PORT, &data)?;
-            Ok(())
-        })??;
-        Ok(PciHost {
-            topo: topo.clone(),
-            system: spaces.system.clone(),
-            pci_mem: pci_mem.downgrade(),
-            bridge: spawned.handle(),
-            ports: [idx, data],
-        })
     }
 
     /// The topology the bridge lives in.
@@ -784,20 +920,53 @@ impl PciHost {
         &self.bridge
     }
 
+    /// The bus-master path of the function in `slot` (inspection: what its
+    /// DMA reaches).
+    pub fn bus_master(&self, slot: u8) -> Result<BusMaster> {
+        if slot >= PCI_SLOT_MAX {
+            return Err(Error::NoSuchSlot(slot));
+        }
+        let space = self
+            .bridge
+            .with(move |b, _| b.functions[usize::from(slot) << 3].as_ref().map(|f| Arc::downgrade(&f.bus_master)))?;
+        space.map(|space| BusMaster { space }).ok_or(Error::SlotEmpty(slot))
+    }
+
+    /// Plugs a device of model `M` into the bus as `at` says: reserves the
+    /// slot, makes the device with the slot's bus-master space and INTx
+    /// line (they replace those of `ctx`), and attaches it with its regions
+    /// as BARs. The function starts with its command register clear: nothing
+    /// mapped, no DMA. Returns the device's handle.
+    pub fn plug_model<M: DeviceModel>(&self, at: PciPlacement, config: M::Config, ctx: PlugCtx) -> Result<M::Handle> {
+        let plug = self.plug(at.slot, &ctx.name, at.intx)?;
+        let mut ctx = ctx.with_bus_master(plug.bus_master());
+        ctx.irqs = vec![plug.irq_line()];
+        let plugged = M::plug(config, ctx)?;
+        let Some(mut identity) = at.identity.or(plugged.pci) else {
+            return Err(Error::InvalidFunction("the model has no PCI identity and the board gave none".into()));
+        };
+        if identity.bars.is_empty() {
+            identity.bars = bars_for(&plugged.regions);
+        }
+        let bar_regions = plugged.regions.into_iter().map(|r| r.region).collect();
+        self.attach(plug, PciFunction { config: identity, bar_regions })?;
+        Ok(plugged.handle)
+    }
+
     /// Reserves `slot` for a function called `name`: creates its bus-master
     /// address space (disabled until the guest sets the bus-master bit) and
     /// its INTx path to `intx` (the board's line for the slot's pin, if it
     /// wires one).
-    pub fn plug(&self, slot: u8, name: &str, intx: Option<IrqLine>) -> Result<PciPlug, PciError> {
+    fn plug(&self, slot: u8, name: &str, intx: Option<IrqLine>) -> Result<PciPlug> {
         if slot >= PCI_SLOT_MAX {
-            return Err(PciError::NoSuchSlot(slot));
+            return Err(Error::NoSuchSlot(slot));
         }
         if self.bridge.with(move |b, _| b.occupied(slot))? {
-            return Err(PciError::SlotInUse(slot));
+            return Err(Error::SlotInUse(slot));
         }
         let container = self.topo.new_container("bus master container", SIZE_MAX)?;
         let alias = self.topo.new_alias("bus master", &self.system, 0, self.system.size())?;
-        let bm = self.topo.transaction(|| -> Result<AddressSpace, PciError> {
+        let bm = self.topo.transaction(|| -> Result<AddressSpace> {
             alias.set_enabled(false)?;
             container.add_subregion(0, &alias)?;
             Ok(self.topo.address_space_init(&container, name)?)
@@ -812,12 +981,11 @@ impl PciHost {
         })
     }
 
-    /// Publishes the function reserved by `plug` with its BAR regions. It
-    /// starts with the command register clear: nothing mapped, no DMA.
-    pub fn attach(&self, mut plug: PciPlug, function: PciFunction) -> Result<(), PciError> {
+    /// Publishes the function reserved by `plug` with its BAR regions.
+    fn attach(&self, mut plug: PciPlug, function: PciFunction) -> Result<()> {
         function.config.validate(&function.bar_regions)?;
         let slot = plug.slot;
-        let f = Function::new(&mut plug, function);
+        let f = Function::new(&mut plug, function, self.pci_mem.clone(), self.io.clone());
         let refused = self.bridge.with(move |b, _| {
             let entry = &mut b.functions[usize::from(slot) << 3];
             if entry.is_some() {
@@ -828,23 +996,28 @@ impl PciHost {
         })?;
         if let Some(f) = refused {
             plug.bus_master = Some(f.bus_master);
-            return Err(PciError::SlotInUse(slot));
+            return Err(Error::SlotInUse(slot));
         }
         Ok(())
     }
 
-    /// Unplugs the function in `slot`: unmaps its BARs and destroys its
-    /// bus-master address space, in one transaction; the device stops once
-    /// nothing else refers to its regions.
-    pub fn detach(&self, slot: u8) -> Result<(), PciError> {
+    /// Unplugs the function in `slot`: takes it off the bus (configuration
+    /// cycles no longer reach it), then unmaps its BARs and destroys its
+    /// bus-master address space in one transaction, with the bridge free;
+    /// the device stops once nothing else refers to its regions. It waits
+    /// for the topology, so a caller holding a device turn gets
+    /// [`topos_runtime::Error::InsideDeviceTurn`] and nothing changes.
+    pub fn detach(&self, slot: u8) -> Result<()> {
         if slot >= PCI_SLOT_MAX {
-            return Err(PciError::NoSuchSlot(slot));
+            return Err(Error::NoSuchSlot(slot));
         }
-        let removed = self.bridge.with(move |b, _| {
-            let f = b.functions[usize::from(slot) << 3].take()?;
-            f.remove(&b.pci_mem, &b.io);
-            Some(())
-        })?;
-        removed.ok_or(PciError::SlotEmpty(slot))
+        if turns::holds_device_turn() {
+            return Err(topos_runtime::Error::InsideDeviceTurn.into());
+        }
+        let f = self.bridge.with(move |b, _| b.functions[usize::from(slot) << 3].take())?;
+        let f = f.ok_or(Error::SlotEmpty(slot))?;
+        f.router.update(|s| s.1 = true);
+        f.mappings.remove(&f.bus_master)?;
+        Ok(())
     }
 }

@@ -33,10 +33,16 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::error::{Error, Result};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use topos_runtime::{HwAddr, MemoryRegion, OpsConfig, RamSlice, Topology, WeakRegion};
+use topos_runtime::{HwAddr, MemoryRegion, OpsConfig, RamSlice, WeakRegion};
+
+/// The role of the flash's one region: the ROM device (map it in system
+/// memory; a PC's firmware flash ends at 4 GiB).
+pub const FLASH: &str = "flash";
 
 /// Status register: the write state machine is ready.
 pub const SR_READY: u8 = 0x80;
@@ -73,7 +79,7 @@ pub const CMD_LOCK_SETUP: u8 = 0x60;
 /// Length of the CFI query table (its last byte is at unit `CFI_LEN - 1`).
 const CFI_LEN: usize = 0x40;
 
-/// What a [`Pflash`] is made of.
+/// The geometry of a flash (see [`PflashImage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PflashConfig {
     /// Bus (and device) width in bytes: 1, 2 or 4.
@@ -113,8 +119,8 @@ impl PflashConfig {
     }
 
     /// Checks the geometry.
-    pub fn validate(&self) -> Result<(), PflashError> {
-        let bad = |why: String| Err(PflashError::InvalidConfig(why));
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidConfig { device: "pflash", reason: why });
         if !matches!(self.width, 1 | 2 | 4) {
             return bad(format!("width {} is not 1, 2 or 4", self.width));
         }
@@ -134,18 +140,13 @@ impl PflashConfig {
     }
 }
 
-/// Why a [`Pflash`] could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum PflashError {
-    /// The configuration or the initial content does not describe a flash.
-    #[error("invalid flash configuration: {0}")]
-    InvalidConfig(String),
-    /// The memory runtime refused to make or fill the region.
-    #[error(transparent)]
-    Runtime(#[from] topos_runtime::Error),
-    /// The actor stopped before it was set up.
-    #[error(transparent)]
-    Actor(#[from] ActorError),
+/// What makes a flash: its geometry and what it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PflashImage {
+    /// The geometry.
+    pub config: PflashConfig,
+    /// The content from offset 0; the rest reads erased (`0xFF`).
+    pub content: Vec<u8>,
 }
 
 /// The read mode of the flash (what a read that reaches the device answers)
@@ -191,7 +192,8 @@ pub struct PflashStats {
     pub erases: u64,
 }
 
-/// The flash device state, run as an actor (see [`Pflash::new`]).
+/// The flash device state, run as an actor (see its [`DeviceModel`]
+/// implementation).
 #[derive(Debug)]
 pub struct PflashCfi01 {
     config: PflashConfig,
@@ -251,9 +253,9 @@ impl PflashCfi01 {
     }
 
     /// Puts the region in romd mode exactly while in read array mode. The
-    /// switch changes the topology, so it runs after the actor's turn is
-    /// given back (`DeviceCtx::defer`): a thread inside a topology
-    /// transaction may be waiting for this flash.
+    /// switch changes the topology, so it is deferred until the thread holds
+    /// no turn (`DeviceCtx::defer`): a thread inside a topology transaction
+    /// may be waiting for this flash, or for a device whose DMA wrote it.
     fn sync_romd(&self, ctx: &DeviceCtx<'_>) {
         let want = self.mode == PflashMode::ReadArray;
         if self.want_romd.swap(want, Ordering::AcqRel) == want && self.region().is_some_and(|r| r.is_romd() == want) {
@@ -501,57 +503,31 @@ impl Device for PflashCfi01 {
     }
 }
 
-/// A flash as the embedder holds it: its region (map it where the board
-/// wants) and a handle to its actor.
-pub struct Pflash {
-    region: MemoryRegion,
-    handle: ActorHandle<PflashCfi01>,
-}
+/// Plugging a flash: one region, [`FLASH`] (a ROM device in read array
+/// mode, for system memory), filled with the image's content and erased
+/// after it.
+impl DeviceModel for PflashCfi01 {
+    type Config = PflashImage;
+    type Handle = ActorHandle<PflashCfi01>;
 
-impl std::fmt::Debug for Pflash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pflash").field("region", &self.region).field("alive", &self.handle.is_alive()).finish()
-    }
-}
-
-impl Pflash {
-    /// Makes a flash named `name` with `config`, filled with `content` from
-    /// offset 0 and `0xFF` (erased) after it, as an unmapped ROM device in
-    /// read array mode.
-    pub fn new(
-        topo: &Topology,
-        rt: &DeviceRuntime,
-        name: &str,
-        config: PflashConfig,
-        content: &[u8],
-    ) -> Result<Pflash, PflashError> {
+    fn plug(image: PflashImage, ctx: PlugCtx) -> Result<Plugged<ActorHandle<PflashCfi01>>> {
+        let PflashImage { config, content } = image;
         config.validate()?;
         let size = config.size();
         if content.len() as u64 > size {
-            return Err(PflashError::InvalidConfig(format!(
-                "{} bytes of content do not fit a flash of {size:#x} bytes",
-                content.len()
-            )));
+            let reason = format!("{} bytes of content do not fit a flash of {size:#x} bytes", content.len());
+            return Err(Error::InvalidConfig { device: "pflash", reason });
         }
-        let spawned = Spawned::new(name, PflashCfi01::new(config), vec![], rt);
-        let region = topo.new_rom_device_arc(name, spawned.ops(0), OpsConfig::with_impl(1, 4), size as u128)?;
+        let spawned = Spawned::with_options(&ctx.name, PflashCfi01::new(config), ctx.irqs, &ctx.runtime, ctx.actor);
+        let region =
+            ctx.topology.new_rom_device_arc(&ctx.name, spawned.ops(0), OpsConfig::with_impl(1, 4), u128::from(size))?;
         let ram = region.ram()?;
-        ram.write(0, content)?;
+        ram.write(0, &content)?;
         let start = content.len() as u64;
         fill_ones(&ram, start, size - start)?;
         let weak = region.downgrade();
         let handle = spawned.handle();
         handle.with(move |d, _| d.region = Some(weak))?;
-        Ok(Pflash { region, handle })
-    }
-
-    /// The flash's region (a ROM device).
-    pub fn region(&self) -> &MemoryRegion {
-        &self.region
-    }
-
-    /// A handle to the flash's actor.
-    pub fn handle(&self) -> &ActorHandle<PflashCfi01> {
-        &self.handle
+        Ok(Plugged::new(vec![DeviceRegion::prefetchable(FLASH, region)], handle))
     }
 }

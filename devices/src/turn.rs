@@ -3,19 +3,28 @@
 //!
 //! `state` = `BUSY` bit | (pending messages × `ONE`). Taking the turn is a
 //! compare-and-swap that sets `BUSY`; giving it back is a compare-and-swap
-//! from exactly `BUSY` to 0, which fails if a message was queued meanwhile,
+//! from exactly `BUSY` to 0, which fails if a message was counted meanwhile,
 //! so the holder drains it first. A sender counts its message after sending
 //! it; if it finds the turn free at that moment, it takes the turn itself and
 //! drains. Both sides meet on the same word, so no message is ever left
 //! without a drainer, and the uncontended path costs what a mutex does: one
 //! compare-and-swap to enter, one to leave.
 //!
+//! A holder that has done its share of work for others can *hand the turn
+//! off* ([`Held::hand_off`]): `BUSY` stays set, so senders keep counting on
+//! a holder, and a drainer thread adopts the turn ([`Turn::adopt`]) and goes
+//! on draining.
+//!
+//! Every [`Held`] carries a [`DeviceTurn`] marker, so the holding thread is
+//! known to hold a device turn (`topos_runtime::turns`): it then never
+//! blocks, and the work it defers waits until it holds no turn.
+//!
 //! This is the crate's only `unsafe`: the state lives in an `UnsafeCell` that
 //! only the holder of the turn touches.
 #![allow(unsafe_code)]
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{AtomicUsize, Ordering, UnsafeCell};
+use topos_runtime::turns::DeviceTurn;
 
 const BUSY: usize = 1;
 const ONE: usize = 2;
@@ -23,26 +32,42 @@ const ONE: usize = 2;
 /// A value reachable only by the holder of the turn.
 pub(crate) struct Turn<T> {
     state: AtomicUsize,
-    /// Token of the thread holding the turn (0 when free), for re-entrancy
-    /// detection.
+    /// Token of the thread holding the turn (0 when free or handed off), for
+    /// re-entrancy detection.
     owner: AtomicUsize,
     value: UnsafeCell<T>,
 }
 
-// SAFETY: `value` is only reached through a `Held`, and at most one `Held`
-// exists at a time (it is created only by setting `BUSY`, which excludes all
-// others until it is cleared). The value moves between threads with the turn,
-// hence `T: Send`.
+// SAFETY: `value` is only reached through a `Held` (or through `&mut Turn`),
+// and at most one `Held` exists at a time: one is created only by setting
+// `BUSY` (which excludes all others until it is cleared) or by adopting a
+// `HandOff`, which exists only once its `Held` is gone and is consumed by
+// the adoption. The value moves between threads with the turn, hence
+// `T: Send`.
 unsafe impl<T: Send> Sync for Turn<T> {}
 
-thread_local! {
-    static TOKEN: u8 = const { 0 };
+// loom's `thread_local!` (swapped in by the sync shim) has no `const` form.
+#[allow(clippy::missing_const_for_thread_local)]
+mod token {
+    crate::sync::thread_local! {
+        /// Its address identifies the thread.
+        pub(super) static TOKEN: u8 = 0;
+    }
 }
 
 /// A per-thread token: the address of a thread-local.
 #[inline]
 pub(crate) fn thread_token() -> usize {
-    TOKEN.with(|t| t as *const u8 as usize)
+    token::TOKEN.with(|t| t as *const u8 as usize)
+}
+
+/// What [`Turn::add_pending`] saw.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counted {
+    /// The turn was free: the sender must take it and drain.
+    pub(crate) was_free: bool,
+    /// Messages counted, this one included.
+    pub(crate) queued: usize,
 }
 
 impl<T> Turn<T> {
@@ -52,7 +77,7 @@ impl<T> Turn<T> {
 
     fn held(&self) -> Held<'_, T> {
         self.owner.store(thread_token(), Ordering::Relaxed);
-        Held { turn: self }
+        Held { turn: self, marker: DeviceTurn::enter() }
     }
 
     /// Takes the turn if it is free and nothing is queued (the fast path).
@@ -75,10 +100,22 @@ impl<T> Turn<T> {
         }
     }
 
-    /// Counts one sent message; true if the turn was free at that moment
-    /// (the caller must then try to take it and drain).
-    pub(crate) fn add_pending(&self) -> bool {
-        self.state.fetch_add(ONE, Ordering::AcqRel) & BUSY == 0
+    /// Counts one sent message.
+    #[inline]
+    pub(crate) fn add_pending(&self) -> Counted {
+        let before = self.state.fetch_add(ONE, Ordering::AcqRel);
+        Counted { was_free: before & BUSY == 0, queued: before / ONE + 1 }
+    }
+
+    /// Messages counted as waiting in the mailbox.
+    pub(crate) fn queued(&self) -> usize {
+        self.state.load(Ordering::Relaxed) / ONE
+    }
+
+    /// Whether some thread holds the turn (or it is in transit to a
+    /// drainer).
+    pub(crate) fn is_taken(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & BUSY != 0
     }
 
     /// Whether this thread holds the turn.
@@ -86,15 +123,37 @@ impl<T> Turn<T> {
         self.state.load(Ordering::Relaxed) & BUSY != 0 && self.owner.load(Ordering::Relaxed) == thread_token()
     }
 
+    /// Takes over a turn that was handed off. The hand-off travels to the
+    /// adopting thread through the thread spawn, which orders everything the
+    /// last holder did before the adoption.
+    pub(crate) fn adopt(&self, handoff: HandOff) -> Held<'_, T> {
+        debug_assert_eq!(handoff.turn, self as *const Self as usize, "a hand-off adopted by another turn");
+        self.held()
+    }
+
     /// Exclusive access without the turn, for the last owner.
-    pub(crate) fn get_mut(&mut self) -> &mut T {
-        self.value.get_mut()
+    pub(crate) fn with_exclusive<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: `&mut self` excludes every `Held` (they borrow the turn).
+        self.value.with_mut(|v| f(unsafe { &mut *v }))
     }
 }
 
-/// Proof of holding the turn; gives access to the value.
+/// Proof of holding the turn; gives access to the value. It marks the
+/// thread as holding a device turn (`topos_runtime::turns`) for its whole
+/// life, so the thread's topology operations fail fast instead of waiting
+/// and work deferred with `defer_until_no_turn` waits for the release.
 pub(crate) struct Held<'a, T> {
     turn: &'a Turn<T>,
+    marker: DeviceTurn,
+}
+
+/// A turn in transit between a holder that handed it off and the drainer
+/// that adopts it (`BUSY` stays set meanwhile). It must be adopted: dropped,
+/// it would leave the turn taken forever.
+#[derive(Debug)]
+pub(crate) struct HandOff {
+    /// The address of the turn, checked by [`Turn::adopt`].
+    turn: usize,
 }
 
 impl<T> Held<'_, T> {
@@ -109,33 +168,40 @@ impl<T> Held<'_, T> {
         self.turn.state.fetch_sub(ONE, Ordering::AcqRel);
     }
 
-    /// Gives the turn back if nothing is queued; otherwise keeps it (the
-    /// caller drains and tries again).
+    /// Calls `f` with exclusive access to the value.
     #[inline]
-    pub(crate) fn try_release(self) -> Result<(), Self> {
+    pub(crate) fn with_mut<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: a `Held` exists only while its creator holds the turn
+        // (`BUSY` set, or adopted from a hand-off), which excludes every
+        // other access to `value` (see `Sync`); `&mut self` makes this
+        // borrow unique.
+        self.turn.value.with_mut(|v| f(unsafe { &mut *v }))
+    }
+
+    /// Gives the turn back if nothing is queued; otherwise keeps it (the
+    /// caller drains and tries again). On success it returns the thread's
+    /// turn marker: dropping it (once the caller is done) runs the thread's
+    /// deferred work if this was the last turn it held. The marker outlives
+    /// the release so that the deferred work never runs while the turn is
+    /// still taken: it may well access this very device.
+    #[inline]
+    pub(crate) fn try_release(self) -> Result<DeviceTurn, Self> {
         self.turn.owner.store(0, Ordering::Relaxed);
         match self.turn.state.compare_exchange(BUSY, 0, Ordering::Release, Ordering::Relaxed) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(self.marker),
             Err(_) => {
                 self.turn.owner.store(thread_token(), Ordering::Relaxed);
                 Err(self)
             }
         }
     }
-}
 
-impl<T> std::ops::Deref for Held<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: a `Held` exists only while `BUSY` is set by its creator,
-        // which excludes every other access to `value` (see `Sync`).
-        unsafe { &*self.turn.value.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for Held<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes the borrow unique.
-        unsafe { &mut *self.turn.value.get() }
+    /// Hands the turn off without giving it back: `BUSY` stays set. Returns
+    /// the hand-off for the drainer to adopt and this thread's turn marker,
+    /// to drop only once the drainer is on its way (the marker's drop may
+    /// run deferred work that waits for this device).
+    pub(crate) fn hand_off(self) -> (HandOff, DeviceTurn) {
+        self.turn.owner.store(0, Ordering::Relaxed);
+        (HandOff { turn: self.turn as *const Turn<T> as usize }, self.marker)
     }
 }

@@ -84,16 +84,19 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
-use crate::irq::IrqLine;
+use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, Spawned};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use topos_runtime::{HwAddr, MemoryRegion, OpsConfig, Topology};
+use topos_runtime::{HwAddr, OpsConfig};
 
 /// Number of I/O ports of the UART.
 pub const SERIAL_IO_SIZE: u64 = 8;
+/// The role of the UART's one region: its 8 ports (map it in the I/O
+/// space, at [`COM1_BASE`] for COM1).
+pub const PORTS: &str = "ports";
 /// Depth of the receive and transmit FIFOs.
 pub const FIFO_LEN: usize = 16;
 /// The usual baud base of a PC UART (1.8432 MHz crystal / 16).
@@ -376,10 +379,45 @@ pub struct SerialRegisters {
     pub irq_level: bool,
 }
 
+/// What makes a UART: where its output goes, and its tunables.
+#[derive(Debug)]
+pub struct SerialConfig {
+    /// Where transmitted bytes go.
+    pub sink: SerialSink,
+    /// Tunables.
+    pub options: SerialOptions,
+}
+
+impl SerialConfig {
+    /// A UART writing to `sink`, with default options.
+    pub fn new(sink: SerialSink) -> SerialConfig {
+        SerialConfig { sink, options: SerialOptions::default() }
+    }
+}
+
+/// Plugging a UART: one region, [`PORTS`] (8 ports, for the I/O space);
+/// interrupt line 0 of the context is the UART's interrupt output.
+impl DeviceModel for Serial16550 {
+    type Config = SerialConfig;
+    type Handle = ActorHandle<Serial16550>;
+
+    fn plug(config: SerialConfig, ctx: PlugCtx) -> crate::Result<Plugged<ActorHandle<Serial16550>>> {
+        let dev = Serial16550::with_options(config.sink, config.options);
+        let spawned = Spawned::with_options(&ctx.name, dev, ctx.irqs, &ctx.runtime, ctx.actor);
+        let region = ctx.topology.new_io_arc(
+            &ctx.name,
+            spawned.ops(0),
+            Serial16550::ops_config(),
+            u128::from(SERIAL_IO_SIZE),
+        )?;
+        Ok(Plugged::new(vec![DeviceRegion::io(PORTS, region)], spawned.handle()))
+    }
+}
+
 /// Timer token of the character timeout.
 const TIMER_CHAR_TIMEOUT: u64 = 1;
 
-/// The 16550A state (an actor; see [`Serial16550::spawn`]).
+/// The 16550A state (an actor; see its [`DeviceModel`] implementation).
 pub struct Serial16550 {
     divisor: u16,
     /// Last byte moved out of the holding register (16450 mode reads it
@@ -462,39 +500,6 @@ impl Serial16550 {
     /// accesses split into consecutive ports (QEMU's `serial_io_ops`).
     pub fn ops_config() -> OpsConfig {
         OpsConfig::with_impl(1, 1)
-    }
-
-    /// Spawns a UART writing to `sink` with default options, maps its 8
-    /// ports at `base` in `io` (an I/O-port container such as
-    /// `StandardSpaces::io`) and wires its interrupt to `irq`. Returns the
-    /// region (unmap it with `io.del_subregion` to unplug the device) and a
-    /// handle to the actor.
-    pub fn spawn(
-        topo: &Topology,
-        io: &MemoryRegion,
-        base: u64,
-        irq: IrqLine,
-        sink: SerialSink,
-        runtime: &DeviceRuntime,
-    ) -> topos_runtime::Result<(MemoryRegion, ActorHandle<Serial16550>)> {
-        Serial16550::new(sink).plug(topo, io, base, Some(irq), runtime)
-    }
-
-    /// Spawns this UART as an actor and maps it like [`spawn`](Self::spawn);
-    /// without `irq` the device runs with no interrupt line.
-    pub fn plug(
-        self,
-        topo: &Topology,
-        io: &MemoryRegion,
-        base: u64,
-        irq: Option<IrqLine>,
-        runtime: &DeviceRuntime,
-    ) -> topos_runtime::Result<(MemoryRegion, ActorHandle<Serial16550>)> {
-        let name = format!("serial@{base:#x}");
-        let spawned = Spawned::new(&name, self, irq.into_iter().collect(), runtime);
-        let region = topo.new_io_arc("serial", spawned.ops(0), Serial16550::ops_config(), SERIAL_IO_SIZE as u128)?;
-        io.add_subregion(base, &region)?;
-        Ok((region, spawned.handle()))
     }
 
     /// Queues `bytes` of input on `handle`'s UART (see

@@ -31,10 +31,14 @@
 
 #![forbid(unsafe_code)]
 
-use crate::actor::{ActorError, ActorHandle, Device, DeviceCtx, DeviceRuntime, Spawned};
-use crate::irq::IrqLine;
+use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
+use crate::error::{Error, Result};
+use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::sync::mpsc;
-use topos_runtime::{new_event_notifier, EventNotifier, HwAddr, MemoryRegion, OpsConfig, Topology};
+use topos_runtime::{new_event_notifier, EventNotifier, HwAddr, OpsConfig};
+
+/// The role of the device's one region: its registers (map it in memory).
+pub const REGS: &str = "regs";
 
 /// `MagicValue`: "virt".
 pub const MAGIC: u32 = 0x7472_6976;
@@ -124,7 +128,7 @@ pub enum NotifyMatch {
 }
 
 /// What a [`Doorbell`] is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DoorbellConfig {
     /// The virtio device id (e.g. 1 for a network card, 2 for a block
     /// device).
@@ -140,6 +144,9 @@ pub struct DoorbellConfig {
     pub queue_num_max: u16,
     /// How QueueNotify writes are matched.
     pub notify: NotifyMatch,
+    /// Where kicks are also sent, if anywhere (a stand-in for the device's
+    /// queue processing).
+    pub backend: Option<mpsc::Sender<Kick>>,
 }
 
 impl Default for DoorbellConfig {
@@ -151,6 +158,7 @@ impl Default for DoorbellConfig {
             num_queues: 1,
             queue_num_max: 256,
             notify: NotifyMatch::PerQueue,
+            backend: None,
         }
     }
 }
@@ -174,20 +182,6 @@ pub struct Kick {
     pub path: KickPath,
 }
 
-/// Why a [`Doorbell`] could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum DoorbellError {
-    /// The configuration is not usable.
-    #[error("invalid doorbell configuration: {0}")]
-    InvalidConfig(String),
-    /// The memory runtime refused to make the region or an ioeventfd.
-    #[error(transparent)]
-    Runtime(#[from] topos_runtime::Error),
-    /// The actor stopped before it was set up.
-    #[error(transparent)]
-    Actor(#[from] ActorError),
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 struct Queue {
     num: u32,
@@ -200,7 +194,8 @@ struct Queue {
 /// The eventfd index of the doorbell that matches any value.
 const ANY_QUEUE: usize = usize::MAX;
 
-/// The device state, run as an actor (see [`Doorbell::new`]).
+/// The device state, run as an actor (see its [`DeviceModel`]
+/// implementation).
 #[derive(Debug)]
 pub struct VirtioDoorbell {
     config: DoorbellConfig,
@@ -223,7 +218,8 @@ pub struct VirtioDoorbell {
 }
 
 impl VirtioDoorbell {
-    fn new(config: DoorbellConfig, backend: Option<mpsc::Sender<Kick>>) -> VirtioDoorbell {
+    fn new(mut config: DoorbellConfig) -> VirtioDoorbell {
+        let backend = config.backend.take();
         let n = config.num_queues as usize;
         VirtioDoorbell {
             config,
@@ -470,9 +466,9 @@ impl Device for VirtioDoorbell {
     }
 }
 
-/// A virtio-mmio doorbell device as the embedder holds it.
+/// A virtio-mmio doorbell device as the embedder holds it (the handle of a
+/// plugged doorbell).
 pub struct Doorbell {
-    region: MemoryRegion,
     handle: ActorHandle<VirtioDoorbell>,
     notifiers: Vec<EventNotifier>,
 }
@@ -480,36 +476,34 @@ pub struct Doorbell {
 impl std::fmt::Debug for Doorbell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Doorbell")
-            .field("region", &self.region)
+            .field("device", &self.handle)
             .field("eventfds", &self.notifiers.len())
             .finish_non_exhaustive()
     }
 }
 
-impl Doorbell {
-    /// Makes the device named `name` (unmapped), with its QueueNotify
-    /// ioeventfds registered and watched. Interrupts go to `irq`; kicks are
-    /// also sent to `backend` if given.
-    pub fn new(
-        topo: &Topology,
-        rt: &DeviceRuntime,
-        name: &str,
-        config: DoorbellConfig,
-        irq: Option<IrqLine>,
-        backend: Option<mpsc::Sender<Kick>>,
-    ) -> Result<Doorbell, DoorbellError> {
+/// Plugging a doorbell: one region, [`REGS`] ([`REGION_SIZE`] bytes, for
+/// memory), with its QueueNotify ioeventfds registered on it (they move
+/// with it) and watched. Interrupt line 0 of the context is the device's.
+impl DeviceModel for VirtioDoorbell {
+    type Config = DoorbellConfig;
+    type Handle = Doorbell;
+
+    fn plug(config: DoorbellConfig, ctx: PlugCtx) -> Result<Plugged<Doorbell>> {
         if !(1..=1024).contains(&config.num_queues) {
-            return Err(DoorbellError::InvalidConfig(format!("{} queues (1 to 1024)", config.num_queues)));
+            let reason = format!("{} queues (1 to 1024)", config.num_queues);
+            return Err(Error::InvalidConfig { device: "virtio-mmio", reason });
         }
-        let spawned = Spawned::new(name, VirtioDoorbell::new(config, backend), irq.into_iter().collect(), rt);
-        let region = topo.new_io_arc(name, spawned.ops(0), OpsConfig::with_impl(1, 4), REGION_SIZE as u128)?;
-        let handle = spawned.handle();
-        let mut notifiers = Vec::new();
         let doorbells: Vec<(usize, bool, u64)> = match config.notify {
             NotifyMatch::PerQueue => (0..config.num_queues).map(|q| (q as usize, true, q as u64)).collect(),
             NotifyMatch::Any => vec![(ANY_QUEUE, false, 0)],
         };
-        topo.transaction(|| -> Result<(), DoorbellError> {
+        let spawned = Spawned::with_options(&ctx.name, VirtioDoorbell::new(config), ctx.irqs, &ctx.runtime, ctx.actor);
+        let topo = &ctx.topology;
+        let region = topo.new_io_arc(&ctx.name, spawned.ops(0), OpsConfig::with_impl(1, 4), u128::from(REGION_SIZE))?;
+        let handle = spawned.handle();
+        let mut notifiers = Vec::new();
+        topo.transaction(|| -> Result<()> {
             for (index, match_data, data) in doorbells {
                 let e = new_event_notifier()?;
                 region.add_eventfd(reg::QUEUE_NOTIFY, 4, match_data, data, &e)?;
@@ -518,14 +512,11 @@ impl Doorbell {
             }
             Ok(())
         })??;
-        Ok(Doorbell { region, handle, notifiers })
+        Ok(Plugged::new(vec![DeviceRegion::memory(REGS, region)], Doorbell { handle, notifiers }))
     }
+}
 
-    /// The device's region ([`REGION_SIZE`] bytes).
-    pub fn region(&self) -> &MemoryRegion {
-        &self.region
-    }
-
+impl Doorbell {
     /// A handle to the device's actor.
     pub fn handle(&self) -> &ActorHandle<VirtioDoorbell> {
         &self.handle

@@ -1,14 +1,16 @@
 //! The actor harness: ordering, posting, unplug, failure containment,
 //! ioeventfd and timer wake-ups, re-entrancy.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::WAIT;
 use topos_devices::runtime::{new_event_notifier, AddressSpace, MemTxResult, OpsConfig, Topology};
 use topos_devices::{ActorError, Device, DeviceCtx, DeviceRuntime, IrqLine, LevelRecorder, Spawned};
-
-/// Generous bound for waiting on another thread; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Sums what is written; reads return the sum. A write of `BLOCK` parks
 /// the writer (holding the actor's turn) until `gate` is released; a write
@@ -72,17 +74,19 @@ fn summer() -> Summer {
     Summer { sum: 0, writes: 0, gate: None, entered: None, events: None, on_unplug: Arc::new(Mutex::new(None)) }
 }
 
+/// The harness is tested on its own actors (`Spawned`), mapped in system
+/// memory.
 struct Board {
     topo: Topology,
     mem: AddressSpace,
     root: topos_devices::runtime::MemoryRegion,
+    _board: support::Board,
 }
 
 fn board() -> Board {
-    let topo = Topology::new();
-    let root = topo.new_container("root", 0x10000).unwrap();
-    let mem = topo.address_space_init(&root, "memory").unwrap();
-    Board { topo, mem, root }
+    let board = support::Board::new();
+    let (topo, mem, root) = (board.topo.clone(), board.spaces.memory.clone(), board.spaces.system.clone());
+    Board { topo, mem, root, _board: board }
 }
 
 fn map(b: &Board, name: &str, s: &Spawned<Summer>, region: usize, at: u64) -> topos_devices::runtime::MemoryRegion {
@@ -313,4 +317,178 @@ fn deferred_topology_changes_do_not_deadlock_with_a_transaction() {
     embedder.join().unwrap();
     // The deferred move happened once the vCPU had given the turn back.
     assert_eq!(ram.addr(), 0x8000);
+}
+
+/// A device whose write handler runs a script (the value written is passed
+/// on); reads return 0.
+#[allow(clippy::type_complexity)]
+struct Scripted(Box<dyn FnMut(&mut DeviceCtx<'_>, u64) + Send>);
+
+impl Device for Scripted {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&mut self, ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, value: u64, _size: u32) {
+        (self.0)(ctx, value)
+    }
+}
+
+fn scripted(
+    b: &Board,
+    rt: &DeviceRuntime,
+    name: &str,
+    at: u64,
+    script: impl FnMut(&mut DeviceCtx<'_>, u64) + Send + 'static,
+) -> (topos_devices::ActorHandle<Scripted>, topos_devices::runtime::MemoryRegion) {
+    let s = Spawned::new(name, Scripted(Box::new(script)), vec![], rt);
+    let r = b.topo.new_io_arc(name, s.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(at, &r).unwrap();
+    (s.handle(), r)
+}
+
+#[test]
+fn handlers_run_marked_as_holding_a_device_turn() {
+    use topos_devices::runtime::turns;
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let ram = b.topo.new_ram("ram", 0x100).unwrap();
+    b.root.add_subregion(0x4000, &ram).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s2, ram2) = (seen.clone(), ram.clone());
+    let (_h, _r) = scripted(&b, &rt, "marked", 0x1000, move |_ctx, _| {
+        s2.lock().unwrap().push((turns::holds_device_turn(), ram2.set_enabled(false)));
+    });
+    assert!(!turns::holds_device_turn());
+    assert_eq!(b.mem.write_u64(0x1000, 1, 4), MemTxResult::Ok);
+    // A topology change from inside a handler is refused, not waited for.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].0, "the handler's thread was not marked");
+    assert!(matches!(seen[0].1, Err(topos_devices::runtime::Error::InsideDeviceTurn)), "{:?}", seen[0].1);
+    assert!(ram.is_enabled());
+    assert!(!turns::holds_device_turn(), "the mark outlived the turn");
+}
+
+#[test]
+fn work_deferred_inside_another_devices_turn_waits_for_that_turn_too() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    type Outer = topos_devices::ActorHandle<Scripted>;
+    let outer_slot: Arc<Mutex<Option<Outer>>> = Arc::new(Mutex::new(None));
+    let result = Arc::new(Mutex::new(None));
+    // The inner device defers work that needs the outer device.
+    let (slot, res) = (outer_slot.clone(), result.clone());
+    let (_inner, _ri) = scripted(&b, &rt, "inner", 0x2000, move |ctx, _| {
+        let (slot, res) = (slot.clone(), res.clone());
+        ctx.defer(move || {
+            let outer = slot.lock().unwrap().clone().unwrap();
+            *res.lock().unwrap() = Some(outer.with(|_, _| ()));
+        });
+    });
+    // The outer device writes the inner one from its handler.
+    let mem = b.mem.clone();
+    let (outer, _ro) = scripted(&b, &rt, "outer", 0x1000, move |_ctx, _| {
+        let _ = mem.write_u64(0x2000, 1, 4);
+    });
+    *outer_slot.lock().unwrap() = Some(outer);
+    assert_eq!(b.mem.write_u64(0x1000, 1, 4), MemTxResult::Ok);
+    // The deferred work ran once the thread held no turn at all: the outer
+    // device was free by then.
+    assert_eq!(*result.lock().unwrap(), Some(Ok(())));
+    *outer_slot.lock().unwrap() = None;
+}
+
+#[test]
+fn a_busy_device_is_not_waited_for_from_inside_a_device_turn() {
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    // `busy` parks its holder until the gate opens.
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let gate = Mutex::new(gate_rx);
+    let (busy, _rb) = scripted(&b, &rt, "busy", 0x2000, move |_ctx, _| {
+        entered_tx.send(()).unwrap();
+        let _ = gate.lock().unwrap().recv();
+    });
+    // `caller` reads `busy` and calls into it from its handler.
+    let seen = Arc::new(Mutex::new(None));
+    let (mem, s2, busy2) = (b.mem.clone(), seen.clone(), busy.clone());
+    let (_caller, _rc) = scripted(&b, &rt, "caller", 0x1000, move |_ctx, _| {
+        let read = mem.read_u64(0x2000, 4);
+        let call = busy2.with(|_, _| ());
+        *s2.lock().unwrap() = Some((read, call));
+    });
+    let holder = {
+        let mem = b.mem.clone();
+        std::thread::spawn(move || mem.write_u64(0x2000, 1, 4))
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    // The busy device's holder only goes on once this write returns: had the
+    // caller's handler waited for it, this would never end.
+    let (done_tx, done_rx) = mpsc::channel();
+    let mem = b.mem.clone();
+    std::thread::spawn(move || done_tx.send(mem.write_u64(0x1000, 1, 4)).unwrap());
+    assert_eq!(done_rx.recv_timeout(WAIT).expect("the handler waited for a busy device"), MemTxResult::Ok);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(((0, MemTxResult::AccessError), Err(ActorError::WouldBlock))),
+        "refused like a re-entrant access"
+    );
+    gate_tx.send(()).unwrap();
+    assert_eq!(holder.join().unwrap(), MemTxResult::Ok);
+    assert_eq!(busy.with(|_, _| ()), Ok(()));
+}
+
+/// Its timer and ioeventfd handlers park until the gate opens (a device
+/// whose wake-up work is slow); it reports each entry.
+struct Slow {
+    gate: Mutex<mpsc::Receiver<()>>,
+    entered: mpsc::Sender<&'static str>,
+}
+
+impl Device for Slow {
+    fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: u64, _value: u64, _size: u32) {}
+    fn timer(&mut self, _ctx: &mut DeviceCtx<'_>, _token: u64) {
+        self.entered.send("timer").unwrap();
+        let _ = self.gate.lock().unwrap().recv();
+    }
+    fn eventfd(&mut self, _ctx: &mut DeviceCtx<'_>, _index: usize) {
+        self.entered.send("eventfd").unwrap();
+        let _ = self.gate.lock().unwrap().recv();
+    }
+}
+
+#[test]
+fn slow_wake_up_handlers_do_not_hold_up_other_devices_wake_ups() {
+    // One async worker, as the default runtime has.
+    let rt = DeviceRuntime::new().unwrap();
+    let b = board();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let slow = Spawned::new("slow", Slow { gate: Mutex::new(gate_rx), entered: entered_tx }, vec![], &rt);
+    let r = b.topo.new_io_arc("slow", slow.ops(0), OpsConfig::default(), 0x100).unwrap();
+    b.root.add_subregion(0x1000, &r).unwrap();
+    let e = new_event_notifier().unwrap();
+    r.add_eventfd(0x10, 4, false, 0, &e).unwrap();
+    slow.handle().watch_eventfd(e, 0).unwrap();
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let other = Spawned::new("other", Summer { events: Some(ev_tx), ..summer() }, vec![], &rt);
+    let _ro = map(&b, "other", &other, 0, 0x2000);
+
+    // The slow device's timer handler is stuck...
+    slow.handle().with(|_, ctx| ctx.set_timer(Duration::from_micros(1), 0)).unwrap();
+    assert_eq!(entered_rx.recv_timeout(WAIT).unwrap(), "timer");
+    // ...and so is its ioeventfd handler (a second wake-up of the same
+    // device only queues behind the first).
+    assert_eq!(b.mem.write_u64(0x1010, 1, 4), MemTxResult::Ok);
+    // Another device's timer still fires.
+    assert_eq!(b.mem.write_u64(0x2008, 7, 4), MemTxResult::Ok);
+    assert_eq!(ev_rx.recv_timeout(WAIT).expect("the async worker was held up"), "timer 7");
+    gate_tx.send(()).unwrap();
+    assert_eq!(entered_rx.recv_timeout(WAIT).unwrap(), "eventfd");
+    gate_tx.send(()).unwrap();
+    assert!(!slow.handle().is_failed());
 }

@@ -1,40 +1,44 @@
 //! QEMU's `isa-debug-exit`, driven through the I/O-port address space.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use support::Board;
 use topos_devices::debug_exit::*;
-use topos_devices::runtime::{MemTxResult, MemoryRegion, StandardSpaces, Topology};
-use topos_devices::{ActorHandle, DeviceRuntime};
-
-fn runtime() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
+use topos_devices::runtime::MemTxResult;
+use topos_devices::{ActorHandle, DeviceModel, Error};
 
 struct Rig {
-    _topo: Topology,
-    spaces: StandardSpaces,
+    board: Board,
     h: ActorHandle<DebugExit>,
-    _region: MemoryRegion,
 }
 
-fn rig(config: DebugExitConfig, sink: impl ExitSink) -> Rig {
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let (region, h) = DebugExit::spawn(&topo, &spaces.io, config, sink, runtime()).unwrap();
-    Rig { _topo: topo, spaces, h, _region: region }
+impl Rig {
+    fn io(&self) -> &topos_devices::runtime::AddressSpace {
+        self.board.io()
+    }
+}
+
+/// An `isa-debug-exit` of `config`, mapped at port `iobase`.
+fn rig(iobase: u64, config: DebugExitConfig) -> Rig {
+    let board = Board::new();
+    let h = board.plug_io::<DebugExit>(config, board.ctx("isa-debug-exit"), PORTS, iobase).handle;
+    Rig { board, h }
 }
 
 #[test]
 fn writing_0x10_requests_exit_status_0x21() {
     let (tx, rx) = mpsc::channel();
-    let r = rig(DebugExitConfig::conventional(), tx);
-    assert_eq!(r.spaces.io_space.write_u64(0xf4, 0x10, 1), MemTxResult::Ok);
+    let r = rig(CONVENTIONAL_IOBASE, DebugExitConfig::conventional(tx));
+    assert_eq!(r.io().write_u64(0xf4, 0x10, 1), MemTxResult::Ok);
     assert_eq!(rx.try_recv(), Ok(0x21));
     assert_eq!(r.h.with(|d, _| (d.requests(), d.last_status())).unwrap(), (1, Some(0x21)));
     // Every write is a request; the device carries on.
-    assert_eq!(r.spaces.io_space.write_u64(0xf4, 0, 4), MemTxResult::Ok);
+    assert_eq!(r.io().write_u64(0xf4, 0, 4), MemTxResult::Ok);
     assert_eq!(rx.try_recv(), Ok(1));
     assert!(!r.h.is_failed());
 }
@@ -42,27 +46,27 @@ fn writing_0x10_requests_exit_status_0x21() {
 #[test]
 fn reads_return_zero_and_request_nothing() {
     let (tx, rx) = mpsc::channel();
-    let r = rig(DebugExitConfig::conventional(), tx);
+    let r = rig(CONVENTIONAL_IOBASE, DebugExitConfig::conventional(tx));
     for (port, size) in [(0xf4, 1), (0xf4, 2), (0xf4, 4), (0xf5, 1), (0xf6, 2), (0xf7, 1)] {
-        assert_eq!(r.spaces.io_space.read_u64(port, size), (0, MemTxResult::Ok), "port {port:#x} size {size}");
+        assert_eq!(r.io().read_u64(port, size), (0, MemTxResult::Ok), "port {port:#x} size {size}");
     }
     assert!(rx.try_recv().is_err());
     // Outside the range: unassigned I/O.
-    assert_eq!(r.spaces.io_space.read_u64(0xf8, 1), (0xff, MemTxResult::Ok));
+    assert_eq!(r.io().read_u64(0xf8, 1), (0xff, MemTxResult::Ok));
 }
 
 #[test]
 fn qemu_defaults_and_wide_values() {
-    assert_eq!(DebugExitConfig::default(), DebugExitConfig::new(0x501, 2));
+    assert_eq!((QEMU_DEFAULT_IOBASE, QEMU_DEFAULT_IOSIZE), (0x501, 2));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
-    let r = rig(DebugExitConfig::default(), move |status| s.lock().unwrap().push(status));
+    let r = rig(QEMU_DEFAULT_IOBASE, DebugExitConfig::qemu_default(move |status| s.lock().unwrap().push(status)));
     // Alignment is relative to the region, as in QEMU: a 2-byte write at
     // 0x501 (offset 0) reaches the device whole...
-    assert_eq!(r.spaces.io_space.write_u64(0x501, 0x0203, 2), MemTxResult::Ok);
+    assert_eq!(r.io().write_u64(0x501, 0x0203, 2), MemTxResult::Ok);
     // ...one at 0x502 (offset 1) is cut: one byte for the device, one for
     // the unassigned port 0x503.
-    assert_eq!(r.spaces.io_space.write_u64(0x502, 0x0203, 2), MemTxResult::Ok);
+    assert_eq!(r.io().write_u64(0x502, 0x0203, 2), MemTxResult::Ok);
     assert_eq!(*seen.lock().unwrap(), vec![0x0407, 0x07]);
     // A 32-bit value: the status is truncated to an int as in C.
     assert_eq!(exit_status(0xffff_ffff), -1);
@@ -74,10 +78,18 @@ fn qemu_defaults_and_wide_values() {
 #[test]
 fn a_wide_write_to_a_one_port_range_is_not_clamped() {
     let (tx, rx) = mpsc::channel();
-    let r = rig(DebugExitConfig::new(0xf4, 1), tx);
-    assert_eq!(r.spaces.io_space.write_u64(0xf4, 0x1234_5678, 4), MemTxResult::Ok);
+    let r = rig(0xf4, DebugExitConfig::new(1, tx));
+    assert_eq!(r.io().write_u64(0xf4, 0x1234_5678, 4), MemTxResult::Ok);
     assert_eq!(rx.try_recv(), Ok(exit_status(0x1234_5678)));
     assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn an_empty_port_range_is_a_configuration_error() {
+    let board = Board::new();
+    let (tx, _rx) = mpsc::channel();
+    let r = DebugExit::plug(DebugExitConfig::new(0, tx), board.ctx("isa-debug-exit"));
+    assert!(matches!(r, Err(Error::InvalidConfig { device: "isa-debug-exit", .. })), "{r:?}");
 }
 
 // ----- property test ---------------------------------------------------------
@@ -115,13 +127,13 @@ proptest! {
         ops in proptest::collection::vec((any::<bool>(), 0u64..12, prop_oneof![Just(1u64), Just(2), Just(4)], any::<u64>()), 1..48),
     ) {
         let (tx, rx) = mpsc::channel();
-        let r = rig(DebugExitConfig::new(iobase, iosize), tx);
+        let r = rig(iobase, DebugExitConfig::new(iosize, tx));
         let mut expected = Vec::new();
         for (is_write, rel, size, value) in ops {
             let port = (iobase + rel).saturating_sub(2);
             let in_range = |a: u64| a >= iobase && a < iobase + iosize;
             if is_write {
-                prop_assert_eq!(r.spaces.io_space.write_u64(port, value, size as u32), MemTxResult::Ok);
+                prop_assert_eq!(r.io().write_u64(port, value, size as u32), MemTxResult::Ok);
                 for (a, l) in pieces(port, size, iobase, iosize) {
                     if in_range(a) {
                         let shift = 8 * (a - port);
@@ -130,7 +142,7 @@ proptest! {
                     }
                 }
             } else {
-                let (v, res) = r.spaces.io_space.read_u64(port, size as u32);
+                let (v, res) = r.io().read_u64(port, size as u32);
                 prop_assert_eq!(res, MemTxResult::Ok);
                 for (a, l) in pieces(port, size, iobase, iosize) {
                     let shift = 8 * (a - port);

@@ -1,35 +1,42 @@
 //! The framebuffer, driven through address-space accesses as a guest would.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
 use std::collections::BTreeSet;
-use std::sync::OnceLock;
 use topos_devices::framebuffer::{
-    FbMode, FbUpdate, Framebuffer, REG_FORMAT, REG_HEIGHT, REG_STATUS, REG_STRIDE, REG_VRAM_SIZE, REG_WIDTH,
+    FbConfig, FbMode, FbRegs, FbUpdate, Framebuffer, REG_FORMAT, REG_HEIGHT, REG_STATUS, REG_STRIDE, REG_VRAM_SIZE,
+    REG_WIDTH,
 };
-use topos_devices::runtime::{AddressSpace, MemTxResult, Topology};
-use topos_devices::DeviceRuntime;
+use topos_devices::runtime::{AddressSpace, MemTxResult};
+use topos_devices::{DeviceModel, Error};
 
 const VRAM: u64 = 0xe000_0000;
 const REGS: u64 = 0xfe00_0000;
 
-fn rt() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
-
 struct Board {
-    _topo: Topology,
+    /// Keeps the topology alive.
+    _board: support::Board,
     mem: AddressSpace,
     fb: Framebuffer,
 }
 
+/// A framebuffer with its video RAM at [`VRAM`] and registers at [`REGS`].
 fn board(vram_size: u64, mode: FbMode) -> Board {
-    let topo = Topology::new();
-    let s = topo.standard_spaces().unwrap();
-    let fb = Framebuffer::new(&topo, rt(), "fb", vram_size, mode).unwrap();
-    s.system.add_subregion(VRAM, fb.vram()).unwrap();
-    s.system.add_subregion(REGS, fb.regs()).unwrap();
-    Board { _topo: topo, mem: s.memory, fb }
+    use topos_devices::framebuffer::{REGS as REGS_ROLE, VRAM as VRAM_ROLE};
+    let board = support::Board::new();
+    let system = &board.spaces.system;
+    let fb = board
+        .plug_at::<FbRegs>(
+            FbConfig { vram_size, mode },
+            board.ctx("fb"),
+            &[(VRAM_ROLE, system, VRAM), (REGS_ROLE, system, REGS)],
+        )
+        .handle;
+    let mem = board.spaces.memory.clone();
+    Board { _board: board, mem, fb }
 }
 
 impl Board {
@@ -137,10 +144,11 @@ fn registers_read_back_and_a_mode_change_forces_a_full_update() {
 
 #[test]
 fn a_mode_that_does_not_fit_is_refused() {
-    let topo = Topology::new();
-    assert!(Framebuffer::new(&topo, rt(), "fb", 0x1000, PAGE_LINES).is_err());
+    let board = support::Board::new();
+    let plug = |vram_size, mode| FbRegs::plug(FbConfig { vram_size, mode }, board.ctx("fb"));
+    assert!(matches!(plug(0x1000, PAGE_LINES), Err(Error::InvalidConfig { device: "framebuffer", .. })));
     let zero = FbMode { width: 0, ..PAGE_LINES };
-    assert!(Framebuffer::new(&topo, rt(), "fb", 0x10000, zero).is_err());
+    assert!(matches!(plug(0x10000, zero), Err(Error::InvalidConfig { .. })));
 }
 
 #[derive(Debug, Clone)]

@@ -1,13 +1,19 @@
 //! The PCI host bridge, driven as a guest drives it: configuration cycles
 //! through ports 0xcf8/0xcfc, BAR accesses through system memory and the I/O
 //! space, DMA through a function's bus-master address space.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
 use std::sync::Arc;
+use support::{cfg_read_at, cfg_write_at, within};
 use topos_devices::edu::{self, Edu, EduOptions};
-use topos_devices::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciError, PciFunction, PciHost};
-use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion, OpsConfig, StandardSpaces, Topology};
-use topos_devices::{ActorHandle, Device, DeviceCtx, DeviceRuntime, IrqLine, LevelRecorder, Spawned};
+use topos_devices::pci::{BarKind, BarSpec, BusMaster, PciConfig, PciHost, PciPlacement};
+use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
+use topos_devices::runtime::{AddressSpace, MemTxResult, OpsConfig, StandardSpaces, Topology};
+use topos_devices::{ActorHandle, Device, DeviceCtx, DeviceRuntime, Error, IrqLine, LevelRecorder, Spawned};
 
 const EDU_SLOT: u8 = 3;
 const PROBE_SLOT: u8 = 7;
@@ -40,6 +46,31 @@ fn probe_config() -> PciConfig {
     c
 }
 
+/// Plugging a probe: one region per `(size, is I/O)`, served by the
+/// probe's region numbers in order.
+impl DeviceModel for Probe {
+    type Config = Vec<(u64, bool)>;
+    type Handle = ActorHandle<Probe>;
+
+    fn plug(regions: Vec<(u64, bool)>, ctx: PlugCtx) -> topos_devices::Result<Plugged<ActorHandle<Probe>>> {
+        let s = Spawned::new(&ctx.name, Probe, ctx.irqs, &ctx.runtime);
+        let regions = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(size, io))| {
+                let r = ctx.topology.new_io_arc(&ctx.name, s.ops(i), OpsConfig::default(), u128::from(size))?;
+                Ok(if io { DeviceRegion::io("bar", r) } else { DeviceRegion::memory("bar", r) })
+            })
+            .collect::<topos_devices::Result<_>>()?;
+        Ok(Plugged::new(regions, s.handle()))
+    }
+}
+
+/// The probe's BAR regions: I/O, 32-bit memory, 64-bit memory.
+fn probe_regions() -> Vec<(u64, bool)> {
+    vec![(PROBE_IO_SIZE, true), (PROBE_MEM32_SIZE, false), (PROBE_MEM64_SIZE, false)]
+}
+
 struct Board {
     topo: Topology,
     spaces: StandardSpaces,
@@ -48,49 +79,23 @@ struct Board {
     probe: ActorHandle<Probe>,
     probe_bm: BusMaster,
     irqs: Arc<LevelRecorder>,
-    _rt: DeviceRuntime,
+    board: support::Board,
 }
 
+/// RAM, a PCI host, an edu (INTA wired) and a probe, as a `pc` board plugs
+/// them.
 fn board() -> Board {
-    let rt = DeviceRuntime::new().unwrap();
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", RAM_SIZE as u128).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-    let host = PciHost::spawn(&topo, &spaces, &pci_mem, &rt).unwrap();
+    let board = support::Board::with_runtime(DeviceRuntime::new().unwrap());
+    board.add_ram(RAM_SIZE);
+    let host = board.pci_host();
     let irqs = LevelRecorder::new();
-    let edu =
-        Edu::plug(&host, EDU_SLOT, Some(IrqLine::new(irqs.clone(), EDU_IRQ)), &rt, EduOptions::default()).unwrap();
-
-    let plug = host.plug(PROBE_SLOT, "probe", None).unwrap();
-    let probe_bm = plug.bus_master();
-    let s = Spawned::new("probe", Probe, vec![], &rt);
-    let regions: Vec<MemoryRegion> =
-        [("probe-io", PROBE_IO_SIZE), ("probe-mem32", PROBE_MEM32_SIZE), ("probe-mem64", PROBE_MEM64_SIZE)]
-            .iter()
-            .enumerate()
-            .map(|(i, (name, size))| topo.new_io_arc(name, s.ops(i), OpsConfig::default(), *size as u128).unwrap())
-            .collect();
-    let probe = s.handle();
-    host.attach(plug, PciFunction { config: probe_config(), bar_regions: regions }).unwrap();
-    Board { topo, spaces, host, edu, probe, probe_bm, irqs, _rt: rt }
-}
-
-fn addr(bus: u32, slot: u8, func: u32, reg: u8) -> u32 {
-    0x8000_0000 | bus << 16 | u32::from(slot) << 11 | func << 8 | u32::from(reg & 0xfc)
-}
-
-fn cfg_read_at(io: &AddressSpace, bus: u32, slot: u8, func: u32, reg: u8, size: u32) -> u32 {
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(bus, slot, func, reg)), 4), MemTxResult::Ok);
-    let (v, r) = io.read_u64(0xcfc + u64::from(reg & 3), size);
-    assert_eq!(r, MemTxResult::Ok);
-    v as u32
-}
-
-fn cfg_write_at(io: &AddressSpace, bus: u32, slot: u8, func: u32, reg: u8, value: u32, size: u32) {
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(bus, slot, func, reg)), 4), MemTxResult::Ok);
-    assert_eq!(io.write_u64(0xcfc + u64::from(reg & 3), u64::from(value), size), MemTxResult::Ok);
+    let at = PciPlacement::slot(EDU_SLOT).with_intx(IrqLine::new(irqs.clone(), EDU_IRQ));
+    let edu = host.plug_model::<Edu>(at, EduOptions::default(), board.ctx("edu")).unwrap();
+    let at = PciPlacement::slot(PROBE_SLOT).with_identity(probe_config());
+    let probe = host.plug_model::<Probe>(at, probe_regions(), board.ctx("probe")).unwrap();
+    let probe_bm = host.bus_master(PROBE_SLOT).unwrap();
+    let (topo, spaces) = (board.topo.clone(), board.spaces.clone());
+    Board { topo, spaces, host, edu, probe, probe_bm, irqs, board }
 }
 
 impl Board {
@@ -150,19 +155,22 @@ fn config_address_and_data_follow_qemu() {
     let b = board();
     let io = b.io();
     // CONFIG_ADDRESS latches 4-byte writes and reads back.
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(0, EDU_SLOT, 0, 0)), 4), MemTxResult::Ok);
-    assert_eq!(io.read_u64(0xcf8, 4), (u64::from(addr(0, EDU_SLOT, 0, 0)), MemTxResult::Ok));
+    assert_eq!(io.write_u64(0xcf8, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)), 4), MemTxResult::Ok);
+    assert_eq!(io.read_u64(0xcf8, 4), (u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)), MemTxResult::Ok));
     // Narrow writes are ignored.
     assert_eq!(io.write_u64(0xcf8, 0, 2), MemTxResult::Ok);
     assert_eq!(io.write_u64(0xcfa, 0, 1), MemTxResult::Ok);
-    assert_eq!(io.read_u64(0xcf8, 4).0, u64::from(addr(0, EDU_SLOT, 0, 0)));
+    assert_eq!(io.read_u64(0xcf8, 4).0, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0)));
     // Byte and word accesses at the data port offsets.
     assert_eq!(io.read_u64(0xcfc, 2).0, 0x1234);
     assert_eq!(io.read_u64(0xcfe, 2).0, 0x11e8);
     assert_eq!(io.read_u64(0xcfd, 1).0, 0x12);
     assert_eq!(io.read_u64(0xcff, 1).0, 0x11);
     // With the enable bit clear, data reads all-ones and writes are dropped.
-    assert_eq!(io.write_u64(0xcf8, u64::from(addr(0, EDU_SLOT, 0, 0x3c) & 0x7fff_ffff), 4), MemTxResult::Ok);
+    assert_eq!(
+        io.write_u64(0xcf8, u64::from(support::cfg_addr(0, EDU_SLOT, 0, 0x3c) & 0x7fff_ffff), 4),
+        MemTxResult::Ok
+    );
     assert_eq!(io.read_u64(0xcfc, 4).0, 0xffff_ffff);
     assert_eq!(io.write_u64(0xcfc, 0x55, 1), MemTxResult::Ok);
     assert_eq!(b.cfg_read(EDU_SLOT, 0x3c, 1), 0);
@@ -371,7 +379,7 @@ fn detach_unmaps_stops_the_device_and_frees_the_slot() {
     let mut buf = [1u8; 4];
     assert_eq!(b.probe_bm.read(0, &mut buf), MemTxResult::DecodeError);
     assert_eq!(buf, [0; 4]);
-    assert!(matches!(b.host.detach(PROBE_SLOT), Err(PciError::SlotEmpty(PROBE_SLOT))));
+    assert!(matches!(b.host.detach(PROBE_SLOT), Err(Error::SlotEmpty(PROBE_SLOT))));
     // The edu too, mapped and bus-mastering (its bus-master space reaches
     // its own BAR through system memory: no cycle keeps it alive).
     b.cfg_write(EDU_SLOT, 0x10, BAR_A as u32, 4);
@@ -381,28 +389,31 @@ fn detach_unmaps_stops_the_device_and_frees_the_slot() {
     assert_eq!(b.edu_id_at(BAR_A).1, MemTxResult::DecodeError);
     assert!(!b.edu.is_alive());
     // The slot can be reused.
-    let rt = DeviceRuntime::new().unwrap();
-    Edu::plug(&b.host, PROBE_SLOT, None, &rt, EduOptions::default()).unwrap();
+    let at = PciPlacement::slot(PROBE_SLOT);
+    b.host.plug_model::<Edu>(at, EduOptions::default(), b.board.ctx("edu2")).unwrap();
     assert_eq!(b.cfg_read(PROBE_SLOT, 0, 4), 0x11e8_1234);
 }
 
 #[test]
 fn attach_rejects_what_cannot_be_a_function() {
     let b = board();
-    let rt = DeviceRuntime::new().unwrap();
-    assert!(matches!(b.host.plug(EDU_SLOT, "x", None), Err(PciError::SlotInUse(EDU_SLOT))));
-    assert!(matches!(b.host.plug(32, "x", None), Err(PciError::NoSuchSlot(32))));
+    let plug = |slot: u8| {
+        let at = PciPlacement::slot(slot);
+        b.host.plug_model::<Edu>(at, EduOptions::default(), b.board.ctx("x"))
+    };
+    assert!(matches!(plug(EDU_SLOT), Err(Error::SlotInUse(EDU_SLOT))));
+    assert!(matches!(plug(32), Err(Error::NoSuchSlot(32))));
+    // A model without a PCI identity needs one from the board.
+    let at = PciPlacement::slot(12);
+    let r = b.host.plug_model::<Probe>(at, probe_regions(), b.board.ctx("anonymous"));
+    assert!(matches!(r, Err(Error::InvalidFunction(_))), "{r:?}");
     let spaces = b.topo.address_spaces().len();
     let bad = |bars: Vec<BarSpec>, sizes: &[u64]| {
-        let plug = b.host.plug(12, "bad", None).unwrap();
-        let s = Spawned::new("bad", Probe, vec![], &rt);
-        let regions = sizes
-            .iter()
-            .map(|&sz| b.topo.new_io_arc("bad", s.ops(0), OpsConfig::default(), sz as u128).unwrap())
-            .collect();
         let mut config = PciConfig::new(1, 2, 3);
         config.bars = bars;
-        b.host.attach(plug, PciFunction { config, bar_regions: regions })
+        let at = PciPlacement::slot(12).with_identity(config);
+        let regions = sizes.iter().map(|&size| (size, false)).collect();
+        b.host.plug_model::<Probe>(at, regions, b.board.ctx("bad"))
     };
     let mem = BarKind::Memory32 { prefetchable: false };
     let m64 = BarKind::Memory64 { prefetchable: false };
@@ -418,7 +429,7 @@ fn attach_rejects_what_cannot_be_a_function() {
         ),
         (vec![BarSpec { index: 0, size: 0x1000, kind: mem }], vec![]),
     ] {
-        assert!(matches!(bad(bars, &sizes), Err(PciError::InvalidFunction(_))));
+        assert!(matches!(bad(bars, &sizes), Err(Error::InvalidFunction(_))));
     }
     // Failed attaches released their bus-master spaces and the slot.
     assert_eq!(b.topo.address_spaces().len(), spaces);
@@ -597,26 +608,20 @@ struct SmallBoard {
     edu: ActorHandle<Edu>,
     irqs: Arc<LevelRecorder>,
     bm: BusMaster,
+    _board: support::Board,
     _rt: tokio::runtime::Runtime,
 }
 
 fn small_board() -> SmallBoard {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let drt = DeviceRuntime::from_handle(rt.handle().clone());
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", 0x10000).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let pci_mem = PciHost::pci_memory(&topo, &spaces.system).unwrap();
-    let host = PciHost::spawn(&topo, &spaces, &pci_mem, &drt).unwrap();
+    let board = support::Board::with_runtime(DeviceRuntime::from_handle(rt.handle().clone()));
+    board.add_ram(0x10000);
+    let host = board.pci_host();
     let irqs = LevelRecorder::new();
-    let plug = host.plug(EDU_SLOT, "edu", Some(IrqLine::new(irqs.clone(), EDU_IRQ))).unwrap();
-    let bm = plug.bus_master();
-    let s = Spawned::new("edu", Edu::new(plug.bus_master(), EduOptions::default()), vec![plug.irq_line()], &drt);
-    let mmio = topo.new_io_arc("edu-mmio", s.ops(0), Edu::ops_config(), edu::EDU_MMIO_SIZE as u128).unwrap();
-    let edu = s.handle();
-    host.attach(plug, PciFunction { config: Edu::pci_config(), bar_regions: vec![mmio] }).unwrap();
-    SmallBoard { spaces, host, edu, irqs, bm, _rt: rt }
+    let at = PciPlacement::slot(EDU_SLOT).with_intx(IrqLine::new(irqs.clone(), EDU_IRQ));
+    let edu = host.plug_model::<Edu>(at, EduOptions::default(), board.ctx("edu")).unwrap();
+    let bm = host.bus_master(EDU_SLOT).unwrap();
+    SmallBoard { spaces: board.spaces.clone(), host, edu, irqs, bm, _board: board, _rt: rt }
 }
 
 proptest! {
@@ -699,4 +704,135 @@ proptest! {
             prop_assert_eq!(io.write_u64(0xcf8, u64::from(m.config_reg), 4), MemTxResult::Ok);
         }
     }
+}
+
+// ----- remaps outside the bridge's turn ------------------------------------
+
+#[test]
+fn a_bar_write_does_not_deadlock_with_a_transaction_that_reads_configuration() {
+    let b = Arc::new(board());
+    b.cfg_write(EDU_SLOT, 0x04, 0x2, 2);
+    within("BAR write against an open transaction", move || {
+        // A opens a transaction; B programs the BAR (memory decoding is on,
+        // so the write remaps); A then reads configuration space until it
+        // sees B's write, and only then commits.
+        b.topo.begin().unwrap();
+        let writer = {
+            let io = b.io().clone();
+            std::thread::spawn(move || cfg_write_at(&io, 0, EDU_SLOT, 0, 0x10, BAR_A as u32, 4))
+        };
+        while b.cfg_read(EDU_SLOT, 0x10, 4) != BAR_A as u32 {
+            std::thread::yield_now();
+        }
+        b.topo.commit().unwrap();
+        writer.join().unwrap();
+        // The writer's write returned once its remap was done.
+        assert_eq!(b.edu_id_at(BAR_A), (u64::from(edu::EDU_ID), MemTxResult::Ok));
+        assert_eq!(b.host.bridge().with(|d, _| d.bar_mapping(EDU_SLOT, 0)).unwrap(), Some(BAR_A));
+        assert!(b.healthy());
+    });
+}
+
+#[test]
+fn detach_does_not_deadlock_with_a_transaction_that_reads_configuration() {
+    let b = Arc::new(board());
+    b.cfg_write(PROBE_SLOT, 0x14, 0xfebf_0000, 4);
+    b.cfg_write(PROBE_SLOT, 0x04, 0x6, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_0000, 4).0, 0x2000);
+    within("detach against an open transaction", move || {
+        b.topo.begin().unwrap();
+        let detacher = {
+            let b = b.clone();
+            std::thread::spawn(move || b.host.detach(PROBE_SLOT))
+        };
+        // Configuration cycles stop reaching the function as soon as it is
+        // off the bus, while its unmapping waits for this transaction.
+        while b.cfg_read(PROBE_SLOT, 0, 4) != 0xffff_ffff {
+            std::thread::yield_now();
+        }
+        b.topo.commit().unwrap();
+        detacher.join().unwrap().unwrap();
+        assert_eq!(b.mem().read_u64(0xfebf_0000, 4).1, MemTxResult::DecodeError);
+        assert!(!b.probe.is_alive());
+        assert!(b.probe_bm.address_space().is_none());
+    });
+}
+
+#[test]
+fn a_bar_write_that_finds_the_bridge_busy_has_taken_effect_when_it_returns() {
+    let b = Arc::new(board());
+    b.cfg_write(EDU_SLOT, 0x04, 0x2, 2);
+    within("BAR write to a busy bridge", move || {
+        // Another thread holds the bridge's turn until the gate opens.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let bridge = b.host.bridge().clone();
+            std::thread::spawn(move || {
+                bridge.with(move |_, _| {
+                    entered_tx.send(()).unwrap();
+                    let _ = gate_rx.recv();
+                })
+            })
+        };
+        entered_rx.recv().unwrap();
+        // A vCPU programs the BAR, then uses it at once.
+        let (res_tx, res_rx) = std::sync::mpsc::channel();
+        {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                b.cfg_write(EDU_SLOT, 0x10, BAR_A as u32, 4);
+                res_tx.send(b.edu_id_at(BAR_A)).unwrap();
+            });
+        }
+        // Let the bridge go once both of the vCPU's accesses (CONFIG_ADDRESS
+        // and CONFIG_DATA) wait in its mailbox.
+        loop {
+            if let Ok(r) = res_rx.try_recv() {
+                panic!("the configuration write returned before the bridge handled it; the BAR then read {r:?}");
+            }
+            if b.host.bridge().stats().unwrap().queued >= 2 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        gate_tx.send(()).unwrap();
+        assert_eq!(res_rx.recv().unwrap(), (u64::from(edu::EDU_ID), MemTxResult::Ok));
+        holder.join().unwrap().unwrap();
+        assert_eq!(b.host.bridge().with(|d, _| d.bar_mapping(EDU_SLOT, 0)).unwrap(), Some(BAR_A));
+        assert!(b.healthy());
+    });
+}
+
+// ----- any model as a PCI function -----------------------------------------
+
+#[test]
+fn the_framebuffer_and_the_doorbell_plug_as_pci_functions_with_a_board_given_identity() {
+    use topos_devices::framebuffer::{FbConfig, FbMode, FbRegs, REG_VRAM_SIZE};
+    use topos_devices::virtio_doorbell::{reg, DoorbellConfig, VirtioDoorbell, MAGIC};
+    let b = board();
+    // The framebuffer: BAR 0 is its video RAM (prefetchable), BAR 1 its
+    // registers, in the model's order.
+    let mode = FbMode { width: 64, height: 16, bytes_per_pixel: 4, stride: 256 };
+    let at = PciPlacement::slot(9).with_identity(PciConfig::new(0x1234, 0x1111, 0x0380));
+    let mut fb = b.host.plug_model::<FbRegs>(at, FbConfig { vram_size: 0x10000, mode }, b.board.ctx("fb")).unwrap();
+    b.cfg_write(9, 0x10, 0xffff_ffff, 4);
+    assert_eq!(b.cfg_read(9, 0x10, 4), 0xffff_0008, "64 KiB, prefetchable");
+    b.cfg_write(9, 0x14, 0xffff_ffff, 4);
+    assert_eq!(b.cfg_read(9, 0x14, 4), 0xffff_ffe0, "32 bytes of registers");
+    b.cfg_write(9, 0x10, 0xe000_0000, 4);
+    b.cfg_write(9, 0x14, 0xfebf_2000, 4);
+    b.cfg_write(9, 0x04, 0x2, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_2000 + REG_VRAM_SIZE, 4), (0x10000, MemTxResult::Ok));
+    fb.update().unwrap();
+    assert_eq!(b.mem().write_u64(0xe000_0000 + 3 * 256, 0xffff_ffff, 4), MemTxResult::Ok);
+    assert_eq!(fb.update().unwrap().dirty, vec![0..16], "one page of video RAM holds every scanline");
+    // The doorbell: BAR 0 is its registers; its ioeventfds move with it.
+    let at = PciPlacement::slot(10).with_identity(PciConfig::new(0x1b36, 0x00f0, 0x0880));
+    let bell = b.host.plug_model::<VirtioDoorbell>(at, DoorbellConfig::default(), b.board.ctx("bell")).unwrap();
+    b.cfg_write(10, 0x10, 0xfebf_3000, 4);
+    b.cfg_write(10, 0x04, 0x2, 2);
+    assert_eq!(b.mem().read_u64(0xfebf_3000 + reg::MAGIC_VALUE, 4), (u64::from(MAGIC), MemTxResult::Ok));
+    assert_eq!(bell.notifiers().len(), 1);
+    assert!(b.healthy() && !bell.handle().is_failed());
 }

@@ -1,32 +1,32 @@
 //! The CFI flash, driven through address-space accesses as a guest would.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
-use std::sync::OnceLock;
-use topos_devices::pflash::{Pflash, PflashConfig, PflashMode, SR_PROGRAM_ERROR, SR_READY};
-use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion, Topology};
-use topos_devices::DeviceRuntime;
+use topos_devices::pflash::{PflashCfi01, PflashConfig, PflashImage, PflashMode, FLASH, SR_PROGRAM_ERROR, SR_READY};
+use topos_devices::runtime::{AddressSpace, MemTxResult, MemoryRegion};
+use topos_devices::{ActorHandle, DeviceModel, Error, Plugged};
 
 /// Where the flash is mapped.
 const BASE: u64 = 0xfff0_0000;
 
-fn rt() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
-
 struct Board {
-    _topo: Topology,
+    /// Keeps the topology alive.
+    _board: support::Board,
     system: MemoryRegion,
     mem: AddressSpace,
-    flash: Pflash,
+    flash: Plugged<ActorHandle<PflashCfi01>>,
 }
 
+/// A flash of `config` holding `content`, mapped at [`BASE`].
 fn board(config: PflashConfig, content: &[u8]) -> Board {
-    let topo = Topology::new();
-    let s = topo.standard_spaces().unwrap();
-    let flash = Pflash::new(&topo, rt(), "pflash", config, content).unwrap();
-    s.system.add_subregion(BASE, flash.region()).unwrap();
-    Board { _topo: topo, system: s.system, mem: s.memory, flash }
+    let board = support::Board::new();
+    let image = PflashImage { config, content: content.to_vec() };
+    let flash = board.plug_mem::<PflashCfi01>(image, board.ctx("pflash"), FLASH, BASE);
+    let (system, mem) = (board.spaces.system.clone(), board.spaces.memory.clone());
+    Board { _board: board, system, mem, flash }
 }
 
 impl Board {
@@ -44,13 +44,13 @@ impl Board {
         buf
     }
     fn mode(&self) -> PflashMode {
-        self.flash.handle().with(|d, _| d.mode()).unwrap()
+        self.flash.handle.with(|d, _| d.mode()).unwrap()
     }
     fn ops_reads(&self) -> u64 {
-        self.flash.handle().with(|d, _| d.stats().ops_reads).unwrap()
+        self.flash.handle.with(|d, _| d.stats().ops_reads).unwrap()
     }
     fn romd(&self) -> bool {
-        self.flash.region().is_romd()
+        self.flash.region(FLASH).unwrap().is_romd()
     }
 }
 
@@ -102,7 +102,7 @@ fn program_a_word_and_read_it_back_bits_only_clear() {
     b.write(0x2, 0x0, 2);
     b.write(0x2, 0xff, 2);
     assert_eq!(b.read(0x2, 2), 0);
-    assert_eq!(b.flash.handle().with(|d, _| d.stats().programs).unwrap(), 4);
+    assert_eq!(b.flash.handle.with(|d, _| d.stats().programs).unwrap(), 4);
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn an_erase_without_confirm_returns_to_array_and_erases_nothing() {
     b.write(0x1000, 0x70, 2);
     assert!(b.romd());
     assert!(b.read_bytes(0x1000, 0x1000).iter().all(|&x| x == 0));
-    assert_eq!(b.flash.handle().with(|d, _| d.stats().erases).unwrap(), 0);
+    assert_eq!(b.flash.handle.with(|d, _| d.stats().erases).unwrap(), 0);
 }
 
 #[test]
@@ -231,25 +231,28 @@ fn buffered_program() {
 #[test]
 fn the_actor_stops_when_its_region_goes() {
     let b = board(small(2), &[]);
-    let handle = b.flash.handle().clone();
+    let handle = b.flash.handle.clone();
     b.write(0, 0x70, 2);
-    b.system.del_subregion(b.flash.region()).unwrap();
+    b.system.del_subregion(b.flash.region(FLASH).unwrap()).unwrap();
     drop(b.flash);
     assert!(!handle.is_alive(), "the device holds its region weakly, so nothing keeps it alive");
 }
 
 #[test]
 fn bad_configurations_are_errors() {
-    let topo = Topology::new();
+    let board = support::Board::new();
+    let plug =
+        |config: PflashConfig, content: Vec<u8>| PflashCfi01::plug(PflashImage { config, content }, board.ctx("bad"));
     for config in [
         PflashConfig { width: 3, ..small(2) },
         PflashConfig { block_size: 0x1001, ..small(2) },
         PflashConfig { block_size: 0x80, ..small(2) },
         PflashConfig { num_blocks: 0, ..small(2) },
     ] {
-        assert!(Pflash::new(&topo, rt(), "bad", config, &[]).is_err(), "{config:?}");
+        let r = plug(config, vec![]);
+        assert!(matches!(r, Err(Error::InvalidConfig { device: "pflash", .. })), "{config:?}: {r:?}");
     }
-    assert!(Pflash::new(&topo, rt(), "big", small(2), &[0; 0x8001]).is_err());
+    assert!(matches!(plug(small(2), vec![0; 0x8001]), Err(Error::InvalidConfig { .. })));
 }
 
 /// Command bytes worth hitting often, so random sequences walk the state
@@ -280,7 +283,7 @@ const P_BLOCKS: u32 = 8;
 const P_LEN: u64 = P_BLOCK * P_BLOCKS as u64;
 
 fn run(b: &Board, ops: &[Op]) -> Result<(), TestCaseError> {
-    let h = b.flash.handle();
+    let h = &b.flash.handle;
     for op in ops {
         match *op {
             Op::Read { off, size } => {
@@ -369,6 +372,6 @@ proptest! {
         for (i, (x, y)) in initial.iter().zip(&now).enumerate() {
             prop_assert_eq!(y & !x, 0, "byte {:#x} gained bits: {:#x} -> {:#x}", i, x, y);
         }
-        prop_assert_eq!(b.flash.handle().with(|d, _| d.stats().erases).unwrap(), 0);
+        prop_assert_eq!(b.flash.handle.with(|d, _| d.stats().erases).unwrap(), 0);
     }
 }

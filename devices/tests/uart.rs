@@ -1,30 +1,27 @@
 //! The 16550A UART, register by register, driven through the I/O-port
 //! address space as a guest would, with a `LevelRecorder` on its interrupt.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use topos_devices::runtime::{MemTxResult, MemoryRegion, StandardSpaces, Topology};
+use support::{Board, WAIT};
+use topos_devices::runtime::{AddressSpace, MemTxResult};
 use topos_devices::uart::*;
-use topos_devices::{ActorHandle, DeviceRuntime, IrqLine, LevelRecorder};
+use topos_devices::{ActorHandle, IrqLine, LevelRecorder, Plugged};
 
-/// Generous bound for waiting on a device timer; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(20);
 const BASE: u64 = COM1_BASE;
 const IRQ: u32 = COM1_IRQ;
 
-fn runtime() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
-
 struct Rig {
-    _topo: Topology,
-    spaces: StandardSpaces,
+    board: Board,
     irqs: Arc<LevelRecorder>,
     out: SerialBuffer,
     h: ActorHandle<Serial16550>,
-    _region: MemoryRegion,
+    uart: Plugged<ActorHandle<Serial16550>>,
 }
 
 /// A UART at COM1 with deterministic interrupts (no character timeout).
@@ -32,26 +29,30 @@ fn rig() -> Rig {
     rig_with(SerialOptions { char_timeout: false, ..SerialOptions::default() })
 }
 
+/// A UART at COM1, plugged as the `pc` board does, writing to a buffer.
 fn rig_with(options: SerialOptions) -> Rig {
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
+    let board = Board::new();
     let irqs = LevelRecorder::new();
     let (sink, out) = SerialSink::buffer();
-    let (region, h) = Serial16550::with_options(sink, options)
-        .plug(&topo, &spaces.io, BASE, Some(IrqLine::new(irqs.clone(), IRQ)), runtime())
-        .unwrap();
-    Rig { _topo: topo, spaces, irqs, out, h, _region: region }
+    let ctx = board.ctx("com1").with_irq(IrqLine::new(irqs.clone(), IRQ));
+    let uart = board.plug_io::<Serial16550>(SerialConfig { sink, options }, ctx, PORTS, BASE);
+    let h = uart.handle.clone();
+    Rig { board, irqs, out, h, uart }
 }
 
 impl Rig {
+    fn io(&self) -> &AddressSpace {
+        self.board.io()
+    }
+
     fn rd(&self, off: u64) -> u8 {
-        let (v, r) = self.spaces.io_space.read_u64(BASE + off, 1);
+        let (v, r) = self.io().read_u64(BASE + off, 1);
         assert_eq!(r, MemTxResult::Ok);
         v as u8
     }
 
     fn wr(&self, off: u64, v: u8) {
-        assert_eq!(self.spaces.io_space.write_u64(BASE + off, v as u64, 1), MemTxResult::Ok);
+        assert_eq!(self.io().write_u64(BASE + off, v as u64, 1), MemTxResult::Ok);
     }
 
     fn irq(&self) -> bool {
@@ -82,7 +83,7 @@ fn reset_state_matches_qemu() {
     assert_eq!((r.rd(0), r.rd(1)), (0x0c, 0x00), "9600 baud");
     assert!(!r.irq());
     // Ports past the UART are unassigned I/O (all-ones).
-    assert_eq!(r.spaces.io_space.read_u64(BASE + 8, 1), (0xff, MemTxResult::Ok));
+    assert_eq!(r.io().read_u64(BASE + 8, 1), (0xff, MemTxResult::Ok));
 }
 
 #[test]
@@ -102,8 +103,8 @@ fn divisor_latch_round_trip_behind_dlab() {
     r.wr(reg::LCR, LCR_DLAB | 0x03);
     assert_eq!((r.rd(0), r.rd(1)), (0x34, 0x12), "IER writes without DLAB leave DLM alone");
     // A 2-byte access covers DLL and DLM (split into byte accesses).
-    assert_eq!(r.spaces.io_space.write_u64(BASE, 0xbeef, 2), MemTxResult::Ok);
-    assert_eq!(r.spaces.io_space.read_u64(BASE, 2), (0xbeef, MemTxResult::Ok));
+    assert_eq!(r.io().write_u64(BASE, 0xbeef, 2), MemTxResult::Ok);
+    assert_eq!(r.io().read_u64(BASE, 2), (0xbeef, MemTxResult::Ok));
     assert_eq!(r.rd(reg::LCR), LCR_DLAB | 0x03);
 }
 
@@ -129,7 +130,7 @@ fn lcr_scr_mcr_read_back() {
     assert_eq!(r.rd(reg::MSR), 0xb0 | MSR_TERI);
     // A 4-byte read from MCR covers MCR, LSR, MSR and SCR.
     r.wr(reg::SCR, 0x42);
-    assert_eq!(r.spaces.io_space.read_u64(BASE + 4, 4), (0x42b0_600b, MemTxResult::Ok));
+    assert_eq!(r.io().read_u64(BASE + 4, 4), (0x42b0_600b, MemTxResult::Ok));
 }
 
 #[test]
@@ -382,9 +383,9 @@ fn character_timeout_interrupt_below_the_trigger_level() {
 #[test]
 fn unplugging_stops_the_actor() {
     let r = rig();
-    r.spaces.io.del_subregion(&r._region).unwrap();
-    let Rig { h, _region, .. } = r;
-    drop(_region);
+    r.board.spaces.io.del_subregion(r.uart.region(PORTS).unwrap()).unwrap();
+    let Rig { h, uart, .. } = r;
+    drop(uart);
     assert!(!h.is_alive());
 }
 
@@ -486,7 +487,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Read { off, size } => {
-                    let (v, res) = r.spaces.io_space.read_u64(BASE + off, size);
+                    let (v, res) = r.io().read_u64(BASE + off, size);
                     prop_assert_eq!(res, MemTxResult::Ok);
                     // Byte k came from port BASE + off + k.
                     for k in 0..size as u64 {
@@ -505,7 +506,7 @@ proptest! {
                     }
                 }
                 Op::Write { off, size, value } => {
-                    prop_assert_eq!(r.spaces.io_space.write_u64(BASE + off, value, size), MemTxResult::Ok);
+                    prop_assert_eq!(r.io().write_u64(BASE + off, value, size), MemTxResult::Ok);
                     for k in 0..size as u64 {
                         let b = (value >> (8 * k)) as u8;
                         let dlab = shadow.lcr & LCR_DLAB != 0;
@@ -528,4 +529,103 @@ proptest! {
             check_invariants(&r, &shadow)?;
         }
     }
+}
+
+// ----- a guest flooding a slow sink ----------------------------------------
+
+/// A sink that spends about 5 µs of work on each byte (a slow terminal),
+/// keeping what it received.
+struct SlowSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SlowSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(5) {
+                std::hint::spin_loop();
+            }
+            self.0.lock().unwrap().push(b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_guest_flooding_a_slow_uart_is_held_to_the_mailbox_bound_and_nobody_drains_for_it_beyond_the_budget() {
+    use std::num::NonZeroUsize;
+    use topos_devices::ActorOptions;
+    const FLOOD: usize = 20_000;
+    const OTHER: u8 = 0xff;
+    let capacity = NonZeroUsize::new(32).unwrap();
+    let budget = NonZeroUsize::new(8).unwrap();
+    let board = Board::new();
+    let spaces = &board.spaces;
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let config = SerialConfig {
+        sink: SerialSink::Writer(Box::new(SlowSink(received.clone()))),
+        options: SerialOptions { char_timeout: false, ..SerialOptions::default() },
+    };
+    let ctx = board.ctx("com1").with_actor_options(ActorOptions { capacity, budget });
+    let h = board.plug_io::<Serial16550>(config, ctx, PORTS, BASE).handle;
+
+    // Another thread holds the UART's turn (an embedder call, parked until
+    // the gate opens) when a vCPU starts printing in a loop (bytes 0..=250
+    // over and over): its writes back up behind the turn.
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            h.with(move |_, _| {
+                entered_tx.send(()).unwrap();
+                let _ = gate_rx.recv();
+            })
+        })
+    };
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let flood = {
+        let io = spaces.io_space.clone();
+        std::thread::spawn(move || {
+            for i in 0..FLOOD {
+                assert_eq!(io.write_u64(BASE, (i % 251) as u64, 1), MemTxResult::Ok);
+            }
+        })
+    };
+    // Let the holder go once the mailbox is full: the flood must then wait
+    // for room, and the holder must not drain the flood for it.
+    let deadline = Instant::now() + WAIT;
+    while h.stats().unwrap().queued < capacity.get() {
+        assert!(Instant::now() < deadline, "the flood never filled the mailbox");
+        std::thread::yield_now();
+    }
+    gate_tx.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    // Another vCPU writes one byte while the flood is under way.
+    assert_eq!(spaces.io_space.write_u64(BASE, u64::from(OTHER), 1), MemTxResult::Ok);
+    flood.join().unwrap();
+    // Posted bytes still in the mailbox reach the sink too (bounded wait).
+    let deadline = Instant::now() + WAIT;
+    while received.lock().unwrap().len() < FLOOD + 1 {
+        assert!(Instant::now() < deadline, "bytes were stranded in the mailbox");
+        std::thread::yield_now();
+    }
+
+    let stats = h.stats().unwrap();
+    assert!(stats.max_queued <= capacity.get(), "the mailbox grew to {} messages", stats.max_queued);
+    assert!(
+        stats.max_caller_drain <= budget.get(),
+        "a vCPU handled {} messages for others in one turn",
+        stats.max_caller_drain
+    );
+    assert!(stats.handoffs > 0, "the backlog never went to a drainer: the test did not flood");
+    // Every byte, each vCPU's in its order.
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), FLOOD + 1);
+    assert_eq!(got.iter().filter(|&&b| b == OTHER).count(), 1);
+    let flood_bytes: Vec<u8> = got.into_iter().filter(|&b| b != OTHER).collect();
+    assert!(flood_bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the flood's bytes are out of order");
+    assert_eq!(h.with(|d, _| d.transmitted()).unwrap(), (FLOOD + 1) as u64);
 }

@@ -1,48 +1,50 @@
 //! The virtio-mmio doorbell, driven through address-space accesses as a
 //! guest would.
+// Runs real threads and a tokio runtime: not a loom model.
+#![cfg(not(topos_loom))]
+
+mod support;
 
 use proptest::prelude::*;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use support::WAIT;
 use topos_devices::runtime::{
     AddressSpace, EventNotifier, ListenerResult, MemTxResult, MemoryListener, MemoryRegion, MemoryRegionSection,
     Topology,
 };
 use topos_devices::virtio_doorbell::{
-    reg, Doorbell, DoorbellConfig, Kick, KickPath, NotifyMatch, F_VERSION_1, INT_VRING, MAGIC, STATUS_ACKNOWLEDGE,
-    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VENDOR_QEMU, VERSION,
+    reg, Doorbell, DoorbellConfig, Kick, KickPath, NotifyMatch, VirtioDoorbell, F_VERSION_1, INT_VRING, MAGIC, REGS,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VENDOR_QEMU, VERSION,
 };
-use topos_devices::{DeviceRuntime, IrqLine, LevelRecorder};
+use topos_devices::{DeviceModel, Error, IrqLine, LevelRecorder};
 
-/// Generous bound for waiting on another thread; never a timing assertion.
-const WAIT: Duration = Duration::from_secs(20);
 const BASE: u64 = 0x1000_0000;
 const MOVED: u64 = 0x2000_0000;
 const IRQ: u32 = 7;
 
-fn rt() -> &'static DeviceRuntime {
-    static RT: OnceLock<DeviceRuntime> = OnceLock::new();
-    RT.get_or_init(|| DeviceRuntime::new().unwrap())
-}
-
 struct Board {
+    /// Keeps the topology alive.
+    _board: support::Board,
     topo: Topology,
     system: MemoryRegion,
     mem: AddressSpace,
     dev: Doorbell,
+    region: MemoryRegion,
     irqs: Arc<LevelRecorder>,
     kicks: mpsc::Receiver<Kick>,
 }
 
+/// A doorbell of `config` at [`BASE`], its kicks sent to `kicks`.
 fn board(config: DoorbellConfig) -> Board {
-    let topo = Topology::new();
-    let s = topo.standard_spaces().unwrap();
+    let board = support::Board::new();
     let irqs = LevelRecorder::new();
     let (tx, kicks) = mpsc::channel();
-    let dev =
-        Doorbell::new(&topo, rt(), "virtio-mmio", config, Some(IrqLine::new(irqs.clone(), IRQ)), Some(tx)).unwrap();
-    s.system.add_subregion(BASE, dev.region()).unwrap();
-    Board { topo, system: s.system, mem: s.memory, dev, irqs, kicks }
+    let config = DoorbellConfig { backend: Some(tx), ..config };
+    let ctx = board.ctx("virtio-mmio").with_irq(IrqLine::new(irqs.clone(), IRQ));
+    let plugged = board.plug_mem::<VirtioDoorbell>(config, ctx, REGS, BASE);
+    let region = plugged.region(REGS).unwrap().clone();
+    let (topo, system, mem) = (board.topo.clone(), board.spaces.system.clone(), board.spaces.memory.clone());
+    Board { _board: board, topo, system, mem, dev: plugged.handle, region, irqs, kicks }
 }
 
 impl Board {
@@ -209,8 +211,8 @@ fn moving_the_device_moves_its_doorbell() {
     assert_eq!(log.take(), vec![("add", BASE + reg::QUEUE_NOTIFY, true, 0)], "replayed on registration");
     b.bring_up();
 
-    b.dev.region().set_address(MOVED).unwrap();
-    assert_eq!(b.dev.region().container().as_ref(), Some(&b.system));
+    b.region.set_address(MOVED).unwrap();
+    assert_eq!(b.region.container().as_ref(), Some(&b.system));
     let mut seen = log.take();
     seen.sort();
     assert_eq!(seen, vec![("add", MOVED + reg::QUEUE_NOTIFY, true, 0), ("del", BASE + reg::QUEUE_NOTIFY, true, 0)]);
@@ -232,11 +234,20 @@ fn moving_the_device_moves_its_doorbell() {
 }
 
 #[test]
+fn a_doorbell_without_queues_or_with_too_many_is_a_configuration_error() {
+    let board = support::Board::new();
+    for num_queues in [0, 1025] {
+        let r = VirtioDoorbell::plug(DoorbellConfig { num_queues, ..DoorbellConfig::default() }, board.ctx("bad"));
+        assert!(matches!(r, Err(Error::InvalidConfig { device: "virtio-mmio", .. })), "{num_queues}: {r:?}");
+    }
+}
+
+#[test]
 fn the_actor_stops_when_its_region_goes() {
     let b = board(DoorbellConfig::default());
     let h = b.dev.handle().clone();
-    b.system.del_subregion(b.dev.region()).unwrap();
-    drop(b.dev);
+    b.system.del_subregion(&b.region).unwrap();
+    drop(b.region);
     assert!(!h.is_alive());
 }
 

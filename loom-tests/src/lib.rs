@@ -1,9 +1,10 @@
-//! loom models of the runtime's concurrency protocols.
+//! loom models of topos's concurrency protocols.
 //!
-//! Each file in `tests/` models one protocol against the real runtime code:
-//! built with `--cfg topos_loom`, the runtime takes its locks, atomics, RCU
-//! cell, thread identities and thread-locals from loom (see `topos_runtime`'s
-//! `sync` module), so loom explores the interleavings of the runtime's own
+//! Each file in `tests/` models one protocol against the real code: built
+//! with `--cfg topos_loom`, the runtime and the device harness take their
+//! locks, atomics, cells, queues, RCU cell, thread identities, thread-locals
+//! and drainer threads from loom (see the `sync` modules of `topos_runtime`
+//! and `topos_devices`), so loom explores the interleavings of their own
 //! code.
 //!
 //! | model | what it checks |
@@ -20,6 +21,10 @@
 //! | `dirty_bitmap` | no dirty bit lost or harvested twice, on the whole-word, masked-word and per-page paths |
 //! | `map_clients` | a client registered after a failed map is woken, and then finds the budget free |
 //! | `ioeventfd` | a write racing `add_eventfd` goes one way; `eventfd_add` reaches listeners only after the view is published |
+//! | `device_turn` | device handlers never overlap; a post racing a release is never stranded; FIFO per sender; a read of a busy actor gets its answer |
+//! | `device_mailbox` | a full mailbox makes senders wait for room, and they are woken |
+//! | `device_handoff` | a caller handles at most its budget of others' messages; the backlog is drained by a drainer |
+//! | `device_no_block` | two devices whose handlers read and call each other never deadlock |
 //!
 //! ```sh
 //! # bounded, as CI runs them
@@ -97,5 +102,45 @@ pub mod model {
     /// A layout written out: `[(0, "a")]` from `&[(0, "a")]`.
     pub fn lay(pairs: &[(u64, &str)]) -> Vec<(u64, String)> {
         pairs.iter().map(|(a, n)| (*a, n.to_string())).collect()
+    }
+}
+
+/// Helpers shared by the device harness models.
+pub mod devices {
+    use std::sync::{Arc, Mutex};
+    use topos_devices::runtime::HwAddr;
+    use topos_devices::{Device, DeviceCtx};
+
+    /// What a [`Recorder`] saw, in order.
+    ///
+    /// A std mutex, invisible to loom: nothing in its critical sections
+    /// yields to loom, and the models read it once their threads are done.
+    pub type Log = Arc<Mutex<Vec<u64>>>;
+
+    /// Records every value written to it; reads return how many it has.
+    /// Its handlers run inside the harness's turn cell, so loom checks that
+    /// the turn makes them exclusive.
+    pub struct Recorder(pub Log);
+
+    impl Recorder {
+        /// A recorder and its log.
+        pub fn new() -> (Recorder, Log) {
+            let log = Log::default();
+            (Recorder(log.clone()), log)
+        }
+    }
+
+    impl Device for Recorder {
+        fn read(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: HwAddr, _size: u32) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn write(&mut self, _ctx: &mut DeviceCtx<'_>, _region: usize, _addr: HwAddr, value: u64, _size: u32) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    /// Whether `a` comes before `b` in `log` (both present).
+    pub fn before(log: &[u64], a: u64, b: u64) -> bool {
+        matches!((log.iter().position(|&v| v == a), log.iter().position(|&v| v == b)), (Some(i), Some(j)) if i < j)
     }
 }

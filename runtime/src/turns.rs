@@ -40,8 +40,10 @@ mod state {
     pub(super) static TOPOLOGY_TURNS: Cell<u32> = Cell::new(0);
     /// Work waiting for this thread to hold no turn.
     pub(super) static DEFERRED: RefCell<Vec<Deferred>> = RefCell::new(Vec::new());
-    /// Set while `run_deferred` runs, so nested releases do not recurse.
-    pub(super) static RUNNING: Cell<bool> = Cell::new(false);
+    /// How many runs of deferred work are in progress on this thread's
+    /// stack (deferred work that makes an access runs that access's own
+    /// deferred work when it returns: a nested run).
+    pub(super) static RUNNING: Cell<u32> = Cell::new(0);
     }
 }
 use state::{DEFERRED, DEVICE_TURNS, RUNNING, TOPOLOGY_TURNS};
@@ -92,6 +94,12 @@ pub fn holds_any_turn() -> bool {
 /// once if it holds none now, otherwise when it gives back its last device
 /// or topology turn (in the order the work was deferred). A panic in `f` is
 /// contained and reported through `tracing`.
+///
+/// Deferred work may itself make accesses that defer work: that work runs
+/// when the access gives its turn back, before the deferred work that made
+/// it goes on — so an access made from deferred work has taken effect when
+/// it returns, as any other. Such nesting follows the real call stack; past
+/// [`MAX_NESTED_RUNS`] levels, work waits for the outer run instead.
 pub fn defer_until_no_turn(f: impl FnOnce() + Send + 'static) {
     DEFERRED.with(|d| d.borrow_mut().push(Box::new(f)));
     run_deferred_if_free();
@@ -119,17 +127,22 @@ pub(crate) fn topology_turn_released() {
     }
 }
 
+/// Nesting bound of deferred-work runs on one thread's stack (see
+/// [`defer_until_no_turn`]); it keeps a chain of accesses made from
+/// deferred work from growing the stack without limit.
+pub const MAX_NESTED_RUNS: u32 = 8;
+
 /// Runs the deferred work if the thread holds no turn (and is not already
-/// running it further up the stack).
+/// [`MAX_NESTED_RUNS`] runs deep).
 fn run_deferred_if_free() {
-    if holds_any_turn() || RUNNING.try_with(Cell::get).unwrap_or(true) {
+    if holds_any_turn() || RUNNING.try_with(Cell::get).unwrap_or(MAX_NESTED_RUNS) >= MAX_NESTED_RUNS {
         return;
     }
-    RUNNING.with(|r| r.set(true));
+    RUNNING.with(|r| r.set(r.get() + 1));
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
-            let _ = RUNNING.try_with(|r| r.set(false));
+            let _ = RUNNING.try_with(|r| r.set(r.get().saturating_sub(1)));
         }
     }
     let _reset = Reset;
@@ -178,6 +191,43 @@ mod tests {
             r.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn work_deferred_by_an_access_from_deferred_work_runs_when_that_access_returns() {
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let turn = DeviceTurn::enter();
+        let o = order.clone();
+        defer_until_no_turn(move || {
+            // An access from deferred work: its handler defers more.
+            let access = DeviceTurn::enter();
+            let o2 = o.clone();
+            defer_until_no_turn(move || o2.lock().unwrap().push("inner"));
+            drop(access);
+            o.lock().unwrap().push("after the access");
+        });
+        let o = order.clone();
+        defer_until_no_turn(move || o.lock().unwrap().push("next"));
+        drop(turn);
+        assert_eq!(*order.lock().unwrap(), ["inner", "after the access", "next"]);
+    }
+
+    #[test]
+    fn nested_runs_are_bounded_and_nothing_is_lost() {
+        fn chain(left: u32, ran: Arc<AtomicU32>) {
+            defer_until_no_turn(move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+                if left > 0 {
+                    let access = DeviceTurn::enter();
+                    chain(left - 1, ran);
+                    drop(access);
+                }
+            });
+        }
+        let ran = Arc::new(AtomicU32::new(0));
+        chain(3 * MAX_NESTED_RUNS, ran.clone());
+        assert_eq!(ran.load(Ordering::SeqCst), 3 * MAX_NESTED_RUNS + 1);
+        assert!(!has_deferred_work());
     }
 
     #[test]
