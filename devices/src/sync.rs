@@ -32,12 +32,6 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub(crate) use std::sync::{Arc, Weak};
 
 #[cfg(not(topos_loom))]
-pub(crate) use std::thread_local;
-
-#[cfg(topos_loom)]
-pub(crate) use loom::thread_local;
-
-#[cfg(not(topos_loom))]
 use std::sync as imp;
 
 #[cfg(topos_loom)]

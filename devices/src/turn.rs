@@ -46,10 +46,19 @@ pub(crate) struct Turn<T> {
 // `T: Send`.
 unsafe impl<T: Send> Sync for Turn<T> {}
 
-// loom's `thread_local!` (swapped in by the sync shim) has no `const` form.
+#[cfg(not(topos_loom))]
+mod token {
+    std::thread_local! {
+        /// Its address identifies the thread.
+        pub(super) static TOKEN: u8 = const { 0 };
+    }
+}
+
+// loom's `thread_local!` has no `const` form.
+#[cfg(topos_loom)]
 #[allow(clippy::missing_const_for_thread_local)]
 mod token {
-    crate::sync::thread_local! {
+    loom::thread_local! {
         /// Its address identifies the thread.
         pub(super) static TOKEN: u8 = 0;
     }

@@ -153,10 +153,9 @@ impl RegionOps {
     /// `memory_region_access_valid` of QEMU 5.1+.
     pub(crate) fn access_valid(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
         let v = &self.config.valid;
-        if !matches!(size, 1 | 2 | 4 | 8) {
-            tracing::debug!(addr, size, is_write, "invalid access: size");
-            return false;
-        }
+        // Callers pass 1, 2, 4 or 8 (`MemoryRegion::dispatch_*` refuse
+        // anything else before getting here).
+        debug_assert!(matches!(size, 1 | 2 | 4 | 8), "access size {size}");
         if !self.ops.accepts(addr, size, is_write) {
             tracing::debug!(addr, size, is_write, "invalid access: rejected");
             return false;

@@ -28,25 +28,62 @@ use std::marker::PhantomData;
 
 type Deferred = Box<dyn FnOnce() + Send>;
 
-// loom's `thread_local!` (swapped in by the sync shim) has no `const` form.
-#[allow(clippy::missing_const_for_thread_local)]
-mod state {
-    use super::{Cell, Deferred, RefCell};
-    crate::sync::thread_local! {
-    /// Device turns held by this thread (nested accesses hold several).
-    pub(super) static DEVICE_TURNS: Cell<u32> = Cell::new(0);
-    /// Topology turns held by this thread (one per topology it is in a
-    /// transaction of).
-    pub(super) static TOPOLOGY_TURNS: Cell<u32> = Cell::new(0);
-    /// Work waiting for this thread to hold no turn.
-    pub(super) static DEFERRED: RefCell<Vec<Deferred>> = RefCell::new(Vec::new());
-    /// How many runs of deferred work are in progress on this thread's
-    /// stack (deferred work that makes an access runs that access's own
-    /// deferred work when it returns: a nested run).
-    pub(super) static RUNNING: Cell<u32> = Cell::new(0);
+/// What one thread holds, and whether work waits for it to hold nothing: one
+/// thread-local with nothing to drop, so the device harness's hot path (a
+/// turn taken and given back per access) pays one plain thread-local access
+/// each way. The work itself is in `DEFERRED`, touched only when there is
+/// some.
+struct ThreadTurns {
+    /// Device turns held (nested accesses hold several).
+    device: Cell<u32>,
+    /// Topology turns held (one per topology it is in a transaction of).
+    topology: Cell<u32>,
+    /// Runs of deferred work in progress on this thread's stack (deferred
+    /// work that makes an access runs that access's own deferred work when
+    /// it returns: a nested run).
+    running: Cell<u32>,
+    /// Whether `DEFERRED` holds work.
+    has_deferred: Cell<bool>,
+}
+
+impl ThreadTurns {
+    const fn new() -> ThreadTurns {
+        ThreadTurns {
+            device: Cell::new(0),
+            topology: Cell::new(0),
+            running: Cell::new(0),
+            has_deferred: Cell::new(false),
+        }
+    }
+
+    /// Whether deferred work may run now: no turn held, work waiting, and
+    /// not already [`MAX_NESTED_RUNS`] runs deep.
+    fn may_run_deferred(&self) -> bool {
+        self.device.get() == 0
+            && self.topology.get() == 0
+            && self.has_deferred.get()
+            && self.running.get() < MAX_NESTED_RUNS
     }
 }
-use state::{DEFERRED, DEVICE_TURNS, RUNNING, TOPOLOGY_TURNS};
+
+#[cfg(not(topos_loom))]
+std::thread_local! {
+    static TURNS: ThreadTurns = const { ThreadTurns::new() };
+    /// Work waiting for this thread to hold no turn.
+    static DEFERRED: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
+}
+
+// loom's `thread_local!` has no `const` form.
+#[cfg(topos_loom)]
+#[allow(clippy::missing_const_for_thread_local)]
+mod loom_state {
+    loom::thread_local! {
+        pub(super) static TURNS: super::ThreadTurns = super::ThreadTurns::new();
+        pub(super) static DEFERRED: std::cell::RefCell<Vec<super::Deferred>> = std::cell::RefCell::new(Vec::new());
+    }
+}
+#[cfg(topos_loom)]
+use loom_state::{DEFERRED, TURNS};
 
 /// Marks the calling thread as holding a device actor's turn for as long as
 /// the guard lives (the device harness creates one per turn it takes).
@@ -60,34 +97,36 @@ pub struct DeviceTurn {
 
 impl DeviceTurn {
     /// Records that the calling thread now holds one more device turn.
+    #[inline]
     pub fn enter() -> DeviceTurn {
-        DEVICE_TURNS.with(|c| c.set(c.get() + 1));
+        TURNS.with(|t| t.device.set(t.device.get() + 1));
         DeviceTurn { _thread: PhantomData }
     }
 }
 
 impl Drop for DeviceTurn {
+    #[inline]
     fn drop(&mut self) {
         // `try_with`: the guard may be dropped while the thread exits.
-        let left = DEVICE_TURNS.try_with(|c| {
-            let n = c.get().saturating_sub(1);
-            c.set(n);
-            n
+        let run = TURNS.try_with(|t| {
+            t.device.set(t.device.get().saturating_sub(1));
+            t.may_run_deferred()
         });
-        if matches!(left, Ok(0)) {
-            run_deferred_if_free();
+        if matches!(run, Ok(true)) {
+            run_deferred();
         }
     }
 }
 
 /// True while the calling thread holds at least one device turn.
+#[inline]
 pub fn holds_device_turn() -> bool {
-    DEVICE_TURNS.try_with(Cell::get).unwrap_or(0) > 0
+    TURNS.try_with(|t| t.device.get() > 0).unwrap_or(false)
 }
 
 /// True while the calling thread holds any turn: a device's or a topology's.
 pub fn holds_any_turn() -> bool {
-    holds_device_turn() || TOPOLOGY_TURNS.try_with(Cell::get).unwrap_or(0) > 0
+    TURNS.try_with(|t| t.device.get() > 0 || t.topology.get() > 0).unwrap_or(false)
 }
 
 /// Runs `f` on the calling thread as soon as it holds no turn at all: at
@@ -102,28 +141,33 @@ pub fn holds_any_turn() -> bool {
 /// [`MAX_NESTED_RUNS`] levels, work waits for the outer run instead.
 pub fn defer_until_no_turn(f: impl FnOnce() + Send + 'static) {
     DEFERRED.with(|d| d.borrow_mut().push(Box::new(f)));
-    run_deferred_if_free();
+    let run = TURNS.with(|t| {
+        t.has_deferred.set(true);
+        t.may_run_deferred()
+    });
+    if run {
+        run_deferred();
+    }
 }
 
 /// Whether work is waiting on this thread (for tests and diagnostics).
 pub fn has_deferred_work() -> bool {
-    DEFERRED.try_with(|d| !d.borrow().is_empty()).unwrap_or(false)
+    TURNS.try_with(|t| t.has_deferred.get()).unwrap_or(false)
 }
 
 /// The topology took its turn on this thread.
 pub(crate) fn topology_turn_taken() {
-    TOPOLOGY_TURNS.with(|c| c.set(c.get() + 1));
+    TURNS.with(|t| t.topology.set(t.topology.get() + 1));
 }
 
 /// The topology gave its turn back on this thread.
 pub(crate) fn topology_turn_released() {
-    let left = TOPOLOGY_TURNS.try_with(|c| {
-        let n = c.get().saturating_sub(1);
-        c.set(n);
-        n
+    let run = TURNS.try_with(|t| {
+        t.topology.set(t.topology.get().saturating_sub(1));
+        t.may_run_deferred()
     });
-    if matches!(left, Ok(0)) {
-        run_deferred_if_free();
+    if matches!(run, Ok(true)) {
+        run_deferred();
     }
 }
 
@@ -132,21 +176,20 @@ pub(crate) fn topology_turn_released() {
 /// deferred work from growing the stack without limit.
 pub const MAX_NESTED_RUNS: u32 = 8;
 
-/// Runs the deferred work if the thread holds no turn (and is not already
-/// [`MAX_NESTED_RUNS`] runs deep).
-fn run_deferred_if_free() {
-    if holds_any_turn() || RUNNING.try_with(Cell::get).unwrap_or(MAX_NESTED_RUNS) >= MAX_NESTED_RUNS {
-        return;
-    }
-    RUNNING.with(|r| r.set(r.get() + 1));
+/// Runs the thread's deferred work (the caller checked
+/// `may_run_deferred`), including work deferred meanwhile.
+#[cold]
+fn run_deferred() {
+    TURNS.with(|t| t.running.set(t.running.get() + 1));
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
-            let _ = RUNNING.try_with(|r| r.set(r.get().saturating_sub(1)));
+            let _ = TURNS.try_with(|t| t.running.set(t.running.get().saturating_sub(1)));
         }
     }
     let _reset = Reset;
     loop {
+        TURNS.with(|t| t.has_deferred.set(false));
         let work = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
         if work.is_empty() {
             return;
