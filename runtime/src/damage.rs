@@ -5,7 +5,7 @@
 
 use crate::flatview::FlatView;
 use crate::region::{MemoryRegion, RegionId};
-use crate::render::{render, render_window, Placements};
+use crate::render::{render, render_windows, Placements};
 use crate::sync::Arc;
 use crate::transaction::Damage;
 use std::collections::HashMap;
@@ -153,10 +153,7 @@ impl RenderCaches {
                 (v, None)
             } else if !c.windows.is_empty() {
                 let windows = normalize(std::mem::take(&mut c.windows));
-                let mut pieces = Vec::new();
-                for &w in &windows {
-                    pieces.extend(render_window(Some(root), w, &mut c.placements));
-                }
+                let pieces = render_windows(Some(root), &windows, &mut c.placements);
                 let v = Arc::new(old.splice(&windows, pieces, Some(root.clone()), generation));
                 // Grow the windows to range boundaries of both views.
                 let mut sp = windows;

@@ -43,7 +43,8 @@ struct Piece {
 
 struct Renderer<'a> {
     pieces: BTreeMap<u128, Piece>,
-    win: (u128, u128),
+    /// The address windows to render: sorted, disjoint, non-empty.
+    wins: &'a [(u128, u128)],
     placements: &'a mut Placements,
 }
 
@@ -52,17 +53,19 @@ struct Renderer<'a> {
 /// placements afresh.
 pub(crate) fn render(root: Option<&MemoryRegion>, placements: &mut Placements, generation: u64) -> FlatView {
     *placements = Placements::default();
-    let pieces = render_window(root, (0, crate::types::SIZE_MAX), placements);
+    let pieces = render_windows(root, &[(0, crate::types::SIZE_MAX)], placements);
     FlatView::new(simplify(pieces), root.cloned(), generation)
 }
 
-/// Renders only the addresses in `win`, returning the (unmerged) pieces.
-pub(crate) fn render_window(
+/// Renders only the addresses in `windows` (sorted, disjoint), in one walk
+/// of the tree, returning the (unmerged) pieces in address order.
+pub(crate) fn render_windows(
     root: Option<&MemoryRegion>,
-    win: (u128, u128),
+    windows: &[(u128, u128)],
     placements: &mut Placements,
 ) -> Vec<FlatRange> {
-    let mut r = Renderer { pieces: BTreeMap::new(), win, placements };
+    let wins: Vec<(u128, u128)> = windows.iter().copied().filter(|w| w.0 < w.1).collect();
+    let mut r = Renderer { pieces: BTreeMap::new(), wins: &wins, placements };
     if let Some(root) = root {
         r.region(root, 0, (0, crate::types::SIZE_MAX), false);
     }
@@ -103,10 +106,15 @@ impl Renderer<'_> {
         }
         let clip = (start as u128, end as u128);
         self.placements.record(mr.id(), Placement { base, start: clip.0, end: clip.1 });
-        let w = (clip.0.max(self.win.0), clip.1.min(self.win.1));
-        if w.0 >= w.1 {
+        // The windows that reach into the clip (usually one or two).
+        let lo = self.wins.partition_point(|w| w.1 <= clip.0);
+        let hi = lo + self.wins[lo..].partition_point(|w| w.0 < clip.1);
+        if lo == hi {
             return;
         }
+        let wins = &self.wins[lo..hi];
+        // Their hull, for a first, cheap test of each child.
+        let hull = (clip.0.max(wins[0].0) as i128, clip.1.min(wins[wins.len() - 1].1) as i128);
 
         if let RegionKind::Alias { target } = mr.kind() {
             let target_addr = target.state().addr;
@@ -123,7 +131,10 @@ impl Renderer<'_> {
             }
             let cs = base + g.start as i128;
             let ce = base + g.last as i128 + 1;
-            if ce <= w.0 as i128 || cs >= w.1 as i128 {
+            if ce <= hull.0 || cs >= hull.1 {
+                continue;
+            }
+            if wins.len() > 1 && !wins.iter().any(|&(ws, we)| cs < we as i128 && ce > ws as i128) {
                 continue;
             }
             self.region(child, base, clip, readonly);
@@ -133,23 +144,26 @@ impl Renderer<'_> {
             return;
         }
 
-        // Fill the gaps of the window that nothing rendered earlier claims.
+        // Fill the gaps of each window that nothing rendered earlier claims.
         let mut gaps = Vec::new();
-        let mut pos = w.0;
-        if let Some((_, p)) = self.pieces.range(..w.0).next_back() {
-            pos = pos.max(p.end);
-        }
-        for (&s, p) in self.pieces.range(w.0..w.1) {
-            if s > pos {
-                gaps.push((pos, s));
+        for &(ws, we) in wins {
+            let w = (clip.0.max(ws), clip.1.min(we));
+            let mut pos = w.0;
+            if let Some((_, p)) = self.pieces.range(..w.0).next_back() {
+                pos = pos.max(p.end);
             }
-            pos = pos.max(p.end);
-            if pos >= w.1 {
-                break;
+            for (&s, p) in self.pieces.range(w.0..w.1) {
+                if s > pos {
+                    gaps.push((pos, s));
+                }
+                pos = pos.max(p.end);
+                if pos >= w.1 {
+                    break;
+                }
             }
-        }
-        if pos < w.1 {
-            gaps.push((pos, w.1));
+            if pos < w.1 {
+                gaps.push((pos, w.1));
+            }
         }
         for (s, e) in gaps {
             self.pieces.insert(s, Piece { end: e, region: mr.clone(), offset: (s as i128 - base) as u128, readonly });

@@ -88,6 +88,45 @@ impl MemoryRegion {
         self.add_subregion_common(offset, child, priority)
     }
 
+    /// Moves `child`, a subregion of `self`, to `addr`: what
+    /// `del_subregion` then `add_subregion_overlap` would do (it becomes the
+    /// newest among siblings of its priority), in one step.
+    fn move_subregion(&self, child: &MemoryRegion, addr: HwAddr, priority: i32) -> Result<()> {
+        let topo = self.topology()?;
+        let mut st = self.state();
+        let Some(from) = st.subregions.iter().position(|c| c == child) else {
+            return Err(Error::NotAChild { region: child.name().to_string(), container: self.name().to_string() });
+        };
+        let old = std::mem::replace(&mut child.state().addr, addr);
+        // Where `add_subregion` would put it once removed: before the first
+        // other sibling whose priority is <= its own.
+        let to = st.subregions.iter().enumerate().position(|(i, o)| i != from && o.state().priority <= priority);
+        let to = match to {
+            Some(i) if i > from => i - 1,
+            Some(i) => i,
+            None => st.subregions.len() - 1,
+        };
+        let child_enabled = child.is_enabled();
+        st.child_geo[from] = ChildGeo::of(addr, child.size(), child_enabled);
+        if to < from {
+            st.subregions[to..=from].rotate_right(1);
+            st.child_geo[to..=from].rotate_right(1);
+        } else if to > from {
+            st.subregions[from..=to].rotate_left(1);
+            st.child_geo[from..=to].rotate_left(1);
+        }
+        let pending = st.enabled && child_enabled;
+        drop(st);
+        let child_is_root = child.is_as_root();
+        topo.record(|i| {
+            i.changed(pending || child_is_root);
+            i.damage(Damage::Child { parent: self.clone(), addr: old, size: child.size() });
+            i.damage(Damage::Child { parent: self.clone(), addr, size: child.size() });
+            i.damage(Damage::RootPlaced(child.clone()));
+        });
+        Ok(())
+    }
+
     /// `memory_region_del_subregion`.
     pub fn del_subregion(&self, child: &MemoryRegion) -> Result<()> {
         self.check_same_topology(child)?;
@@ -161,10 +200,7 @@ impl MemoryRegion {
                 (st.addr, st.parent.as_ref().and_then(Weak::upgrade).map(MemoryRegion), st.priority)
             };
             match parent {
-                Some(p) if cur != addr => {
-                    p.del_subregion(self)?;
-                    p.add_subregion_common(addr, self, prio)
-                }
+                Some(p) if cur != addr => p.move_subregion(self, addr, prio),
                 _ => {
                     // No container: QEMU only stores the address. The root of
                     // an address space renders at its own address, though, so
