@@ -419,23 +419,35 @@ impl<D: Device> Core<D> {
     /// budget is spent, hands the turn and the backlog to a drainer. Then,
     /// if the thread holds no other turn, runs its deferred work.
     #[inline]
-    fn finish(&self, mut held: Held<'_, D>, mut work: Work) {
+    fn finish(&self, held: Held<'_, D>, work: Work) {
+        match held.try_release() {
+            Ok(marker) => {
+                if work.done > 0 {
+                    self.note(&work);
+                }
+                drop(marker);
+            }
+            Err(held) => self.finish_busy(held, work),
+        }
+    }
+
+    /// [`finish`](Self::finish) when messages were queued meanwhile.
+    #[cold]
+    fn finish_busy(&self, mut held: Held<'_, D>, mut work: Work) {
         loop {
+            if work.left == 0 {
+                self.note(&work);
+                self.hand_off(held);
+                return;
+            }
+            self.drain(&mut held, &mut work);
             match held.try_release() {
                 Ok(marker) => {
                     self.note(&work);
                     drop(marker);
                     return;
                 }
-                Err(h) => {
-                    held = h;
-                    if work.left == 0 {
-                        self.note(&work);
-                        self.hand_off(held);
-                        return;
-                    }
-                    self.drain(&mut held, &mut work);
-                }
+                Err(h) => held = h,
             }
         }
     }

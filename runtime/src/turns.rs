@@ -58,10 +58,12 @@ impl ThreadTurns {
 
     /// Whether deferred work may run now: no turn held, work waiting, and
     /// not already [`MAX_NESTED_RUNS`] runs deep.
+    #[inline]
     fn may_run_deferred(&self) -> bool {
-        self.device.get() == 0
+        // Most releases find no work: test that first.
+        self.has_deferred.get()
+            && self.device.get() == 0
             && self.topology.get() == 0
-            && self.has_deferred.get()
             && self.running.get() < MAX_NESTED_RUNS
     }
 }
