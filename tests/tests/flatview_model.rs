@@ -27,6 +27,7 @@ use topos_runtime::{
     AddressSpace, FlatView, HwAddr, ListenerResult, MemoryListener, MemoryRegion, MemoryRegionOps, MemoryRegionSection,
     OpsConfig, RegionId, Topology,
 };
+use topos_tests::SpaceReplay;
 
 /// Every size, address and offset is a multiple of this, so every boundary
 /// of the view is too.
@@ -60,15 +61,10 @@ type Entry = (RegionId, u128, u64, bool, Option<bool>);
 
 #[derive(Default)]
 struct RecState {
-    /// The replayed view, keyed by start address.
-    map: BTreeMap<u64, Entry>,
+    /// The replayed view.
+    space: SpaceReplay<Entry>,
     /// Inside `begin` .. `commit`.
     in_commit: bool,
-    /// A `region_add` was seen in the current commit.
-    adding: bool,
-    /// Start of the last `region_del` / `region_add` of the current commit.
-    last_del: Option<u64>,
-    last_add: Option<u64>,
     /// Protocol violations seen so far.
     errors: Vec<String>,
 }
@@ -91,7 +87,7 @@ impl Recorder {
     }
 
     fn map(&self) -> BTreeMap<u64, Entry> {
-        self.0.lock().unwrap().map.clone()
+        self.0.lock().unwrap().space.view()
     }
 }
 
@@ -111,9 +107,7 @@ impl MemoryListener for Recorder {
             st.errors.push("begin inside begin/commit".into());
         }
         st.in_commit = true;
-        st.adding = false;
-        st.last_del = None;
-        st.last_add = None;
+        st.space.begin();
         Ok(())
     }
 
@@ -128,6 +122,7 @@ impl MemoryListener for Recorder {
 
     fn region_add(&self, s: &MemoryRegionSection) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
+        let st = &mut *st;
         let start = s.offset_within_address_space;
         let Some(e) = section_entry(s) else {
             st.errors.push(format!("region_add at {start:#x} without a region"));
@@ -136,31 +131,13 @@ impl MemoryListener for Recorder {
         if !st.in_commit {
             st.errors.push(format!("region_add at {start:#x} outside begin/commit"));
         }
-        if st.last_add.is_some_and(|l| l >= start) {
-            st.errors.push(format!("region_add at {start:#x} out of address order"));
-        }
-        st.adding = true;
-        st.last_add = Some(start);
-        let end = start as u128 + s.size;
-        if s.size == 0 {
-            st.errors.push(format!("region_add of an empty section at {start:#x}"));
-        }
-        if let Some((&ps, pe)) = st.map.range(..=start).next_back() {
-            if ps as u128 + pe.1 > start as u128 {
-                st.errors.push(format!("region_add at {start:#x} overlaps held range at {ps:#x}"));
-            }
-        }
-        if let Some((&ns, _)) = st.map.range(start..).next() {
-            if (ns as u128) < end {
-                st.errors.push(format!("region_add [{start:#x},{end:#x}) overlaps held range at {ns:#x}"));
-            }
-        }
-        st.map.insert(start, e);
+        st.space.add(start, s.size, e, &mut st.errors, &format!("at {start:#x}"));
         Ok(())
     }
 
     fn region_del(&self, s: &MemoryRegionSection) -> ListenerResult {
         let mut st = self.0.lock().unwrap();
+        let st = &mut *st;
         let start = s.offset_within_address_space;
         let Some(e) = section_entry(s) else {
             st.errors.push(format!("region_del at {start:#x} without a region"));
@@ -169,23 +146,9 @@ impl MemoryListener for Recorder {
         if !st.in_commit {
             st.errors.push(format!("region_del at {start:#x} outside begin/commit"));
         }
-        if st.adding {
-            st.errors.push(format!("region_del at {start:#x} after a region_add of the same commit"));
-        }
-        if st.last_del.is_some_and(|l| l >= start) {
-            st.errors.push(format!("region_del at {start:#x} out of address order"));
-        }
-        st.last_del = Some(start);
-        match st.map.get(&start) {
-            // The romd mode may already be the new one: leave it out.
-            Some(held) if held.0 == e.0 && held.1 == e.1 && held.2 == e.2 && held.3 == e.3 => {
-                st.map.remove(&start);
-            }
-            held => {
-                let msg = format!("region_del at {start:#x} of {e:?}, but the listener holds {held:?}");
-                st.errors.push(msg);
-            }
-        }
+        // The romd mode may already be the new one: leave it out.
+        let same = |held: &Entry, e: &Entry| held.0 == e.0 && held.1 == e.1 && held.2 == e.2 && held.3 == e.3;
+        st.space.del(start, &e, same, &mut st.errors, &format!("at {start:#x}"));
         Ok(())
     }
 }

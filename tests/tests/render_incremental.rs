@@ -41,6 +41,7 @@ use topos_runtime::{
     AddressSpace, DiffSubscriber, DirtyClient, FlatRange, FlatView, HwAddr, ListenerId, ListenerResult, MemoryListener,
     MemoryRegion, MemoryRegionOps, MemoryRegionSection, Observed, OpsConfig, RegionId, Topology, SIZE_MAX,
 };
+use topos_tests::SpaceReplay;
 
 /// Every size, address and offset is a multiple of this.
 const BLOCK: u64 = 0x100;
@@ -86,21 +87,10 @@ fn entries(view: &FlatView) -> BTreeMap<u64, Entry> {
     view.iter().map(|fr| (fr.start(), entry_of(fr))).collect()
 }
 
-/// One address space as a listener replays it.
-#[derive(Default)]
-struct SpaceReplay {
-    map: BTreeMap<u64, Entry>,
-    /// A `region_add` was seen in the current commit.
-    adding: bool,
-    /// Start of the last `region_del` / `region_add` of the current commit.
-    last_del: Option<u64>,
-    last_add: Option<u64>,
-}
-
 #[derive(Default)]
 struct RecState {
     /// By address-space id.
-    spaces: HashMap<u64, SpaceReplay>,
+    spaces: HashMap<u64, SpaceReplay<Entry>>,
     in_commit: bool,
     errors: Vec<String>,
 }
@@ -134,7 +124,7 @@ impl Recorder {
     }
 
     fn map(&self, space: u64) -> BTreeMap<u64, Entry> {
-        self.st.lock().unwrap().spaces.get(&space).map(|s| s.map.clone()).unwrap_or_default()
+        self.st.lock().unwrap().spaces.get(&space).map(SpaceReplay::view).unwrap_or_default()
     }
 
     fn forget(&self, space: u64) {
@@ -152,7 +142,7 @@ impl Recorder {
         let start = s.offset_within_address_space;
         let id = s.mr.as_ref().map(MemoryRegion::id);
         let sp = st.spaces.entry(s.address_space.id()).or_default();
-        match sp.map.get_mut(&start) {
+        match sp.get_mut(start) {
             Some(held) if Some(held.0) == id && held.1 == s.size && held.2 == s.offset_within_region => held.5 = new,
             held => {
                 let msg = format!("{what} at {start:#x} of {} but the listener holds {held:?}", s.address_space.name());
@@ -174,9 +164,7 @@ impl MemoryListener for Recorder {
         }
         st.in_commit = true;
         for sp in st.spaces.values_mut() {
-            sp.adding = false;
-            sp.last_del = None;
-            sp.last_add = None;
+            sp.begin();
         }
         Ok(())
     }
@@ -204,26 +192,7 @@ impl MemoryListener for Recorder {
             st.errors.push(format!("region_add at {start:#x} of {name} outside begin/commit"));
         }
         let sp = st.spaces.entry(s.address_space.id()).or_default();
-        if sp.last_add.is_some_and(|l| l >= start) {
-            st.errors.push(format!("region_add at {start:#x} of {name} out of address order"));
-        }
-        sp.adding = true;
-        sp.last_add = Some(start);
-        let end = start as u128 + s.size;
-        if s.size == 0 {
-            st.errors.push(format!("region_add of an empty section at {start:#x} of {name}"));
-        }
-        if let Some((&ps, pe)) = sp.map.range(..=start).next_back() {
-            if ps as u128 + pe.1 > start as u128 {
-                st.errors.push(format!("region_add at {start:#x} of {name} overlaps held range at {ps:#x}"));
-            }
-        }
-        if let Some((&ns, _)) = sp.map.range(start..).next() {
-            if (ns as u128) < end {
-                st.errors.push(format!("region_add [{start:#x},{end:#x}) of {name} overlaps held range at {ns:#x}"));
-            }
-        }
-        sp.map.insert(start, e);
+        sp.add(start, s.size, e, &mut st.errors, &format!("at {start:#x} of {name}"));
         Ok(())
     }
 
@@ -240,24 +209,10 @@ impl MemoryListener for Recorder {
         if !st.in_commit {
             st.errors.push(format!("region_del at {start:#x} of {name} outside begin/commit"));
         }
+        // The romd mode and mask may already be the new ones: leave them out.
+        let same = |held: &Entry, e: &Entry| held.0 == e.0 && held.1 == e.1 && held.2 == e.2 && held.3 == e.3;
         let sp = st.spaces.entry(s.address_space.id()).or_default();
-        if sp.adding {
-            st.errors.push(format!("region_del at {start:#x} of {name} after a region_add of the same commit"));
-        }
-        if sp.last_del.is_some_and(|l| l >= start) {
-            st.errors.push(format!("region_del at {start:#x} of {name} out of address order"));
-        }
-        sp.last_del = Some(start);
-        match sp.map.get(&start) {
-            // The romd mode and mask may already be the new ones: leave them out.
-            Some(held) if held.0 == e.0 && held.1 == e.1 && held.2 == e.2 && held.3 == e.3 => {
-                sp.map.remove(&start);
-            }
-            held => {
-                let msg = format!("region_del at {start:#x} of {name} of {e:?}, but the listener holds {held:?}");
-                st.errors.push(msg);
-            }
-        }
+        sp.del(start, &e, same, &mut st.errors, &format!("at {start:#x} of {name}"));
         Ok(())
     }
 
