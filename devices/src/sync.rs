@@ -15,9 +15,9 @@
 //!   mutex around a `VecDeque` under loom (flume has no loom hooks).
 //! * [`spawn_blocking`] starts a drainer: on the device runtime's blocking
 //!   pool normally, as a loom thread under loom.
-//! * [`Mutex`] never reports poisoning: handlers run under `catch_unwind`,
-//!   and every critical section leaves its data consistent before it can
-//!   panic.
+//! * [`Mutex`] and [`Condvar`] are the runtime's (`topos_runtime::locks`):
+//!   they never report poisoning, as handlers run under `catch_unwind` and
+//!   every critical section leaves its data consistent before it can panic.
 //!
 //! Reference counting stays std's under loom too: loom's `Arc` has no `Weak`
 //! and no unsized values, and the protocols under test are the atomics and
@@ -31,57 +31,7 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub(crate) use std::sync::{Arc, Weak};
 
-#[cfg(not(topos_loom))]
-use std::sync as imp;
-
-#[cfg(topos_loom)]
-use loom::sync as imp;
-
-/// A mutex that ignores poisoning (see the module documentation).
-#[derive(Debug, Default)]
-pub(crate) struct Mutex<T>(imp::Mutex<T>);
-
-/// The guard of a [`Mutex`].
-pub(crate) type MutexGuard<'a, T> = imp::MutexGuard<'a, T>;
-
-impl<T> Mutex<T> {
-    /// A new unlocked mutex.
-    pub(crate) fn new(value: T) -> Self {
-        Self(imp::Mutex::new(value))
-    }
-
-    /// Locks the mutex, recovering the data if a previous holder panicked.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        match self.0.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-}
-
-/// A condition variable paired with [`Mutex`].
-#[derive(Debug, Default)]
-pub(crate) struct Condvar(imp::Condvar);
-
-impl Condvar {
-    /// A new condition variable.
-    pub(crate) fn new() -> Self {
-        Self(imp::Condvar::new())
-    }
-
-    /// Waits, recovering from poisoning like [`Mutex::lock`].
-    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-        match self.0.wait(guard) {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
-    /// Wakes every waiter.
-    pub(crate) fn notify_all(&self) {
-        self.0.notify_all();
-    }
-}
+pub(crate) use topos_runtime::locks::{Condvar, Mutex};
 
 /// A cell whose accesses go through closures, as loom's does (see the
 /// module documentation).

@@ -47,6 +47,12 @@ mod flatview;
 mod guest_atomic;
 mod ioeventfd;
 mod listener;
+pub mod locks {
+    //! The poison-ignoring mutex and condition variable the runtime locks
+    //! with, for the device harness to use too: under `--cfg topos_loom`
+    //! they are loom's, in both crates at once.
+    pub use crate::sync::{Condvar, Mutex, MutexGuard};
+}
 mod map;
 mod mtree;
 mod ops;

@@ -14,7 +14,9 @@
 //!   and sanitizer runs).
 //! * [`Mutex`] never reports poisoning: a panicking listener or device must not
 //!   wedge the topology for everybody else, and every critical section in the
-//!   runtime leaves its data consistent before it calls out.
+//!   runtime leaves its data consistent before it calls out. It and
+//!   [`Condvar`] are public (as `topos_runtime::locks`) so that the device
+//!   harness locks with the same ones and one loom build swaps both.
 
 #[cfg(not(topos_loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -71,19 +73,19 @@ use loom::sync as imp;
 
 /// A mutex that ignores poisoning (see the module documentation).
 #[derive(Debug, Default)]
-pub(crate) struct Mutex<T>(imp::Mutex<T>);
+pub struct Mutex<T>(imp::Mutex<T>);
 
 /// The guard of a [`Mutex`].
-pub(crate) type MutexGuard<'a, T> = imp::MutexGuard<'a, T>;
+pub type MutexGuard<'a, T> = imp::MutexGuard<'a, T>;
 
 impl<T> Mutex<T> {
     /// A new unlocked mutex.
-    pub(crate) fn new(value: T) -> Self {
+    pub fn new(value: T) -> Self {
         Self(imp::Mutex::new(value))
     }
 
     /// Locks the mutex, recovering the data if a previous holder panicked.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+    pub fn lock(&self) -> MutexGuard<'_, T> {
         match self.0.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -93,16 +95,16 @@ impl<T> Mutex<T> {
 
 /// A condition variable paired with [`Mutex`].
 #[derive(Debug, Default)]
-pub(crate) struct Condvar(imp::Condvar);
+pub struct Condvar(imp::Condvar);
 
 impl Condvar {
     /// A new condition variable.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self(imp::Condvar::new())
     }
 
     /// Waits, recovering from poisoning like [`Mutex::lock`].
-    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    pub fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
         match self.0.wait(guard) {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -110,7 +112,7 @@ impl Condvar {
     }
 
     /// Wakes every waiter.
-    pub(crate) fn notify_all(&self) {
+    pub fn notify_all(&self) {
         self.0.notify_all();
     }
 }

@@ -81,7 +81,7 @@ std::thread_local! {
 mod loom_state {
     loom::thread_local! {
         pub(super) static TURNS: super::ThreadTurns = super::ThreadTurns::new();
-        pub(super) static DEFERRED: std::cell::RefCell<Vec<super::Deferred>> = std::cell::RefCell::new(Vec::new());
+        pub(super) static DEFERRED: super::RefCell<Vec<super::Deferred>> = super::RefCell::new(Vec::new());
     }
 }
 #[cfg(topos_loom)]
