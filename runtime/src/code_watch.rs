@@ -1,14 +1,17 @@
 //! Self-modifying code: how a vCPU that caches code decoded from a page
 //! learns that the page was written — by another vCPU, by DMA, through a
-//! `Mapping`, by the embedder — through the CODE dirty client, as QEMU does.
+//! `Mapping`, by the embedder.
 //!
-//! [`AddressSpace::watch_code`] clears the page's CODE bit; every write the
-//! runtime performs sets the CODE bits of the pages it touches, and a write
-//! that sets one that was clear bumps the topology's
+//! [`AddressSpace::watch_code`] sets the page's bit in its RAM block's watch
+//! bitmap (beside the dirty clients' bitmaps, in `dirty.rs`); every write the
+//! runtime performs clears the watch bits of the pages it touches, and a
+//! write that clears one bumps the topology's
 //! [code-write epoch](crate::Topology::code_write_epoch). A vCPU polls the
 //! epoch (one load, e.g. once per block) and, when it moved, asks its
 //! watches which pages were written. Until some page of a RAM block is
-//! watched, writes to it pay one relaxed load for this.
+//! watched, writes to it pay one relaxed load for this. QEMU keeps this
+//! state, inverted, in its CODE dirty client; topos leaves the CODE client
+//! as semantics.md §6 describes it.
 
 use crate::address_space::AddressSpace;
 use crate::dispatch::direct_read;
