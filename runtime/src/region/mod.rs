@@ -405,6 +405,13 @@ impl MemoryRegion {
         self.0.state.lock().dirty_log_mask
     }
 
+    /// `memory_region_get_dirty_log_mask`: the clients logging the region's
+    /// writes, its own mask plus MIGRATION for RAM while global dirty
+    /// logging is on (what an accelerator's dirty-log flag follows).
+    pub fn effective_dirty_log_mask(&self) -> u8 {
+        self.effective_dirty_mask(self.dirty_log_mask())
+    }
+
     /// QEMU's `memory_region_get_dirty_log_mask`: the own mask plus
     /// MIGRATION for RAM while global dirty logging is on.
     pub(crate) fn effective_dirty_mask(&self, own: u8) -> u8 {
