@@ -5,7 +5,13 @@
 //! mirror); vCPUs, the `pc` board, the firmware and the interpreter land
 //! with their own issues.
 
+pub mod backend;
 pub mod board;
-#[cfg(target_arch = "x86_64")]
+pub mod control;
+pub mod error;
 pub mod kvm;
 pub mod stress;
+mod sync;
+pub mod vm;
+
+pub use error::{Error, Result};

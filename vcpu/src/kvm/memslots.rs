@@ -329,7 +329,8 @@ mod tests {
         assert_eq!(align_section(0x800, 0x3000), Some((0x1000, 0x2000, 0x800)));
         assert_eq!(align_section(0x800, 0x1000), None);
         assert_eq!(align_section(0x1000, 0xfff), None);
-        assert_eq!(align_section(u64::MAX - 0xfff, 0x1000), None);
+        assert_eq!(align_section(u64::MAX - 0xfff, 0x1000), Some((u64::MAX - 0xfff, 0x1000, 0)));
+        assert_eq!(align_section(u64::MAX - 0x7ff, 0x800), None);
         assert_eq!(align_section(0xffff_f000, 0x1000), Some((0xffff_f000, 0x1000, 0)));
     }
 }

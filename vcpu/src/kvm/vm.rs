@@ -1,0 +1,106 @@
+//! A KVM virtual machine for a topos topology: the in-kernel interrupt
+//! controllers and PIT, the memslot mirror of the memory address space,
+//! interrupt lines into the in-kernel IOAPIC/PICs, and vCPUs with distinct
+//! APIC IDs.
+
+use super::memslots::MemslotMirror;
+use super::vcpu::KvmVcpu;
+use crate::error::{Error, Result};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use std::sync::Arc;
+use topos_devices::InterruptSink;
+use topos_runtime::{AddressSpace, ListenerId, Topology};
+
+/// Where KVM keeps the real-mode TSS on Intel hosts (three pages), as QEMU
+/// places it: just below the BIOS's 256 KiB at the top of 4 GiB.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+/// The page of the real-mode identity map, just below the TSS.
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// A KVM VM mirroring a topology's memory address space.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mirror: Arc<MemslotMirror>,
+    listener: ListenerId,
+    topo: Topology,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm").field("mirror", &self.mirror).finish_non_exhaustive()
+    }
+}
+
+impl KvmVm {
+    /// Opens `/dev/kvm` and makes a VM with the in-kernel irqchip and PIT
+    /// whose memslots mirror `memory` (the board's `memory` address space).
+    pub fn new(topo: &Topology, memory: &AddressSpace) -> Result<KvmVm> {
+        let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(format!("/dev/kvm: {e}")))?;
+        let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
+        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(TSS_ADDRESS).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+        let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32));
+        let listener = topo.listener_register(mirror.clone(), 0, Some(memory))?;
+        Ok(KvmVm { kvm, vm, mirror, listener, topo: topo.clone() })
+    }
+
+    /// The VM's descriptor.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The memslot mirror.
+    pub fn memslots(&self) -> &Arc<MemslotMirror> {
+        &self.mirror
+    }
+
+    /// Creates vCPU `index` (its APIC ID), with the host's supported CPUID
+    /// adjusted to say so.
+    pub fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        let fd = self.vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let mut cpuid =
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                // Initial APIC ID in EBX[31:24].
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+                // x2APIC ID of the topology leaves.
+                0xb | 0x1f => e.edx = index,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        KvmVcpu::new(fd, index)
+    }
+
+    /// An interrupt sink driving the in-kernel PICs and IOAPIC
+    /// (`KVM_IRQ_LINE`): line `n` is GSI `n`.
+    pub fn interrupt_sink(&self) -> Arc<dyn InterruptSink> {
+        Arc::new(IrqLines { vm: self.vm.clone() })
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        // Deletes every slot before the regions they map can go.
+        let _ = self.topo.listener_unregister(self.listener);
+    }
+}
+
+/// Device interrupt lines into the in-kernel irqchip.
+struct IrqLines {
+    vm: Arc<VmFd>,
+}
+
+impl InterruptSink for IrqLines {
+    fn set_level(&self, line: u32, level: bool) {
+        if let Err(e) = self.vm.set_irq_line(line, level) {
+            tracing::warn!(line, level, "KVM_IRQ_LINE failed: {e}");
+        }
+    }
+}
