@@ -5,7 +5,7 @@
 //! locks, atomics, cells, queues, RCU cell, thread identities, thread-locals
 //! and drainer threads from loom (see the `sync` modules of `topos_runtime`
 //! and `topos_devices`), so loom explores the interleavings of their own
-//! code.
+//! code (and the vCPU layer's control protocol, `topos_vcpu::control`).
 //!
 //! | model | what it checks |
 //! | --- | --- |
@@ -25,6 +25,7 @@
 //! | `device_mailbox` | a full mailbox makes senders wait for room, and they are woken |
 //! | `device_handoff` | a caller handles at most its budget of others' messages; the backlog is drained by a drainer |
 //! | `device_no_block` | two devices whose handlers read and call each other never deadlock |
+//! | `vcpu_control` | a kick racing a vCPU's entry into guest code is never lost; a pause returns only once the vCPU is out of guest code, and it runs again after resume; stop ends it |
 //!
 //! ```sh
 //! # bounded, as CI runs them
