@@ -35,6 +35,7 @@ pub mod debug_exit;
 pub mod edu;
 mod error;
 pub mod framebuffer;
+pub mod fw_cfg;
 pub mod irq;
 mod mailbox;
 pub mod pci;
