@@ -25,7 +25,7 @@ pub enum Error {
     /// The board's configuration is wrong.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// A thread could not be started.
+    /// A thread (a vCPU, or the device runtime) could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
 }

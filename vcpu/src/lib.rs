@@ -10,6 +10,7 @@ pub mod board;
 pub mod control;
 pub mod error;
 pub mod kvm;
+pub mod machine;
 pub mod stress;
 mod sync;
 pub mod vm;

@@ -1,11 +1,14 @@
 //! The `topos` command.
 
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
-use topos_vcpu::board;
+use topos_devices::uart::SerialSink;
+use topos_runtime::{MtreeOptions, Topology};
+use topos_vcpu::board::{memory_map::DEFAULT_RAM_SIZE, BoardWiring, NoInterrupts, PcBoard, PcConfig, PciModel};
+use topos_vcpu::machine::{Accel, Machine};
 use topos_vcpu::stress::{self, StressConfig};
-
-use clap::{Parser, Subcommand};
-use topos_runtime::MtreeOptions;
 
 /// topos: an emulator runtime built around QEMU's memory API.
 #[derive(Parser)]
@@ -15,8 +18,70 @@ struct Cli {
     command: Command,
 }
 
+/// The board's options, shared by `run` and `mtree`.
+#[derive(Args, Debug)]
+struct BoardArgs {
+    /// A raw BIOS image (as QEMU's `-bios`).
+    #[arg(long, value_name = "FILE")]
+    bios: std::path::PathBuf,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    smp: u16,
+    /// Guest RAM: a number of bytes, or with a suffix K, M, G (MiB without one
+    /// below 64 Ki, as QEMU's `-m`).
+    #[arg(short = 'm', long = "memory", value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+    /// PCI devices, in slot order from 00:02.0 (repeatable).
+    #[arg(long = "device", value_name = "MODEL")]
+    devices: Vec<PciModel>,
+}
+
+/// `-m`'s sizes: `256`, `256M`, `1G`, `65536K`; a bare number is MiB as
+/// in QEMU.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "M"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("unknown size unit in {s:?}")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} too large"))
+}
+
+impl BoardArgs {
+    fn config(&self, serial: SerialSink) -> Result<PcConfig, String> {
+        let bios = std::fs::read(&self.bios).map_err(|e| format!("{}: {e}", self.bios.display()))?;
+        Ok(PcConfig {
+            ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE),
+            cpus: self.smp,
+            bios,
+            devices: self.devices.clone(),
+            serial,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Boot the `pc` board: the UART is on stdout, the exit status is the
+    /// guest's (`isa-debug-exit`), 0 on a clean halt, non-zero with a reason
+    /// on stderr otherwise.
+    Run {
+        #[command(flatten)]
+        board: BoardArgs,
+        /// The accelerator: auto, kvm, interp.
+        #[arg(long, default_value = "auto")]
+        accel: Accel,
+        /// Log exits, remaps and device events (or set RUST_LOG).
+        #[arg(long)]
+        trace: bool,
+    },
     /// Concurrent map/unmap stress: reader threads access RAM and MMIO while
     /// a writer maps, unmaps, moves and overlays regions; reads are checked
     /// against the committed topologies (sampled in batches, memory bounded).
@@ -40,9 +105,11 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Build the default board's memory map and print it like QEMU's
-    /// `info mtree`.
+    /// Build the board `run` would build and print its memory map like
+    /// QEMU's `info mtree`.
     Mtree {
+        #[command(flatten)]
+        board: BoardArgs,
         /// Print the flat views instead of the region trees (`-f`).
         #[arg(short = 'f', long)]
         flatview: bool,
@@ -52,7 +119,46 @@ enum Command {
     },
 }
 
-fn main() -> std::process::ExitCode {
+fn mtree(args: &BoardArgs, flatview: bool, disabled: bool) -> Result<String, String> {
+    let topo = Topology::new();
+    let spaces = topo.standard_spaces().map_err(|e| e.to_string())?;
+    let wiring = BoardWiring { interrupts: Arc::new(NoInterrupts), exit: Box::new(|_status: i32| {}) };
+    let board = PcBoard::build(&topo, &spaces, args.config(SerialSink::Null)?, wiring).map_err(|e| e.to_string())?;
+    board.topo.mtree(MtreeOptions { flatview, disabled }).map_err(|e| e.to_string())
+}
+
+fn run(args: &BoardArgs, accel: Accel, trace: bool) -> ExitCode {
+    let filter = if trace {
+        tracing_subscriber::EnvFilter::new("debug")
+    } else {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = args.config(SerialSink::Stdout).and_then(|c| Machine::new(c, accel).map_err(|e| e.to_string()));
+    let machine = match result {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("topos: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match machine.run() {
+        Ok(reason) => {
+            let status = reason.exit_status();
+            if status != 0 && !matches!(reason, topos_vcpu::vm::StopReason::DebugExit(_)) {
+                eprintln!("topos: {}", reason.describe());
+            }
+            ExitCode::from(status as u8)
+        }
+        Err(e) => {
+            eprintln!("topos: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Stress { readers, seconds, commits, slots, devices, seed } => {
@@ -70,28 +176,27 @@ fn main() -> std::process::ExitCode {
                 Ok(r) => {
                     print!("{}", r.table());
                     if r.inconsistencies() == 0 {
-                        std::process::ExitCode::SUCCESS
+                        ExitCode::SUCCESS
                     } else {
-                        std::process::ExitCode::FAILURE
+                        ExitCode::FAILURE
                     }
                 }
                 Err(e) => {
                     eprintln!("topos: {e}");
-                    std::process::ExitCode::FAILURE
+                    ExitCode::FAILURE
                 }
             }
         }
-        Command::Mtree { flatview, disabled } => {
-            match board::Board::new().and_then(|b| b.topo.mtree(MtreeOptions { flatview, disabled })) {
-                Ok(text) => {
-                    print!("{text}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("topos: {e}");
-                    std::process::ExitCode::FAILURE
-                }
+        Command::Mtree { board, flatview, disabled } => match mtree(&board, flatview, disabled) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("topos: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { board, accel, trace } => run(&board, accel, trace),
     }
 }

@@ -1,0 +1,201 @@
+//! topos's `pc` board: QEMU's `pc` machine (i440FX + PIIX3) for everything
+//! it models, so the same firmware runs on both.
+//!
+//! | what | where | as in QEMU |
+//! | --- | --- | --- |
+//! | RAM, BIOS, holes | see [`memory_map`] | `-m`, `-bios` |
+//! | 16550A UART | ports `0x3f8..0x400`, IRQ 4 | `-serial` (COM1) |
+//! | `isa-debug-exit` | ports `0xf4..0xf8` | `-device isa-debug-exit,iobase=0xf4,iosize=0x04` |
+//! | POST port | port `0x80`: writes ignored, reads `0xff` | `ioport80` |
+//! | `fw_cfg` | ports `0x510`, `0x511` | signature, ID, RAM size, CPU count |
+//! | PCI host bridge | ports `0xcf8`, `0xcfc` | i440FX at 00.0 (`8086:1237`, class 0600), PIIX3 at 01.0 (`8086:7000`, class 0601) |
+//! | `--device` PCI models | slots 2, 3, ... in order, INTx on GSI 11 | `-device edu` |
+//! | local APICs, PICs, PIT, IOAPIC | the accelerator's (in-kernel on KVM) | `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2` |
+//!
+//! Every device is plugged through the devices' plug contract; the board
+//! only decides where the regions go.
+
+pub mod memory_map;
+
+use crate::error::{Error, Result};
+use memory_map::MemoryMap;
+use std::sync::Arc;
+use topos_devices::debug_exit::{self, DebugExit, DebugExitConfig, ExitSink};
+use topos_devices::edu::{Edu, EduOptions};
+use topos_devices::fw_cfg::{self, FwCfg, FwCfgConfig};
+use topos_devices::pci::{PciConfig, PciHost, PciHostBridge, PciHostConfig, PciPlacement};
+use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
+use topos_devices::uart::{self, Serial16550, SerialConfig, SerialSink};
+use topos_devices::{DeviceRuntime, InterruptSink, IrqLine};
+use topos_runtime::{HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
+
+/// The GSI every PCI function's INTx is wired to.
+pub const PCI_INTX_GSI: u32 = 11;
+/// The first slot `--device` models take.
+pub const FIRST_DEVICE_SLOT: u8 = 2;
+/// The POST diagnostic port.
+pub const POST_PORT: u64 = 0x80;
+
+/// A PCI device model the board can plug (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PciModel {
+    /// QEMU's `edu` teaching device.
+    Edu,
+}
+
+impl std::str::FromStr for PciModel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<PciModel> {
+        match s {
+            "edu" => Ok(PciModel::Edu),
+            other => Err(Error::Config(format!("unknown or not yet wired device `{other}` (known: edu)"))),
+        }
+    }
+}
+
+/// What the board is made of.
+pub struct PcConfig {
+    /// Guest RAM in bytes.
+    pub ram_size: u64,
+    /// vCPUs.
+    pub cpus: u16,
+    /// The firmware image (a raw BIOS, as QEMU's `-bios`: a multiple of
+    /// 64 KiB, at most 16 MiB).
+    pub bios: Vec<u8>,
+    /// PCI devices, in slot order from [`FIRST_DEVICE_SLOT`].
+    pub devices: Vec<PciModel>,
+    /// Where the UART's output goes.
+    pub serial: SerialSink,
+}
+
+impl std::fmt::Debug for PcConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PcConfig")
+            .field("ram_size", &self.ram_size)
+            .field("cpus", &self.cpus)
+            .field("bios", &self.bios.len())
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the board connects to outside itself.
+pub struct BoardWiring {
+    /// Where device interrupt lines go (GSIs of the accelerator's irqchip).
+    pub interrupts: Arc<dyn InterruptSink>,
+    /// Where the guest's `isa-debug-exit` writes go.
+    pub exit: Box<dyn ExitSink>,
+}
+
+/// An interrupt sink that drops every change (for building a board only to
+/// print its map).
+#[derive(Debug, Default)]
+pub struct NoInterrupts;
+
+impl InterruptSink for NoInterrupts {
+    fn set_level(&self, _line: u32, _level: bool) {}
+}
+
+/// The POST port: ignores writes, reads all-ones (QEMU's `ioport80`).
+struct PostPort;
+
+impl MemoryRegionOps for PostPort {
+    fn read(&self, _addr: HwAddr, _size: u32) -> u64 {
+        0xff
+    }
+    fn write(&self, _addr: HwAddr, _value: u64, _size: u32) {}
+}
+
+/// A PCI function that is only a configuration header (the i440FX host
+/// bridge and the PIIX3 ISA bridge: their chipset registers are not
+/// modelled).
+struct Identity;
+
+impl DeviceModel for Identity {
+    type Config = PciConfig;
+    type Handle = ();
+
+    fn plug(config: PciConfig, _ctx: PlugCtx) -> topos_devices::Result<Plugged<()>> {
+        Ok(Plugged::new(Vec::<DeviceRegion>::new(), ()).with_pci_identity(config))
+    }
+}
+
+/// The built board.
+#[derive(Debug)]
+pub struct PcBoard {
+    /// The topology.
+    pub topo: Topology,
+    /// `system`, `io` and their address spaces.
+    pub spaces: StandardSpaces,
+    /// RAM, BIOS and the PCI container.
+    pub map: MemoryMap,
+    /// The PCI host.
+    pub pci: PciHost,
+    /// vCPUs the board was built for.
+    pub cpus: u16,
+    /// The device runtime (timers, ioeventfds, drainers).
+    pub runtime: DeviceRuntime,
+}
+
+impl PcBoard {
+    /// Builds the board in `topo` (whose standard spaces are `spaces`).
+    pub fn build(topo: &Topology, spaces: &StandardSpaces, config: PcConfig, wiring: BoardWiring) -> Result<PcBoard> {
+        let bios_len = config.bios.len() as u64;
+        if bios_len == 0 || bios_len % (64 << 10) != 0 || bios_len > (16 << 20) {
+            return Err(Error::Config(format!(
+                "a BIOS image must be a non-zero multiple of 64 KiB up to 16 MiB, not {bios_len} bytes"
+            )));
+        }
+        if config.cpus == 0 || config.cpus > 255 {
+            return Err(Error::Config(format!("--smp must be 1 to 255, not {}", config.cpus)));
+        }
+        if config.ram_size < (1 << 20) || config.ram_size % (1 << 20) != 0 {
+            return Err(Error::Config(format!(
+                "memory must be a whole number of MiB, at least 1, not {}",
+                config.ram_size
+            )));
+        }
+        let map = memory_map::build(topo, spaces, config.ram_size, &config.bios)?;
+        let runtime = DeviceRuntime::new().map_err(Error::Thread)?;
+        let ctx = |name: &str| PlugCtx::new(topo, &runtime, name);
+        let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
+
+        let com1 = Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
+        com1.map(uart::PORTS, &spaces.io, uart::COM1_BASE)?;
+        let exit = DebugExit::plug(DebugExitConfig { iosize: 4, sink: wiring.exit }, ctx("isa-debug-exit"))?;
+        exit.map(debug_exit::PORTS, &spaces.io, debug_exit::CONVENTIONAL_IOBASE)?;
+        let post = topo.new_io("ioport80", PostPort, OpsConfig::default(), 1)?;
+        spaces.io.add_subregion(POST_PORT, &post)?;
+        let fw = FwCfgConfig::new().with_ram_size(config.ram_size).with_cpus(config.cpus);
+        let fw = FwCfg::plug(fw, ctx("fw_cfg"))?;
+        fw.map(fw_cfg::PORTS, &spaces.io, fw_cfg::IO_BASE)?;
+
+        let host_config =
+            PciHostConfig { system: spaces.system.clone(), pci_mem: map.pci.clone(), io: spaces.io.clone() };
+        let host = PciHostBridge::plug(host_config, ctx("i440fx-pcihost"))?;
+        host.map(topos_devices::pci::CONFIG_ADDRESS, &spaces.io, topos_devices::pci::CONFIG_ADDRESS_PORT)?;
+        host.map(topos_devices::pci::CONFIG_DATA, &spaces.io, topos_devices::pci::CONFIG_DATA_PORT)?;
+        let pci = host.handle;
+        pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
+        pci.plug_model::<Identity>(PciPlacement::slot(1), PciConfig::new(0x8086, 0x7000, 0x0601), ctx("piix3"))?;
+        for (i, model) in config.devices.iter().enumerate() {
+            let slot = FIRST_DEVICE_SLOT + i as u8;
+            if slot > 31 {
+                return Err(Error::Config("more PCI devices than slots".into()));
+            }
+            let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
+            match model {
+                PciModel::Edu => {
+                    pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?;
+                }
+            }
+        }
+        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &MemoryRegion {
+        &self.map.ram
+    }
+}

@@ -1,0 +1,109 @@
+//! The `pc` board on KVM and `topos run` (issue 8): a BIOS image booted
+//! from the reset vector prints on the UART and ends the VM through
+//! `isa-debug-exit` with QEMU's status; `topos mtree` prints the board's
+//! map; bad options are errors. Tests that need `/dev/kvm` skip with a
+//! printed reason without it.
+
+use std::process::Command;
+use topos_devices::uart::SerialSink;
+use topos_vcpu::board::{PcConfig, PciModel};
+use topos_vcpu::machine::{Accel, Machine};
+use topos_vcpu::vm::StopReason;
+
+/// A 64 KiB BIOS: at the reset vector a jump to code that prints `text` on
+/// COM1 and writes `exit` to `isa-debug-exit`, then halts.
+fn bios(text: &[u8], exit: u8) -> Vec<u8> {
+    let mut image = vec![0xf4u8; 64 << 10];
+    let mut code = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for &b in text {
+        code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    code.extend_from_slice(&[0xb0, exit, 0xe6, 0xf4, 0xf4]); // mov al, exit; out 0xf4, al; hlt
+    image[0xc000..0xc000 + code.len()].copy_from_slice(&code);
+    // At 0xfff0 (IP 0xfff0, CS base 0xffff0000): jmp near 0xc000.
+    let rel = (0xc000i32 - (0xfff0 + 3)) as i16;
+    image[0xfff0] = 0xe9;
+    image[0xfff1..0xfff3].copy_from_slice(&rel.to_le_bytes());
+    image
+}
+
+fn kvm_present() -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+fn a_bios_prints_on_the_uart_and_exits_through_debug_exit() {
+    if !kvm_present() {
+        return;
+    }
+    let (sink, out) = SerialSink::buffer();
+    let config = PcConfig {
+        ram_size: 64 << 20,
+        cpus: 2,
+        bios: bios(b"hello from the reset vector\n", 0x10),
+        devices: vec![PciModel::Edu],
+        serial: sink,
+    };
+    let machine = Machine::new(config, Accel::Kvm).unwrap();
+    let reason = machine.run().unwrap();
+    assert_eq!(reason, StopReason::DebugExit(0x21));
+    assert_eq!(out.to_string_lossy(), "hello from the reset vector\n");
+}
+
+#[test]
+fn topos_run_boots_a_bios_file_and_exits_with_the_guests_status() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("topos-pc-board-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bios.bin");
+    std::fs::write(&path, bios(b"ok\n", 0)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_topos"))
+        .args(["run", "--bios"])
+        .arg(&path)
+        .args(["--smp", "2", "-m", "128M", "--device", "edu"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "(0 << 1) | 1");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn topos_mtree_prints_the_board_and_bad_options_are_errors() {
+    let dir = std::env::temp_dir().join(format!("topos-pc-mtree-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bios.bin");
+    std::fs::write(&path, bios(b"", 0)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["mtree", "--bios"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "0000000000000000-000000000fffffff (prio 0, ram): alias ram-below-4g @pc.ram 0000000000000000-000000000fffffff",
+        "00000000000f0000-00000000000fffff (prio 1, rom): alias isa-bios @pc.bios 0000000000000000-000000000000ffff",
+        "00000000ffff0000-00000000ffffffff (prio 0, rom): pc.bios",
+        "00000000000003f8-00000000000003ff (prio 0, i/o): serial0",
+        "0000000000000510-0000000000000511 (prio 0, i/o): fw_cfg",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+
+    std::fs::write(&path, vec![0u8; 1000]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["mtree", "--bios"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 64 KiB"));
+    let out = Command::new(env!("CARGO_BIN_EXE_topos"))
+        .args(["run", "--accel", "interp", "--bios"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
