@@ -10,6 +10,7 @@
 //! No lock and no shared mutable state is on that path.
 
 use crate::control::Kick;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use topos_runtime::{Accessor, AddressSpace, HwAddr, MemTxResult};
 
@@ -60,45 +61,66 @@ pub struct IoCounts {
     pub pio: u64,
 }
 
+/// The counters behind [`IoCounts`], written by the vCPU thread only and
+/// readable from any thread.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    mmio: AtomicU64,
+    pio: AtomicU64,
+}
+
+impl IoCounters {
+    /// What was dispatched so far.
+    pub fn get(&self) -> IoCounts {
+        IoCounts { mmio: self.mmio.load(Ordering::Relaxed), pio: self.pio.load(Ordering::Relaxed) }
+    }
+
+    #[inline]
+    fn bump(counter: &AtomicU64) {
+        // Only the vCPU thread writes: no read-modify-write needed.
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
 /// One vCPU's path to the machine: its own accessors.
 #[derive(Debug)]
 pub struct VcpuIo {
     memory: Accessor,
     io: Accessor,
-    counts: IoCounts,
+    counts: Arc<IoCounters>,
 }
 
 impl VcpuIo {
     /// Accessors on `memory` and `io` for one vCPU thread.
     pub fn new(memory: &AddressSpace, io: &AddressSpace) -> VcpuIo {
-        VcpuIo { memory: memory.accessor(), io: io.accessor(), counts: IoCounts::default() }
+        VcpuIo { memory: memory.accessor(), io: io.accessor(), counts: Arc::default() }
     }
 
     /// A guest read of `data.len()` bytes of memory at `addr`.
     #[inline]
     pub fn mmio_read(&mut self, addr: HwAddr, data: &mut [u8]) -> MemTxResult {
-        self.counts.mmio += 1;
+        IoCounters::bump(&self.counts.mmio);
         self.memory.read(addr, data)
     }
 
     /// A guest write of memory at `addr`.
     #[inline]
     pub fn mmio_write(&mut self, addr: HwAddr, data: &[u8]) -> MemTxResult {
-        self.counts.mmio += 1;
+        IoCounters::bump(&self.counts.mmio);
         self.memory.write(addr, data)
     }
 
     /// A guest `in` of `data.len()` bytes from `port`.
     #[inline]
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) -> MemTxResult {
-        self.counts.pio += 1;
+        IoCounters::bump(&self.counts.pio);
         self.io.read(u64::from(port), data)
     }
 
     /// A guest `out` to `port`.
     #[inline]
     pub fn pio_write(&mut self, port: u16, data: &[u8]) -> MemTxResult {
-        self.counts.pio += 1;
+        IoCounters::bump(&self.counts.pio);
         self.io.write(u64::from(port), data)
     }
 
@@ -107,8 +129,8 @@ impl VcpuIo {
         &mut self.memory
     }
 
-    /// What this vCPU dispatched so far.
-    pub fn counts(&self) -> IoCounts {
-        self.counts
+    /// What this vCPU dispatched so far, readable from other threads.
+    pub fn counters(&self) -> Arc<IoCounters> {
+        self.counts.clone()
     }
 }

@@ -65,7 +65,7 @@ impl Machine {
             }
         });
         topo.set_fault_hook(Some(&fault_hook));
-        let kvm = KvmVm::new(&topo, &spaces.memory)?;
+        let kvm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space)?;
         let l = latch.clone();
         let wiring = BoardWiring {
             interrupts: kvm.interrupt_sink(),

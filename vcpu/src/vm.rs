@@ -7,7 +7,7 @@
 //! write, a shutdown, a failure, a failed memory listener, the embedder)
 //! is latched; every vCPU is then asked to stop and kicked.
 
-use crate::backend::{RunExit, VcpuBackend, VcpuIo};
+use crate::backend::{IoCounters, IoCounts, RunExit, VcpuBackend, VcpuIo};
 use crate::control::Control;
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex};
@@ -132,6 +132,7 @@ impl StopLatch {
 pub struct VcpuHandle {
     index: u32,
     control: Arc<Control>,
+    counters: Arc<IoCounters>,
 }
 
 impl VcpuHandle {
@@ -153,6 +154,12 @@ impl VcpuHandle {
     /// Lets it run again.
     pub fn resume(&self) {
         self.control.resume();
+    }
+
+    /// The MMIO and port accesses it dispatched through the runtime (exits,
+    /// on KVM).
+    pub fn io_counts(&self) -> IoCounts {
+        self.counters.get()
     }
 
     /// What it is doing.
@@ -188,6 +195,7 @@ impl Vm {
             let control = Arc::new(Control::new(backend.kicker()));
             latch.controls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(control.clone());
             let io = VcpuIo::new(memory, io);
+            let counters = io.counters();
             let (c, l) = (control.clone(), latch.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -203,7 +211,7 @@ impl Vm {
                     return Err(e);
                 }
             }
-            vcpus.push(VcpuHandle { index, control });
+            vcpus.push(VcpuHandle { index, control, counters });
         }
         // A stop latched before every control was registered reaches them now.
         if latch.reason().is_some() {

@@ -32,7 +32,7 @@ fn machine() -> Option<Machine> {
     let spaces = topo.standard_spaces().unwrap();
     let ram = topo.new_ram("ram", 0x10_0000).unwrap();
     spaces.system.add_subregion(0, &ram).unwrap();
-    let kvm = match KvmVm::new(&topo, &spaces.memory) {
+    let kvm = match KvmVm::new(&topo, &spaces.memory, &spaces.io_space) {
         Ok(k) => k,
         Err(e) => {
             eprintln!("skipped: {e}");
@@ -70,6 +70,44 @@ fn vcpu_at(m: &Machine, index: u32, ip: u64, bx: u64) -> Box<dyn VcpuBackend> {
     Box::new(v)
 }
 
+/// A vCPU in flat 32-bit protected mode (no GDT in memory: the segment
+/// registers are loaded directly) at `eip`, with `ebx` set and an empty
+/// IDT.
+fn vcpu_flat32(m: &Machine, index: u32, eip: u64, ebx: u64) -> KvmVcpu {
+    let mut v = m.kvm.create_vcpu(index).unwrap();
+    let mut sregs = v.fd().get_sregs().unwrap();
+    let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = flat(0x08, 0xb);
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+        *s = flat(0x10, 0x3);
+    }
+    sregs.cr0 |= 1;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    v.fd().set_sregs(&sregs).unwrap();
+    let mut regs = v.fd().get_regs().unwrap();
+    regs.rip = eip;
+    regs.rbx = ebx;
+    regs.rsp = 0x7000;
+    regs.rflags = 2;
+    v.fd().set_regs(&regs).unwrap();
+    v
+}
+
 /// Waits for the VM's stop reason on another thread, bounded.
 fn wait_bounded(vm: Vm) -> StopReason {
     let (tx, rx) = mpsc::channel();
@@ -96,36 +134,7 @@ fn a_triple_fault_stops_the_vm_with_a_reason() {
     // In flat 32-bit protected mode with an empty IDT, int3 cannot be
     // delivered: #GP, then a double fault, then shutdown (a triple fault).
     m.ram.ram().unwrap().write(0x1000, &[0xcc]).unwrap();
-    let mut v = m.kvm.create_vcpu(0).unwrap();
-    let mut sregs = v.fd().get_sregs().unwrap();
-    let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = flat(0x08, 0xb);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
-        *s = flat(0x10, 0x3);
-    }
-    sregs.cr0 |= 1;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
-    v.fd().set_sregs(&sregs).unwrap();
-    let mut regs = v.fd().get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rsp = 0x7000;
-    regs.rflags = 2;
-    v.fd().set_regs(&regs).unwrap();
+    let v = vcpu_flat32(&m, 0, 0x1000, 0);
     let vm = Vm::start(vec![Box::new(v)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
     let reason = wait_bounded(vm);
     // Hardware KVM reports the shutdown; this machine's PVM reports an
@@ -185,4 +194,77 @@ fn pausing_resuming_and_kicking_running_vcpus_never_loses_a_kick() {
     let reason = vm.stop();
     assert_eq!(reason, StopReason::Requested);
     drop(m.topo);
+}
+
+/// A device that counts the writes that reach it.
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl topos_runtime::MemoryRegionOps for Counting {
+    fn read(&self, _addr: u64, _size: u32) -> u64 {
+        0
+    }
+    fn write(&self, _addr: u64, _value: u64, _size: u32) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Waits (bounded) until `e` has been signalled at least `n` times in all;
+/// returns how many.
+fn wait_signalled(e: &topos_runtime::EventNotifier, n: u64) -> u64 {
+    let deadline = Instant::now() + WATCHDOG;
+    let mut total = 0;
+    while total < n {
+        if let Ok(k) = e.read() {
+            total += k;
+        }
+        assert!(Instant::now() < deadline, "the ioeventfd was signalled {total} times, not {n}");
+        std::thread::yield_now();
+    }
+    total
+}
+
+#[test]
+fn an_ioeventfd_is_signalled_by_kvm_without_an_exit_before_and_after_a_move() {
+    let Some(m) = machine() else { return };
+    let dev = Arc::new(Counting(Default::default()));
+    let region = m.topo.new_io_arc("doorbell", dev.clone(), topos_runtime::OpsConfig::default(), 0x1000).unwrap();
+    let e = topos_runtime::new_event_notifier().unwrap();
+    region.add_eventfd(0, 4, true, 7, &e).unwrap();
+    m.spaces.system.add_subregion_overlap(0x9000, &region, 1).unwrap();
+    // The guest writes 7 at 0x9000 and at 0xa000, for ever. (In 32-bit
+    // code: this machine's PVM emulates real-mode code and splits a
+    // real-mode `mov dword` to MMIO into two 16-bit writes.)
+    let code = [
+        0xc7, 0x03, 0x07, 0x00, 0x00, 0x00, // mov dword [ebx], 7
+        0xc7, 0x83, 0x00, 0x10, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, // mov dword [ebx+0x1000], 7
+        0xeb, 0xee, // jmp $-16
+    ];
+    m.ram.ram().unwrap().write(0x1000, &code).unwrap();
+    let v = vcpu_flat32(&m, 0, 0x1000, 0x9000);
+    let vm = Vm::start(vec![Box::new(v)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
+    let before = wait_signalled(&e, 1000);
+    let wait_ram = |addr: u64, what: &str| {
+        let deadline = Instant::now() + WATCHDOG;
+        while counter(&m, addr) != 7 {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    };
+    wait_ram(0xa000, "the other write did not reach RAM");
+
+    // KVM signalled: not one write exited (the runtime would signal too,
+    // so the exit count is what tells).
+    assert_eq!(vm.vcpus()[0].io_counts().mmio, 0, "doorbell writes exited ({before} signals)");
+
+    // Move the doorbell under the (paused) vCPU to 0xa000.
+    vm.pause();
+    region.set_address(0xa000).unwrap();
+    m.ram.ram().unwrap().write(0x9000, &[0; 4]).unwrap();
+    while e.read().is_ok() {}
+    vm.resume();
+    let after = wait_signalled(&e, 1000);
+    wait_ram(0x9000, "the write to the old address did not reach RAM");
+    assert_eq!(vm.vcpus()[0].io_counts().mmio, 0, "doorbell writes exited after the move ({after} signals)");
+    assert_eq!(dev.0.load(std::sync::atomic::Ordering::Relaxed), 0, "a doorbell write reached the device");
+    assert_eq!(vm.stop(), StopReason::Requested);
 }

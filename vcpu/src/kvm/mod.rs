@@ -1,11 +1,14 @@
 //! The KVM backend (rust-vmm `kvm-ioctls`): the VM with its in-kernel
 //! irqchip and PIT, memslots mirroring the FlatView, and vCPUs with their
-//! kick. ioeventfds and coalesced MMIO land here next.
+//! kick, and ioeventfds registered with KVM. Coalesced MMIO lands here
+//! next.
 
+pub mod ioeventfds;
 pub mod memslots;
 pub mod vcpu;
 pub mod vm;
 
+pub use ioeventfds::{IoBus, IoeventfdMirror};
 pub use memslots::{MemslotError, MemslotMirror, Slot};
 pub use vcpu::{KvmKicker, KvmVcpu};
 pub use vm::KvmVm;

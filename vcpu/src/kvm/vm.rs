@@ -1,8 +1,9 @@
 //! A KVM virtual machine for a topos topology: the in-kernel interrupt
 //! controllers and PIT, the memslot mirror of the memory address space,
-//! interrupt lines into the in-kernel IOAPIC/PICs, and vCPUs with distinct
-//! APIC IDs.
+//! ioeventfds, interrupt lines into the in-kernel IOAPIC/PICs, and vCPUs
+//! with distinct APIC IDs.
 
+use super::ioeventfds::{IoBus, IoeventfdMirror};
 use super::memslots::MemslotMirror;
 use super::vcpu::KvmVcpu;
 use crate::error::{Error, Result};
@@ -23,7 +24,7 @@ pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     mirror: Arc<MemslotMirror>,
-    listener: ListenerId,
+    listeners: Vec<ListenerId>,
     topo: Topology,
 }
 
@@ -35,8 +36,9 @@ impl std::fmt::Debug for KvmVm {
 
 impl KvmVm {
     /// Opens `/dev/kvm` and makes a VM with the in-kernel irqchip and PIT
-    /// whose memslots mirror `memory` (the board's `memory` address space).
-    pub fn new(topo: &Topology, memory: &AddressSpace) -> Result<KvmVm> {
+    /// whose memslots mirror `memory` (the board's `memory` address space)
+    /// and whose ioeventfds mirror those of `memory` and `io`.
+    pub fn new(topo: &Topology, memory: &AddressSpace, io: &AddressSpace) -> Result<KvmVm> {
         let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(format!("/dev/kvm: {e}")))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -45,8 +47,12 @@ impl KvmVm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
         let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32));
-        let listener = topo.listener_register(mirror.clone(), 0, Some(memory))?;
-        Ok(KvmVm { kvm, vm, mirror, listener, topo: topo.clone() })
+        let mut listeners = vec![topo.listener_register(mirror.clone(), 0, Some(memory))?];
+        for (space, bus) in [(memory, IoBus::Mmio), (io, IoBus::Pio)] {
+            let fds = Arc::new(IoeventfdMirror::new(vm.clone(), bus));
+            listeners.push(topo.listener_register(fds, 0, Some(space))?);
+        }
+        Ok(KvmVm { kvm, vm, mirror, listeners, topo: topo.clone() })
     }
 
     /// The VM's descriptor.
@@ -88,7 +94,9 @@ impl KvmVm {
 impl Drop for KvmVm {
     fn drop(&mut self) {
         // Deletes every slot before the regions they map can go.
-        let _ = self.topo.listener_unregister(self.listener);
+        for id in self.listeners.drain(..) {
+            let _ = self.topo.listener_unregister(id);
+        }
     }
 }
 
