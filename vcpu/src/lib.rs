@@ -6,6 +6,7 @@
 //! with their own issues.
 
 pub mod board;
+pub mod firmware;
 #[cfg(target_arch = "x86_64")]
 pub mod kvm;
 pub mod stress;
