@@ -75,6 +75,8 @@ pub(crate) struct Routines {
     pub pci_write16: CodeLabel,
     /// The counter work every CPU runs (clobbers `eax`, `ecx`).
     pub count_work: CodeLabel,
+    /// An AP's share of the remap phase (clobbers everything but `esp`).
+    pub remap_reader: CodeLabel,
     /// The entry point of the BSP in protected mode.
     pub bsp_entry: CodeLabel,
     /// The entry point of the APs in protected mode.
@@ -122,6 +124,7 @@ impl Asm {
             pci_write32: code.create_label(),
             pci_write16: code.create_label(),
             count_work: code.create_label(),
+            remap_reader: code.create_label(),
             bsp_entry: code.create_label(),
             ap_entry: code.create_label(),
         };

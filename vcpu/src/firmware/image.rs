@@ -7,7 +7,7 @@ use iced_x86::code_asm::*;
 use super::asm::Asm;
 use super::error::{FirmwareError, Result};
 use super::layout::{self, var, DATA32};
-use super::{console, exit, real_mode, timer, transcript};
+use super::{console, counters, exit, fw_cfg, real_mode, remap, smp, timer, transcript};
 
 /// The BSP's program, from the protected-mode entry to the debug exit.
 fn emit_bsp(a: &mut Asm) -> Result<()> {
@@ -31,6 +31,11 @@ fn emit_bsp(a: &mut Asm) -> Result<()> {
 
     console::emit_init(a)?;
     a.print(&format!("{}\n", transcript::BANNER))?;
+    fw_cfg::emit_bsp(a)?;
+    smp::emit_bsp(a)?;
+    counters::emit_bsp(a)?;
+    // Release the APs from the remap phase (it lands later).
+    a.mov(dword_ptr(var::PHASE), 3)?;
     exit::emit_bsp(a)
 }
 
@@ -50,13 +55,9 @@ pub(crate) fn build() -> Result<Vec<u8>> {
     emit_bsp(&mut a)?;
     console::emit_routines(&mut a)?;
     timer::emit_routines(&mut a)?;
-    // Until SMP lands, the AP entry just parks.
-    let mut park = a.label();
-    a.bind_routine(|r| &mut r.ap_entry)?;
-    a.bind(&mut park)?;
-    a.cli()?;
-    a.hlt()?;
-    a.jmp(park)?;
+    counters::emit_routines(&mut a)?;
+    remap::emit_routines(&mut a)?;
+    smp::emit_ap(&mut a)?;
 
     let pm = a.assemble(layout::rom_addr(layout::PM_OFFSET))?;
     let real = real_mode::bsp_entry(pm.bsp_entry)?;

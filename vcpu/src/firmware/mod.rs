@@ -21,11 +21,15 @@
 
 mod asm;
 mod console;
+mod counters;
 mod error;
 mod exit;
+mod fw_cfg;
 mod image;
 pub mod layout;
 mod real_mode;
+mod remap;
+mod smp;
 mod timer;
 pub mod transcript;
 

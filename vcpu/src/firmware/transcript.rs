@@ -7,6 +7,28 @@ use std::fmt;
 
 /// The first line.
 pub const BANNER: &str = "topos firmware";
+/// fw_cfg's signature checked out.
+pub const FW_CFG_SIGNATURE: &str = "fw_cfg: signature QEMU";
+/// No fw_cfg device (its signature did not read as "QEMU").
+pub const FW_CFG_ABSENT: &str = "skip: fw_cfg (not present)";
+/// Prefix of the CPU-count line.
+pub const CPUS: &str = "cpus: ";
+/// Prefix of the RAM-size line.
+pub const RAM: &str = "ram: ";
+/// Unit at the end of the RAM-size line.
+pub const RAM_UNIT: &str = " MiB";
+/// Prefix of the SMP line.
+pub const SMP: &str = "smp: ";
+/// Between the CPU count and the APIC IDs of the SMP line.
+pub const SMP_IDS: &str = " cpus up, apic ids";
+/// Prefix of the `lock xadd` counter line.
+pub const LOCK_XADD: &str = "lock xadd: ";
+/// Prefix of the spinlock counter line.
+pub const SPINLOCK: &str = "spinlock: ";
+/// Suffix of a line whose check passed.
+pub const OK_SUFFIX: &str = " ok";
+/// Suffix of a line whose check failed.
+pub const FAIL_SUFFIX: &str = " FAIL";
 /// The last line when every check passed.
 pub const RESULT_PASS: &str = "result: pass";
 /// The last line when a check failed.
@@ -45,21 +67,46 @@ impl fmt::Display for ExpectedLine {
 pub struct Machine {
     /// CPUs (fw_cfg's count, all of which must come up).
     pub ncpus: u32,
+    /// Their APIC IDs, in any order.
+    pub apic_ids: Vec<u32>,
+    /// RAM size in MiB as fw_cfg reports it; `None` for a machine without
+    /// fw_cfg.
+    pub ram_mib: Option<u64>,
 }
 
 impl Machine {
     /// QEMU's `pc` machine as the firmware tests start it (`-m 256M -smp
     /// ncpus -nodefaults -device edu -device isa-debug-exit`).
     pub fn qemu_pc(ncpus: u32) -> Machine {
-        Machine { ncpus }
+        Machine { ncpus, apic_ids: (0..ncpus).collect(), ram_mib: Some(QEMU_RAM_MIB) }
     }
 }
 
+/// RAM the QEMU tests give the machine (`-m 256M`).
+pub const QEMU_RAM_MIB: u64 = 256;
+
 /// The transcript a passing run prints on `machine`.
 pub fn expected_lines(machine: &Machine) -> Vec<ExpectedLine> {
-    let _ = machine.ncpus;
-    let exact = |s: &str| ExpectedLine::Exact(s.to_owned());
-    vec![exact(BANNER), exact(RESULT_PASS)]
+    let exact = |s: String| ExpectedLine::Exact(s);
+    let n = machine.ncpus;
+    let mut lines = vec![exact(BANNER.to_owned())];
+    match machine.ram_mib {
+        Some(mib) => {
+            lines.push(exact(FW_CFG_SIGNATURE.to_owned()));
+            lines.push(exact(format!("{CPUS}{n}")));
+            lines.push(exact(format!("{RAM}{mib}{RAM_UNIT}")));
+        }
+        None => lines.push(exact(FW_CFG_ABSENT.to_owned())),
+    }
+    let mut ids = machine.apic_ids.clone();
+    ids.sort_unstable();
+    let ids: String = ids.iter().map(|id| format!(" {id}")).collect();
+    lines.push(exact(format!("{SMP}{n}{SMP_IDS}{ids}")));
+    let total = n * super::counters::ITERATIONS;
+    lines.push(exact(format!("{LOCK_XADD}{total}{OK_SUFFIX}")));
+    lines.push(exact(format!("{SPINLOCK}{total}{OK_SUFFIX}")));
+    lines.push(exact(RESULT_PASS.to_owned()));
+    lines
 }
 
 /// How a transcript differs from the expected one.
