@@ -7,7 +7,7 @@ use iced_x86::code_asm::*;
 use super::asm::Asm;
 use super::error::{FirmwareError, Result};
 use super::layout::{self, var, DATA32};
-use super::{console, counters, exit, fw_cfg, real_mode, remap, smp, timer, transcript};
+use super::{console, counters, edu, exit, fw_cfg, pci, real_mode, remap, smp, timer, transcript};
 
 /// The BSP's program, from the protected-mode entry to the debug exit.
 fn emit_bsp(a: &mut Asm) -> Result<()> {
@@ -34,6 +34,8 @@ fn emit_bsp(a: &mut Asm) -> Result<()> {
     fw_cfg::emit_bsp(a)?;
     smp::emit_bsp(a)?;
     counters::emit_bsp(a)?;
+    pci::emit_bsp(a)?;
+    edu::emit_bsp(a)?;
     // Release the APs from the remap phase (it lands later).
     a.mov(dword_ptr(var::PHASE), 3)?;
     exit::emit_bsp(a)
@@ -56,6 +58,7 @@ pub(crate) fn build() -> Result<Vec<u8>> {
     console::emit_routines(&mut a)?;
     timer::emit_routines(&mut a)?;
     counters::emit_routines(&mut a)?;
+    pci::emit_routines(&mut a)?;
     remap::emit_routines(&mut a)?;
     smp::emit_ap(&mut a)?;
 

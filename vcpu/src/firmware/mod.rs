@@ -22,11 +22,13 @@
 mod asm;
 mod console;
 mod counters;
+mod edu;
 mod error;
 mod exit;
 mod fw_cfg;
 mod image;
 pub mod layout;
+mod pci;
 mod real_mode;
 mod remap;
 mod smp;
@@ -36,7 +38,7 @@ pub mod transcript;
 pub use error::{FirmwareError, Result};
 pub use exit::{EXIT_FAIL, EXIT_PASS, QEMU_STATUS_FAIL, QEMU_STATUS_PASS};
 pub use layout::IMAGE_SIZE;
-pub use transcript::{expected_lines, ExpectedLine, Machine};
+pub use transcript::{expected_lines, ExpectedLine, Machine, PciFunction};
 
 /// Assembles the firmware image ([`IMAGE_SIZE`] bytes).
 pub fn bios_image() -> Result<Vec<u8>> {

@@ -25,6 +25,24 @@ pub const SMP_IDS: &str = " cpus up, apic ids";
 pub const LOCK_XADD: &str = "lock xadd: ";
 /// Prefix of the spinlock counter line.
 pub const SPINLOCK: &str = "spinlock: ";
+/// Prefix of a PCI function line.
+pub const PCI: &str = "pci 00:";
+/// Before the class code of a PCI function line.
+pub const PCI_CLASS: &str = " class ";
+/// No edu device on bus 0.
+pub const EDU_ABSENT: &str = "skip: edu (not present)";
+/// Prefix of the edu BAR0 line (size in hex).
+pub const EDU_BAR: &str = "edu: bar0 size ";
+/// Before the address of the edu BAR0 line.
+pub const EDU_BAR_AT: &str = " at ";
+/// Prefix of the edu ident line.
+pub const EDU_IDENT: &str = "edu: ident ";
+/// The edu liveness check passed.
+pub const EDU_LIVENESS_OK: &str = "edu: liveness ok";
+/// Prefix of the edu factorial line.
+pub const EDU_FACTORIAL: &str = "edu: factorial ";
+/// The edu DMA round trip passed.
+pub const EDU_DMA_OK: &str = "edu: dma ok";
 /// Suffix of a line whose check passed.
 pub const OK_SUFFIX: &str = " ok";
 /// Suffix of a line whose check failed.
@@ -72,13 +90,57 @@ pub struct Machine {
     /// RAM size in MiB as fw_cfg reports it; `None` for a machine without
     /// fw_cfg.
     pub ram_mib: Option<u64>,
+    /// The functions on PCI bus 0, in slot and function order.
+    pub pci: Vec<PciFunction>,
+}
+
+/// A function on PCI bus 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciFunction {
+    /// Device number (0..32).
+    pub slot: u8,
+    /// Function number (0..8).
+    pub function: u8,
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Class code, subclass and programming interface (24 bits).
+    pub class: u32,
+}
+
+impl PciFunction {
+    /// Whether this is QEMU's edu device.
+    pub fn is_edu(&self) -> bool {
+        u32::from(self.vendor) | (u32::from(self.device) << 16) == super::pci::EDU_ID
+    }
+
+    /// The line the firmware prints for it.
+    pub fn line(&self) -> String {
+        format!(
+            "{PCI}{:02x}.{:x} {:04x}:{:04x}{PCI_CLASS}{:06x}",
+            self.slot, self.function, self.vendor, self.device, self.class
+        )
+    }
 }
 
 impl Machine {
     /// QEMU's `pc` machine as the firmware tests start it (`-m 256M -smp
     /// ncpus -nodefaults -device edu -device isa-debug-exit`).
     pub fn qemu_pc(ncpus: u32) -> Machine {
-        Machine { ncpus, apic_ids: (0..ncpus).collect(), ram_mib: Some(QEMU_RAM_MIB) }
+        let f = |slot, function, vendor, device, class| PciFunction { slot, function, vendor, device, class };
+        Machine {
+            ncpus,
+            apic_ids: (0..ncpus).collect(),
+            ram_mib: Some(QEMU_RAM_MIB),
+            pci: vec![
+                f(0, 0, 0x8086, 0x1237, 0x06_00_00), // i440FX host bridge
+                f(1, 0, 0x8086, 0x7000, 0x06_01_00), // PIIX3 ISA bridge
+                f(1, 1, 0x8086, 0x7010, 0x01_01_80), // PIIX3 IDE
+                f(1, 3, 0x8086, 0x7113, 0x06_80_00), // PIIX4 ACPI
+                f(2, 0, 0x1234, 0x11e8, 0x00_ff_00), // edu
+            ],
+        }
     }
 }
 
@@ -105,6 +167,18 @@ pub fn expected_lines(machine: &Machine) -> Vec<ExpectedLine> {
     let total = n * super::counters::ITERATIONS;
     lines.push(exact(format!("{LOCK_XADD}{total}{OK_SUFFIX}")));
     lines.push(exact(format!("{SPINLOCK}{total}{OK_SUFFIX}")));
+    lines.extend(machine.pci.iter().map(|f| exact(f.line())));
+    if machine.pci.iter().any(PciFunction::is_edu) {
+        use super::edu;
+        let bar = super::layout::EDU_BAR_A;
+        lines.push(exact(format!("{EDU_BAR}{:08x}{EDU_BAR_AT}{bar:08x}", edu::BAR_MAX)));
+        lines.push(exact(format!("{EDU_IDENT}{:08x}", edu::IDENT)));
+        lines.push(exact(EDU_LIVENESS_OK.to_owned()));
+        lines.push(exact(format!("{EDU_FACTORIAL}{}! = {}", edu::FACTORIAL_N, edu::FACTORIAL_RESULT)));
+        lines.push(exact(EDU_DMA_OK.to_owned()));
+    } else {
+        lines.push(exact(EDU_ABSENT.to_owned()));
+    }
     lines.push(exact(RESULT_PASS.to_owned()));
     lines
 }
