@@ -33,6 +33,8 @@ const REG_DMA_CMD: u32 = 0x98;
 const DMA_BUFFER: u32 = 0x4_0000;
 /// Command register: memory decoding and bus mastering.
 pub(crate) const COMMAND_MEM_MASTER: u32 = 0x6;
+/// Command register: bus mastering only.
+pub(crate) const COMMAND_MASTER: u32 = 0x4;
 /// The largest BAR0 the firmware maps (edu's is 1 MiB, which the expected
 /// transcript assumes).
 pub(crate) const BAR_MAX: u32 = 1 << 20;

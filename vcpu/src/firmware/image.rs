@@ -36,8 +36,7 @@ fn emit_bsp(a: &mut Asm) -> Result<()> {
     counters::emit_bsp(a)?;
     pci::emit_bsp(a)?;
     edu::emit_bsp(a)?;
-    // Release the APs from the remap phase (it lands later).
-    a.mov(dword_ptr(var::PHASE), 3)?;
+    remap::emit_bsp(a)?;
     exit::emit_bsp(a)
 }
 

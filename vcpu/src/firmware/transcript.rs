@@ -43,6 +43,15 @@ pub const EDU_LIVENESS_OK: &str = "edu: liveness ok";
 pub const EDU_FACTORIAL: &str = "edu: factorial ";
 /// The edu DMA round trip passed.
 pub const EDU_DMA_OK: &str = "edu: dma ok";
+/// The remap phase did not run (no usable edu).
+pub const REMAP_ABSENT: &str = "skip: remap (no edu)";
+/// Prefix of the remap counts line.
+pub const REMAP: &str = "remap: ";
+/// After the move count of the remap counts line (the AP read counts
+/// follow and vary).
+pub const REMAP_READS: &str = " moves, reads ";
+/// The remap verdict when every read matched.
+pub const REMAP_CONSISTENT: &str = "remap: consistent";
 /// Suffix of a line whose check passed.
 pub const OK_SUFFIX: &str = " ok";
 /// Suffix of a line whose check failed.
@@ -176,8 +185,11 @@ pub fn expected_lines(machine: &Machine) -> Vec<ExpectedLine> {
         lines.push(exact(EDU_LIVENESS_OK.to_owned()));
         lines.push(exact(format!("{EDU_FACTORIAL}{}! = {}", edu::FACTORIAL_N, edu::FACTORIAL_RESULT)));
         lines.push(exact(EDU_DMA_OK.to_owned()));
+        lines.push(ExpectedLine::Prefix(format!("{REMAP}{}{REMAP_READS}ident=", super::remap::MOVES)));
+        lines.push(exact(REMAP_CONSISTENT.to_owned()));
     } else {
         lines.push(exact(EDU_ABSENT.to_owned()));
+        lines.push(exact(REMAP_ABSENT.to_owned()));
     }
     lines.push(exact(RESULT_PASS.to_owned()));
     lines
