@@ -186,6 +186,21 @@ impl Asm {
         Ok(())
     }
 
+    /// Prints `ok_line` if ZF is set, else `fail_line` and counts a
+    /// failure (each gets a newline).
+    pub(crate) fn verdict(&mut self, ok_line: &str, fail_line: &str) -> Result<()> {
+        let mut bad = self.label();
+        let mut end = self.label();
+        self.jnz(bad)?;
+        self.print(&format!("{ok_line}\n"))?;
+        self.jmp(end)?;
+        self.bind(&mut bad)?;
+        self.print(&format!("{fail_line}\n"))?;
+        self.fail()?;
+        self.bind(&mut end)?;
+        Ok(())
+    }
+
     /// Polls until `cond` is met or `timeout_us` microseconds pass on the
     /// local APIC timer. `cond` emits a test that jumps to the label it is
     /// given when the condition holds; it may clobber `eax` and `edx` but

@@ -47,20 +47,6 @@ pub(crate) const FACTORIAL_RESULT: u32 = 3_628_800;
 /// How long a factorial or a DMA may take (µs); QEMU's DMA takes 100 ms.
 const TIMEOUT_US: u32 = 2_000_000;
 
-/// Prints `ok_line` if ZF is set, else `fail_line` and counts a failure.
-fn verdict(a: &mut Asm, ok_line: &str, fail_line: &str) -> Result<()> {
-    let mut bad = a.label();
-    let mut end = a.label();
-    a.jnz(bad)?;
-    a.print(&format!("{ok_line}\n"))?;
-    a.jmp(end)?;
-    a.bind(&mut bad)?;
-    a.print(&format!("{fail_line}\n"))?;
-    a.fail()?;
-    a.bind(&mut end)?;
-    Ok(())
-}
-
 /// Starts a DMA of [`DMA_LEN`] bytes and waits for it; CF set on timeout.
 fn dma(a: &mut Asm, src: u32, dst: u32, cmd: u32) -> Result<()> {
     a.mov(dword_ptr(ebp + REG_DMA_SRC), src)?;
@@ -134,7 +120,7 @@ pub(crate) fn emit_bsp(a: &mut Asm) -> Result<()> {
 
     a.mov(dword_ptr(ebp + REG_LIVENESS), LIVENESS_PROBE)?;
     a.cmp(dword_ptr(ebp + REG_LIVENESS), !LIVENESS_PROBE)?;
-    verdict(a, transcript::EDU_LIVENESS_OK, "edu: liveness FAIL")?;
+    a.verdict(transcript::EDU_LIVENESS_OK, "edu: liveness FAIL")?;
 
     a.mov(dword_ptr(ebp + REG_FACTORIAL), FACTORIAL_N)?;
     a.wait_until(TIMEOUT_US, |a, met| {
@@ -178,7 +164,7 @@ pub(crate) fn emit_bsp(a: &mut Asm) -> Result<()> {
     a.mov(edi, DMA_DST)?;
     a.mov(ecx, DMA_LEN / 4)?;
     a.repe().cmpsd()?;
-    verdict(a, transcript::EDU_DMA_OK, "edu: dma FAIL (data differs)")?;
+    a.verdict(transcript::EDU_DMA_OK, "edu: dma FAIL (data differs)")?;
     a.jmp(end)?;
     a.bind(&mut dma_timeout)?;
     a.print("edu: dma FAIL (timeout)\n")?;

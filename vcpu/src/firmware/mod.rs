@@ -31,6 +31,7 @@ pub mod layout;
 mod pci;
 mod real_mode;
 mod remap;
+mod rom;
 mod smp;
 mod timer;
 pub mod transcript;

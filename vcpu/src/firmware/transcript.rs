@@ -52,6 +52,10 @@ pub const REMAP: &str = "remap: ";
 pub const REMAP_READS: &str = " moves, reads ";
 /// The remap verdict when every read matched.
 pub const REMAP_CONSISTENT: &str = "remap: consistent";
+/// The reset vector reads the same through both mappings.
+pub const ROM_ALIAS_OK: &str = "rom: alias ok";
+/// Writes to the ROM did not change it.
+pub const ROM_WRITES_DROPPED: &str = "rom: writes dropped";
 /// Suffix of a line whose check passed.
 pub const OK_SUFFIX: &str = " ok";
 /// Suffix of a line whose check failed.
@@ -191,6 +195,8 @@ pub fn expected_lines(machine: &Machine) -> Vec<ExpectedLine> {
         lines.push(exact(EDU_ABSENT.to_owned()));
         lines.push(exact(REMAP_ABSENT.to_owned()));
     }
+    lines.push(exact(ROM_ALIAS_OK.to_owned()));
+    lines.push(exact(ROM_WRITES_DROPPED.to_owned()));
     lines.push(exact(RESULT_PASS.to_owned()));
     lines
 }
