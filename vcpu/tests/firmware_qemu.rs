@@ -135,3 +135,33 @@ fn boots_on_qemu_pc_2_cpus() {
 fn boots_on_qemu_pc_4_cpus() {
     boots_on_qemu(4);
 }
+
+#[test]
+fn expected_transcript_for_qemu_pc_with_2_cpus() {
+    let lines: Vec<String> = firmware::expected_lines(&Machine::qemu_pc(2)).iter().map(|l| l.to_string()).collect();
+    let want = [
+        r#""topos firmware""#,
+        r#""fw_cfg: signature QEMU""#,
+        r#""cpus: 2""#,
+        r#""ram: 256 MiB""#,
+        r#""smp: 2 cpus up, apic ids 0 1""#,
+        r#""lock xadd: 2000 ok""#,
+        r#""spinlock: 2000 ok""#,
+        r#""pci 00:00.0 8086:1237 class 060000""#,
+        r#""pci 00:01.0 8086:7000 class 060100""#,
+        r#""pci 00:01.1 8086:7010 class 010180""#,
+        r#""pci 00:01.3 8086:7113 class 068000""#,
+        r#""pci 00:02.0 1234:11e8 class 00ff00""#,
+        r#""edu: bar0 size 00100000 at feb00000""#,
+        r#""edu: ident 010000ed""#,
+        r#""edu: liveness ok""#,
+        r#""edu: factorial 10! = 3628800""#,
+        r#""edu: dma ok""#,
+        r#""remap: 200 moves, reads ident="..."#,
+        r#""remap: consistent""#,
+        r#""rom: alias ok""#,
+        r#""rom: writes dropped""#,
+        r#""result: pass""#,
+    ];
+    assert_eq!(lines, want);
+}

@@ -2,6 +2,34 @@
 //! runs on, and a checker for a captured transcript. Fixed lines are
 //! compared exactly; lines whose numbers vary from run to run (the AP read
 //! counts of the remap phase) are matched by their fixed prefix.
+//!
+//! On QEMU (`-machine pc -m 256M -smp 2 -nodefaults -device edu -device
+//! isa-debug-exit,iobase=0xf4,iosize=0x04`) a run prints:
+//!
+//! ```text
+//! topos firmware
+//! fw_cfg: signature QEMU
+//! cpus: 2
+//! ram: 256 MiB
+//! smp: 2 cpus up, apic ids 0 1
+//! lock xadd: 2000 ok
+//! spinlock: 2000 ok
+//! pci 00:00.0 8086:1237 class 060000
+//! pci 00:01.0 8086:7000 class 060100
+//! pci 00:01.1 8086:7010 class 010180
+//! pci 00:01.3 8086:7113 class 068000
+//! pci 00:02.0 1234:11e8 class 00ff00
+//! edu: bar0 size 00100000 at feb00000
+//! edu: ident 010000ed
+//! edu: liveness ok
+//! edu: factorial 10! = 3628800
+//! edu: dma ok
+//! remap: 200 moves, reads ident=647495 unassigned=815859 other=0
+//! remap: consistent
+//! rom: alias ok
+//! rom: writes dropped
+//! result: pass
+//! ```
 
 use std::fmt;
 
