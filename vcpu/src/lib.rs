@@ -1,14 +1,15 @@
 //! # topos-vcpu
 //!
-//! vCPUs, boards and the `topos` command. For now it holds the default
-//! board's memory map and the first part of the KVM backend (the memslot
-//! mirror); vCPUs, the `pc` board, the firmware and the interpreter land
-//! with their own issues.
+//! vCPUs, boards and the `topos` command: vCPU threads behind a backend
+//! trait and their control protocol, the KVM backend, QEMU's `pc` board,
+//! the embedded firmware, and the machine `topos run` boots. The x86
+//! interpreter lands next, behind the same backend trait.
 
 pub mod backend;
 pub mod board;
 pub mod control;
 pub mod error;
+pub mod firmware;
 pub mod kvm;
 pub mod machine;
 pub mod stress;

@@ -1,0 +1,167 @@
+//! The embedded firmware: the image's shape, and a boot on real QEMU (`pc`
+//! machine, TCG) for 1, 2 and 4 CPUs, checked against the transcript in
+//! `topos_vcpu::firmware::transcript`. The QEMU runs skip, saying so, when
+//! `qemu-system-x86_64` is not on PATH.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use topos_vcpu::firmware::{self, transcript, Machine};
+
+/// A QEMU run taking longer than this is killed and fails the test.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+#[test]
+fn image_is_128k_with_a_far_jump_at_the_reset_vector() {
+    let image = firmware::bios_image().expect("the firmware assembles");
+    assert_eq!(image.len(), 128 << 10);
+    assert_eq!(image.len(), firmware::IMAGE_SIZE);
+    // jmp far ptr16:16 (0xea offset:16 segment:16) to f000:0000.
+    assert_eq!(&image[0x1fff0..0x1fff5], &[0xea, 0x00, 0x00, 0x00, 0xf0]);
+}
+
+#[test]
+fn image_is_deterministic() {
+    assert_eq!(firmware::bios_image().unwrap(), firmware::bios_image().unwrap());
+}
+
+#[test]
+fn transcript_checker_matches_exact_and_prefix_lines() {
+    use transcript::ExpectedLine::{Exact, Prefix};
+    let want = [Exact("a: 1".into()), Prefix("b: ".into())];
+    assert_eq!(transcript::check("a: 1\r\nb: 7\n", &want), Ok(()));
+    assert!(transcript::check("a: 2\nb: 7\n", &want).is_err());
+    assert!(transcript::check("a: 1\n", &want).is_err());
+    assert!(transcript::check("a: 1\nb: 7\nc\n", &want).is_err());
+}
+
+/// `qemu-system-x86_64` on PATH, if any.
+fn find_qemu() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("qemu-system-x86_64")).find(|p| p.is_file())
+}
+
+/// What one QEMU run produced.
+struct Run {
+    status: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Boots `image` on QEMU's `pc` machine with `ncpus` CPUs and `accel`,
+/// killing it after [`WATCHDOG`].
+fn run_qemu(qemu: &Path, image: &Path, ncpus: u32, accel: &str) -> Run {
+    let start = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-machine", "pc", "-accel", accel, "-m", "256M", "-smp"])
+        .arg(ncpus.to_string())
+        .args(["-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-bios"])
+        .arg(image)
+        .args(["-device", "edu", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 starts");
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for qemu") {
+            break status.code();
+        }
+        if start.elapsed() > WATCHDOG {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let elapsed = start.elapsed();
+    Run {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed,
+    }
+}
+
+/// Boots the firmware under TCG with `ncpus` CPUs and checks the transcript
+/// and the exit status.
+fn boots_on_qemu(ncpus: u32) {
+    let Some(qemu) = find_qemu() else {
+        println!("skipped: qemu-system-x86_64 not found");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("topos-firmware-{}-{ncpus}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let image = dir.join("bios.bin");
+    std::fs::write(&image, firmware::bios_image().expect("the firmware assembles")).expect("image written");
+
+    let run = run_qemu(&qemu, &image, ncpus, "tcg");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("qemu -smp {ncpus} (tcg): {:?} in {:?}\n{}", run.status, run.elapsed, run.stdout);
+    let context = format!("-smp {ncpus}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
+    assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");
+    let expected = firmware::expected_lines(&Machine::qemu_pc(ncpus));
+    if let Err(e) = transcript::check(&run.stdout, &expected) {
+        panic!("{e}\n{context}");
+    }
+}
+
+#[test]
+fn boots_on_qemu_pc_1_cpu() {
+    boots_on_qemu(1);
+}
+
+#[test]
+fn boots_on_qemu_pc_2_cpus() {
+    boots_on_qemu(2);
+}
+
+#[test]
+fn boots_on_qemu_pc_4_cpus() {
+    boots_on_qemu(4);
+}
+
+#[test]
+fn expected_transcript_for_qemu_pc_with_2_cpus() {
+    let lines: Vec<String> = firmware::expected_lines(&Machine::qemu_pc(2)).iter().map(|l| l.to_string()).collect();
+    let want = [
+        r#""topos firmware""#,
+        r#""fw_cfg: signature QEMU""#,
+        r#""cpus: 2""#,
+        r#""ram: 256 MiB""#,
+        r#""smp: 2 cpus up, apic ids 0 1""#,
+        r#""lock xadd: 2000 ok""#,
+        r#""spinlock: 2000 ok""#,
+        r#""pci 00:00.0 8086:1237 class 060000""#,
+        r#""pci 00:01.0 8086:7000 class 060100""#,
+        r#""pci 00:01.1 8086:7010 class 010180""#,
+        r#""pci 00:01.3 8086:7113 class 068000""#,
+        r#""pci 00:02.0 1234:11e8 class 00ff00""#,
+        r#""edu: bar0 size 00100000 at feb00000""#,
+        r#""edu: ident 010000ed""#,
+        r#""edu: liveness ok""#,
+        r#""edu: factorial 10! = 3628800""#,
+        r#""edu: dma ok""#,
+        r#""remap: 200 moves, reads ident="..."#,
+        r#""remap: consistent""#,
+        r#""rom: alias ok""#,
+        r#""rom: writes dropped""#,
+        r#""result: pass""#,
+    ];
+    assert_eq!(lines, want);
+}
