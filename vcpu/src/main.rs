@@ -14,16 +14,18 @@ use topos_vcpu::stress::{self, StressConfig};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// What to do (default: `run` with the embedded firmware).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 /// The board's options, shared by `run` and `mtree`.
 #[derive(Args, Debug)]
 struct BoardArgs {
-    /// A raw BIOS image (as QEMU's `-bios`).
+    /// A raw BIOS image (as QEMU's `-bios`); without it, the embedded
+    /// firmware.
     #[arg(long, value_name = "FILE")]
-    bios: std::path::PathBuf,
+    bios: Option<std::path::PathBuf>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     smp: u16,
@@ -31,7 +33,8 @@ struct BoardArgs {
     /// below 64 Ki, as QEMU's `-m`).
     #[arg(short = 'm', long = "memory", value_name = "SIZE", value_parser = parse_size)]
     memory: Option<u64>,
-    /// PCI devices, in slot order from 00:02.0 (repeatable).
+    /// PCI devices, in slot order from 00:02.0 (repeatable); without any,
+    /// the devices the embedded firmware reports on (edu).
     #[arg(long = "device", value_name = "MODEL")]
     devices: Vec<PciModel>,
 }
@@ -54,16 +57,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} too large"))
 }
 
+impl Default for BoardArgs {
+    /// What `topos run` without options builds.
+    fn default() -> BoardArgs {
+        BoardArgs { bios: None, smp: 1, memory: None, devices: Vec::new() }
+    }
+}
+
 impl BoardArgs {
     fn config(&self, serial: SerialSink) -> Result<PcConfig, String> {
-        let bios = std::fs::read(&self.bios).map_err(|e| format!("{}: {e}", self.bios.display()))?;
-        Ok(PcConfig {
-            ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE),
-            cpus: self.smp,
-            bios,
-            devices: self.devices.clone(),
-            serial,
-        })
+        let bios = match &self.bios {
+            Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            None => topos_vcpu::firmware::bios_image().map_err(|e| format!("the embedded firmware: {e}"))?,
+        };
+        let devices = if self.devices.is_empty() { vec![PciModel::Edu] } else { self.devices.clone() };
+        Ok(PcConfig { ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE), cpus: self.smp, bios, devices, serial })
     }
 }
 
@@ -160,7 +168,9 @@ fn run(args: &BoardArgs, accel: Accel, trace: bool) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    // `topos` alone boots the embedded firmware, as `topos run` does.
+    let command = cli.command.unwrap_or(Command::Run { board: BoardArgs::default(), accel: Accel::Auto, trace: false });
+    match command {
         Command::Stress { readers, seconds, commits, slots, devices, seed } => {
             let cfg = StressConfig {
                 readers: readers.unwrap_or(StressConfig::default().readers),

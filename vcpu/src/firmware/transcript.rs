@@ -183,6 +183,16 @@ impl Machine {
             ],
         }
     }
+
+    /// topos's `pc` board with `ram_mib` of RAM and its default devices
+    /// (`topos run` without `--device`): QEMU's functions but the PIIX3's
+    /// IDE and ACPI ones, which the board does not model.
+    pub fn topos_pc(ncpus: u32, ram_mib: u64) -> Machine {
+        let mut m = Machine::qemu_pc(ncpus);
+        m.ram_mib = Some(ram_mib);
+        m.pci.retain(|f| f.function == 0);
+        m
+    }
 }
 
 /// RAM the QEMU tests give the machine (`-m 256M`).
