@@ -85,12 +85,16 @@ impl Machine {
         &self.latch
     }
 
-    /// Starts the vCPUs from reset (the BSP at the reset vector, the APs
-    /// waiting for INIT/SIPI).
+    /// Starts the vCPUs from reset (the BSP at the reset vector, or at the
+    /// `--kernel`'s entry; the APs waiting for INIT/SIPI).
     pub fn start(&self) -> Result<Vm> {
         let mut backends: Vec<Box<dyn crate::backend::VcpuBackend>> = Vec::new();
         for i in 0..u32::from(self.board.cpus) {
-            backends.push(Box::new(self.kvm.create_vcpu(i)?));
+            let mut vcpu = self.kvm.create_vcpu(i)?;
+            if let (0, Some(entry)) = (i, self.board.entry) {
+                vcpu.enter_flat32(entry)?;
+            }
+            backends.push(Box::new(vcpu));
         }
         Vm::start(backends, &self.board.spaces.memory, &self.board.spaces.io_space, self.latch.clone())
     }

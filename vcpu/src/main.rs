@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use topos_devices::uart::SerialSink;
 use topos_runtime::{MtreeOptions, Topology};
+use topos_vcpu::board::multiboot::Kernel;
 use topos_vcpu::board::{memory_map::DEFAULT_RAM_SIZE, BoardWiring, NoInterrupts, PcBoard, PcConfig, PciModel};
 use topos_vcpu::machine::{Accel, Machine};
 use topos_vcpu::stress::{self, StressConfig};
@@ -33,6 +34,12 @@ struct BoardArgs {
     /// below 64 Ki, as QEMU's `-m`).
     #[arg(short = 'm', long = "memory", value_name = "SIZE", value_parser = parse_size)]
     memory: Option<u64>,
+    /// A Multiboot kernel to boot (as QEMU's `-kernel`).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<std::path::PathBuf>,
+    /// The kernel's command line (after its path, as QEMU's `-append`).
+    #[arg(long, value_name = "CMDLINE", requires = "kernel", default_value = "")]
+    append: String,
     /// PCI devices, in slot order from 00:02.0 (repeatable); without any,
     /// the devices the embedded firmware reports on (edu).
     #[arg(long = "device", value_name = "MODEL")]
@@ -60,7 +67,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 impl Default for BoardArgs {
     /// What `topos run` without options builds.
     fn default() -> BoardArgs {
-        BoardArgs { bios: None, smp: 1, memory: None, devices: Vec::new() }
+        BoardArgs { bios: None, smp: 1, memory: None, kernel: None, append: String::new(), devices: Vec::new() }
     }
 }
 
@@ -71,7 +78,22 @@ impl BoardArgs {
             None => topos_vcpu::firmware::bios_image().map_err(|e| format!("the embedded firmware: {e}"))?,
         };
         let devices = if self.devices.is_empty() { vec![PciModel::Edu] } else { self.devices.clone() };
-        Ok(PcConfig { ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE), cpus: self.smp, bios, devices, serial })
+        let kernel = match &self.kernel {
+            Some(path) => Some(Kernel {
+                image: std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+                path: path.display().to_string(),
+                append: self.append.clone(),
+            }),
+            None => None,
+        };
+        Ok(PcConfig {
+            ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE),
+            cpus: self.smp,
+            bios,
+            devices,
+            serial,
+            kernel,
+        })
     }
 }
 

@@ -49,6 +49,7 @@ fn a_bios_prints_on_the_uart_and_exits_through_debug_exit() {
         bios: bios(b"hello from the reset vector\n", 0x10),
         devices: vec![PciModel::Edu],
         serial: sink,
+        kernel: None,
     };
     let machine = Machine::new(config, Accel::Kvm).unwrap();
     let reason = machine.run().unwrap();
@@ -105,5 +106,66 @@ fn topos_mtree_prints_the_board_and_bad_options_are_errors() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A minimal Multiboot kernel (a.out kludge, loaded at 1 MiB, entry at
+/// +0x20): its 32-bit code prints `m`, the first byte of the command line
+/// (from the information EBX points to) and a newline, and exits through
+/// `isa-debug-exit` with 0 if EAX held the Multiboot magic, 1 otherwise.
+fn multiboot_kernel() -> Vec<u8> {
+    let flags: u32 = 1 << 16 | 2;
+    let magic = topos_vcpu::board::multiboot::HEADER_MAGIC;
+    let mut k = Vec::new();
+    for v in [magic, flags, 0u32.wrapping_sub(magic.wrapping_add(flags))] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [0x10_0000u32, 0x10_0000, 0, 0x10_2000, 0x10_0020] {
+        k.extend_from_slice(&v.to_le_bytes());
+    }
+    k.resize(0x20, 0);
+    let code: &[u8] = &[
+        0x3d, 0x02, 0xb0, 0xad, 0x2b, // cmp eax, 0x2badb002
+        0x0f, 0x95, 0xc1, // setne cl
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'm', 0xee, // mov al, 'm'; out dx, al
+        0x8b, 0x73, 0x10, // mov esi, [ebx+16] (cmdline)
+        0x8a, 0x06, 0xee, // mov al, [esi]; out dx, al
+        0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+        0x88, 0xc8, // mov al, cl
+        0xe6, 0xf4, // out 0xf4, al
+        0xf4, // hlt
+    ];
+    k.extend_from_slice(code);
+    k
+}
+
+#[test]
+fn topos_run_enters_a_multiboot_kernel_with_the_multiboot_state() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("topos-pc-multiboot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kernel.bin");
+    std::fs::write(&path, multiboot_kernel()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_topos"))
+        .args(["run", "--kernel"])
+        .arg(&path)
+        .args(["--append", "quiet"])
+        .output()
+        .unwrap();
+    let first = path.display().to_string().into_bytes()[0] as char;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("m{first}\n"),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "EAX held the Multiboot magic");
+    std::fs::write(&path, [0u8; 64]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--kernel"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no Multiboot header"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,11 +11,13 @@
 //! | PCI host bridge | ports `0xcf8`, `0xcfc` | i440FX at 00.0 (`8086:1237`, class 0600), PIIX3 at 01.0 (`8086:7000`, class 0601) |
 //! | `--device` PCI models | slots 2, 3, ... in order, INTx on GSI 11 | `-device edu` |
 //! | local APICs, PICs, PIT, IOAPIC | the accelerator's (in-kernel on KVM) | `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2` |
+//! | a Multiboot kernel | see [`multiboot`] | `-kernel`, `-append` |
 //!
 //! Every device is plugged through the devices' plug contract; the board
 //! only decides where the regions go.
 
 pub mod memory_map;
+pub mod multiboot;
 
 use crate::error::{Error, Result};
 use memory_map::MemoryMap;
@@ -67,6 +69,8 @@ pub struct PcConfig {
     pub devices: Vec<PciModel>,
     /// Where the UART's output goes.
     pub serial: SerialSink,
+    /// A Multiboot kernel to start instead of the BIOS (`--kernel`).
+    pub kernel: Option<multiboot::Kernel>,
 }
 
 impl std::fmt::Debug for PcConfig {
@@ -76,6 +80,7 @@ impl std::fmt::Debug for PcConfig {
             .field("cpus", &self.cpus)
             .field("bios", &self.bios.len())
             .field("devices", &self.devices)
+            .field("kernel", &self.kernel.as_ref().map(|k| &k.path))
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +141,9 @@ pub struct PcBoard {
     pub cpus: u16,
     /// The device runtime (timers, ioeventfds, drainers).
     pub runtime: DeviceRuntime,
+    /// Where the boot processor starts, when not at the reset vector (a
+    /// `--kernel`).
+    pub entry: Option<multiboot::Flat32Entry>,
 }
 
 impl PcBoard {
@@ -191,7 +199,14 @@ impl PcBoard {
                 }
             }
         }
-        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime })
+        let entry = match &config.kernel {
+            Some(k) => Some(
+                multiboot::load(k, &map.ram.ram()?, map.below_4g, map.above_4g)
+                    .map_err(|e| Error::Config(format!("--kernel {}: {e}", k.path)))?,
+            ),
+            None => None,
+        };
+        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime, entry })
     }
 
     /// Guest RAM.

@@ -3,6 +3,7 @@
 //! kick, and ioeventfds registered with KVM. Coalesced MMIO lands here
 //! next.
 
+mod entry;
 pub mod ioeventfds;
 pub mod memslots;
 pub mod vcpu;
