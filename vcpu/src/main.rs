@@ -27,6 +27,10 @@ struct BoardArgs {
     /// firmware.
     #[arg(long, value_name = "FILE")]
     bios: Option<std::path::PathBuf>,
+    /// A BIOS image to boot from a CFI flash ending at 4 GiB (as QEMU's
+    /// `-drive if=pflash`), instead of a ROM.
+    #[arg(long, value_name = "FILE", conflicts_with = "bios")]
+    pflash: Option<std::path::PathBuf>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     smp: u16,
@@ -40,7 +44,8 @@ struct BoardArgs {
     /// The kernel's command line (after its path, as QEMU's `-append`).
     #[arg(long, value_name = "CMDLINE", requires = "kernel", default_value = "")]
     append: String,
-    /// PCI devices, in slot order from 00:02.0 (repeatable); without any,
+    /// Devices (repeatable): edu (PCI, slots from 00:02.0 in order),
+    /// framebuffer, virtio-doorbell, pflash (fixed addresses); without any,
     /// the devices the embedded firmware reports on (edu).
     #[arg(long = "device", value_name = "MODEL")]
     devices: Vec<PciModel>,
@@ -67,13 +72,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
 impl Default for BoardArgs {
     /// What `topos run` without options builds.
     fn default() -> BoardArgs {
-        BoardArgs { bios: None, smp: 1, memory: None, kernel: None, append: String::new(), devices: Vec::new() }
+        BoardArgs {
+            bios: None,
+            pflash: None,
+            smp: 1,
+            memory: None,
+            kernel: None,
+            append: String::new(),
+            devices: Vec::new(),
+        }
     }
 }
 
 impl BoardArgs {
     fn config(&self, serial: SerialSink) -> Result<PcConfig, String> {
-        let bios = match &self.bios {
+        let bios = match self.bios.as_ref().or(self.pflash.as_ref()) {
             Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
             None => topos_vcpu::firmware::bios_image().map_err(|e| format!("the embedded firmware: {e}"))?,
         };
@@ -90,6 +103,7 @@ impl BoardArgs {
             ram_size: self.memory.unwrap_or(DEFAULT_RAM_SIZE),
             cpus: self.smp,
             bios,
+            bios_in_flash: self.pflash.is_some(),
             devices,
             serial,
             kernel,
@@ -134,6 +148,13 @@ enum Command {
         /// Random seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Write the embedded firmware image to a file (to boot it elsewhere,
+    /// e.g. `qemu-system-x86_64 -bios FILE`).
+    Firmware {
+        /// Where to write it.
+        #[arg(short, long, value_name = "FILE")]
+        output: std::path::PathBuf,
     },
     /// Build the board `run` would build and print its memory map like
     /// QEMU's `info mtree`.
@@ -230,5 +251,17 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { board, accel, trace } => run(&board, accel, trace),
+        Command::Firmware { output } => {
+            let written = topos_vcpu::firmware::bios_image()
+                .map_err(|e| e.to_string())
+                .and_then(|image| std::fs::write(&output, image).map_err(|e| format!("{}: {e}", output.display())));
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("topos: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -50,6 +50,7 @@ fn a_bios_prints_on_the_uart_and_exits_through_debug_exit() {
         devices: vec![PciModel::Edu],
         serial: sink,
         kernel: None,
+        bios_in_flash: false,
     };
     let machine = Machine::new(config, Accel::Kvm).unwrap();
     let reason = machine.run().unwrap();
@@ -167,5 +168,41 @@ fn topos_run_enters_a_multiboot_kernel_with_the_multiboot_state() {
     let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--kernel"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Multiboot header"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_device_model_plugs_into_the_board_and_the_firmware_boots_from_a_flash() {
+    let dir = std::env::temp_dir().join(format!("topos-pc-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fw = dir.join("fw.bin");
+    let topos = env!("CARGO_BIN_EXE_topos");
+    let out = Command::new(topos).args(["firmware", "-o"]).arg(&fw).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&fw).unwrap(), topos_vcpu::firmware::bios_image().unwrap());
+
+    let all = ["--device", "edu", "--device", "framebuffer", "--device", "virtio-doorbell", "--device", "pflash"];
+    let out = Command::new(topos).arg("mtree").args(all).args(["--pflash"]).arg(&fw).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "00000000fd000000-00000000fd3fffff (prio 0, ram): framebuffer.vram",
+        "00000000fe000000-00000000fe00001f (prio 0, i/o): framebuffer.regs",
+        "00000000fe001000-00000000fe0011ff (prio 0, i/o): virtio-mmio",
+        "00000000fef00000-00000000feffffff (prio 0, romd): pflash1",
+        "00000000fffe0000-00000000ffffffff (prio 0, romd): system.flash0",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    let dup = Command::new(topos).args(["mtree", "--device", "pflash", "--device", "pflash"]).output().unwrap();
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("once"));
+
+    if kvm_present() {
+        let out = Command::new(topos).args(["run", "--smp", "2", "--pflash"]).arg(&fw).args(all).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.ends_with("result: pass\n"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

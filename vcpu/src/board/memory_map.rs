@@ -7,7 +7,8 @@
 //! * `pci`, a 2^64-byte container at priority -1 under everything: what
 //!   PCI memory BARs and the BIOS live in, and what every unclaimed address
 //!   reads (nothing: 0 on reads, writes dropped).
-//! * `pc.bios`, the firmware image as ROM, ending at 4 GiB inside `pci`,
+//! * `pc.bios`, the firmware image as ROM (or the flash holding it, with
+//!   `--pflash`), ending at 4 GiB inside `pci`,
 //!   and `isa-bios`, an alias of its last `min(size, 128 KiB)` ending at
 //!   1 MiB (priority 1 in `pci`).
 //! * The legacy holes below 1 MiB as QEMU leaves them after reset: the VGA
@@ -52,13 +53,27 @@ pub fn split_ram(ram_size: u64) -> (u64, u64) {
     }
 }
 
-/// Builds the map (in one transaction) with `bios` as the firmware image.
-pub fn build(topo: &Topology, spaces: &StandardSpaces, ram_size: u64, bios: &[u8]) -> Result<MemoryMap> {
+/// Builds the map (in one transaction) with `bios` as the firmware image:
+/// in a ROM, or, if `flash` is given (a flash device already holding it),
+/// in that flash.
+pub fn build(
+    topo: &Topology,
+    spaces: &StandardSpaces,
+    ram_size: u64,
+    bios: &[u8],
+    flash: Option<MemoryRegion>,
+) -> Result<MemoryMap> {
     let (below_4g, above_4g) = split_ram(ram_size);
     let ram = topo.new_ram("pc.ram", u128::from(ram_size))?;
     let bios_size = bios.len() as u64;
-    let rom = topo.new_rom("pc.bios", u128::from(bios_size))?;
-    rom.ram()?.write(0, bios)?;
+    let rom = match flash {
+        Some(f) => f,
+        None => {
+            let rom = topo.new_rom("pc.bios", u128::from(bios_size))?;
+            rom.ram()?.write(0, bios)?;
+            rom
+        }
+    };
     let pci = topo.new_container("pci", SIZE_MAX)?;
     topo.transaction(|| -> Result<()> {
         let low = topo.new_alias("ram-below-4g", &ram, 0, u128::from(below_4g))?;
@@ -106,7 +121,7 @@ mod tests {
         let mut image = vec![0u8; 256 << 10];
         image[(256 << 10) - 16] = 0xea;
         image[(256 << 10) - (128 << 10)] = 0x5a;
-        let map = build(&topo, &spaces, 64 << 20, &image).unwrap();
+        let map = build(&topo, &spaces, 64 << 20, &image, None).unwrap();
         let mem = &spaces.memory;
         assert_eq!(mem.read_u64(0xffff_fff0, 1).0, 0xea);
         assert_eq!(mem.read_u64(0xffff0, 1).0, 0xea, "the reset vector's low alias");

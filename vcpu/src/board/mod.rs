@@ -9,7 +9,11 @@
 //! | POST port | port `0x80`: writes ignored, reads `0xff` | `ioport80` |
 //! | `fw_cfg` | ports `0x510`, `0x511` | signature, ID, RAM size, CPU count |
 //! | PCI host bridge | ports `0xcf8`, `0xcfc` | i440FX at 00.0 (`8086:1237`, class 0600), PIIX3 at 01.0 (`8086:7000`, class 0601) |
-//! | `--device` PCI models | slots 2, 3, ... in order, INTx on GSI 11 | `-device edu` |
+//! | `--device edu` | PCI slots 2, 3, ... in order, INTx on GSI 11 | `-device edu` |
+//! | `--device framebuffer` | video RAM at `0xfd000000` (4 MiB, dirty-logged), registers at `0xfe000000` | (none) |
+//! | `--device virtio-doorbell` | virtio-mmio registers at `0xfe001000`, IRQ 5 | (none on `pc`) |
+//! | `--device pflash` | a 1 MiB CFI flash ending at `0xff000000` | |
+//! | `--pflash FILE` | the BIOS as a CFI flash ending at 4 GiB | `-drive if=pflash` |
 //! | local APICs, PICs, PIT, IOAPIC | the accelerator's (in-kernel on KVM) | `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2` |
 //! | a Multiboot kernel | see [`multiboot`] | `-kernel`, `-append` |
 //!
@@ -24,10 +28,13 @@ use memory_map::MemoryMap;
 use std::sync::Arc;
 use topos_devices::debug_exit::{self, DebugExit, DebugExitConfig, ExitSink};
 use topos_devices::edu::{Edu, EduOptions};
+use topos_devices::framebuffer::{self, FbConfig, FbMode, FbRegs};
 use topos_devices::fw_cfg::{self, FwCfg, FwCfgConfig};
 use topos_devices::pci::{PciConfig, PciHost, PciHostBridge, PciHostConfig, PciPlacement};
+use topos_devices::pflash::{self, PflashCfi01, PflashConfig, PflashImage};
 use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use topos_devices::uart::{self, Serial16550, SerialConfig, SerialSink};
+use topos_devices::virtio_doorbell::{self, DoorbellConfig, VirtioDoorbell};
 use topos_devices::{DeviceRuntime, InterruptSink, IrqLine};
 use topos_runtime::{HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
 
@@ -38,11 +45,33 @@ pub const FIRST_DEVICE_SLOT: u8 = 2;
 /// The POST diagnostic port.
 pub const POST_PORT: u64 = 0x80;
 
-/// A PCI device model the board can plug (`--device`).
+/// Where the framebuffer's video RAM goes (16 MiB below the PCI BAR area
+/// the firmware uses).
+pub const FRAMEBUFFER_VRAM_BASE: u64 = 0xfd00_0000;
+/// The framebuffer's video RAM size.
+pub const FRAMEBUFFER_VRAM_SIZE: u64 = 4 << 20;
+/// Where the framebuffer's registers go.
+pub const FRAMEBUFFER_REGS_BASE: u64 = 0xfe00_0000;
+/// Where the virtio-mmio doorbell goes (QEMU's `virtio-mmio` transports
+/// have no fixed place on `pc`).
+pub const VIRTIO_DOORBELL_BASE: u64 = 0xfe00_1000;
+/// Where a `--device pflash` (a second flash) ends: 16 MiB below 4 GiB,
+/// clear of any BIOS image (at most 16 MiB).
+pub const PFLASH_DEVICE_END: u64 = 0xff00_0000;
+
+/// A device model the board can plug (`--device`): `edu` as a PCI function
+/// (slots from [`FIRST_DEVICE_SLOT`]), the others at fixed addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PciModel {
-    /// QEMU's `edu` teaching device.
+    /// QEMU's `edu` teaching device (PCI).
     Edu,
+    /// The dirty-logged framebuffer: video RAM at [`FRAMEBUFFER_VRAM_BASE`],
+    /// registers at [`FRAMEBUFFER_REGS_BASE`].
+    Framebuffer,
+    /// The virtio-mmio doorbell at [`VIRTIO_DOORBELL_BASE`], IRQ 5.
+    VirtioDoorbell,
+    /// A CFI flash (erased, 1 MiB) ending at [`PFLASH_DEVICE_END`].
+    Pflash,
 }
 
 impl std::str::FromStr for PciModel {
@@ -51,7 +80,12 @@ impl std::str::FromStr for PciModel {
     fn from_str(s: &str) -> Result<PciModel> {
         match s {
             "edu" => Ok(PciModel::Edu),
-            other => Err(Error::Config(format!("unknown or not yet wired device `{other}` (known: edu)"))),
+            "framebuffer" => Ok(PciModel::Framebuffer),
+            "virtio-doorbell" => Ok(PciModel::VirtioDoorbell),
+            "pflash" => Ok(PciModel::Pflash),
+            other => Err(Error::Config(format!(
+                "unknown device `{other}` (known: edu, framebuffer, virtio-doorbell, pflash)"
+            ))),
         }
     }
 }
@@ -65,6 +99,10 @@ pub struct PcConfig {
     /// The firmware image (a raw BIOS, as QEMU's `-bios`: a multiple of
     /// 64 KiB, at most 16 MiB).
     pub bios: Vec<u8>,
+    /// Boot from a CFI flash holding this image instead of a ROM (as
+    /// `-drive if=pflash`): the same place, but writable through the flash's
+    /// command set.
+    pub bios_in_flash: bool,
     /// PCI devices, in slot order from [`FIRST_DEVICE_SLOT`].
     pub devices: Vec<PciModel>,
     /// Where the UART's output goes.
@@ -164,9 +202,17 @@ impl PcBoard {
                 config.ram_size
             )));
         }
-        let map = memory_map::build(topo, spaces, config.ram_size, &config.bios)?;
         let runtime = DeviceRuntime::new().map_err(Error::Thread)?;
         let ctx = |name: &str| PlugCtx::new(topo, &runtime, name);
+        let flash_bios = if config.bios_in_flash {
+            let geometry =
+                PflashConfig { block_size: 0x10000, num_blocks: (bios_len / 0x10000) as u32, ..Default::default() };
+            let image = PflashImage { config: geometry, content: config.bios.clone() };
+            Some(PflashCfi01::plug(image, ctx("system.flash0"))?.region(pflash::FLASH)?.clone())
+        } else {
+            None
+        };
+        let map = memory_map::build(topo, spaces, config.ram_size, &config.bios, flash_bios)?;
         let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
 
         let com1 = Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
@@ -187,15 +233,44 @@ impl PcBoard {
         let pci = host.handle;
         pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
         pci.plug_model::<Identity>(PciPlacement::slot(1), PciConfig::new(0x8086, 0x7000, 0x0601), ctx("piix3"))?;
-        for (i, model) in config.devices.iter().enumerate() {
-            let slot = FIRST_DEVICE_SLOT + i as u8;
-            if slot > 31 {
-                return Err(Error::Config("more PCI devices than slots".into()));
+        let mut slot = FIRST_DEVICE_SLOT;
+        let once = |seen: &mut bool, what: &str| {
+            if std::mem::replace(seen, true) {
+                Err(Error::Config(format!("--device {what} can be given once (it has a fixed address)")))
+            } else {
+                Ok(())
             }
-            let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
+        };
+        let (mut fb, mut doorbell, mut flash) = (false, false, false);
+        for (i, model) in config.devices.iter().enumerate() {
             match model {
                 PciModel::Edu => {
+                    if slot > 31 {
+                        return Err(Error::Config("more PCI devices than slots".into()));
+                    }
+                    let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
                     pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?;
+                    slot += 1;
+                }
+                PciModel::Framebuffer => {
+                    once(&mut fb, "framebuffer")?;
+                    let mode = FbMode { width: 640, height: 480, bytes_per_pixel: 4, stride: 640 * 4 };
+                    let config = FbConfig { vram_size: FRAMEBUFFER_VRAM_SIZE, mode };
+                    let p = FbRegs::plug(config, ctx("framebuffer"))?;
+                    p.map(framebuffer::VRAM, &spaces.system, FRAMEBUFFER_VRAM_BASE)?;
+                    p.map(framebuffer::REGS, &spaces.system, FRAMEBUFFER_REGS_BASE)?;
+                }
+                PciModel::VirtioDoorbell => {
+                    once(&mut doorbell, "virtio-doorbell")?;
+                    let p = VirtioDoorbell::plug(DoorbellConfig::default(), ctx("virtio-mmio").with_irq(irq(5)))?;
+                    p.map(virtio_doorbell::REGS, &spaces.system, VIRTIO_DOORBELL_BASE)?;
+                }
+                PciModel::Pflash => {
+                    once(&mut flash, "pflash")?;
+                    let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
+                    let size = geometry.size();
+                    let p = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
+                    p.map(pflash::FLASH, &spaces.system, PFLASH_DEVICE_END - size)?;
                 }
             }
         }
