@@ -268,3 +268,53 @@ fn an_ioeventfd_is_signalled_by_kvm_without_an_exit_before_and_after_a_move() {
     assert_eq!(dev.0.load(std::sync::atomic::Ordering::Relaxed), 0, "a doorbell write reached the device");
     assert_eq!(vm.stop(), StopReason::Requested);
 }
+
+/// A device that logs the values written to it.
+struct Logging(std::sync::Mutex<Vec<u64>>);
+
+impl topos_runtime::MemoryRegionOps for Logging {
+    fn read(&self, _addr: u64, _size: u32) -> u64 {
+        self.0.lock().unwrap().len() as u64
+    }
+    fn write(&self, _addr: u64, value: u64, _size: u32) {
+        self.0.lock().unwrap().push(value);
+    }
+}
+
+#[test]
+fn coalesced_writes_do_not_exit_and_are_replayed_in_order_before_a_flushing_access() {
+    let Some(m) = machine() else { return };
+    let log = Arc::new(Logging(Default::default()));
+    let cfg = topos_runtime::OpsConfig::default();
+    let a = m.topo.new_io_arc("coalesced", log.clone(), cfg.clone(), 0x1000).unwrap();
+    a.add_coalescing(0, 0x1000).unwrap();
+    let b = m.topo.new_io_arc("flushing", log.clone(), cfg, 0x1000).unwrap();
+    b.set_flush_coalesced().unwrap();
+    m.topo
+        .transaction(|| {
+            m.spaces.system.add_subregion_overlap(0x9000, &a, 1).unwrap();
+            m.spaces.system.add_subregion_overlap(0xa000, &b, 1).unwrap();
+        })
+        .unwrap();
+    // mov dword [ebx], 1..3 (coalesced); mov dword [0x8000], 1 (RAM flag);
+    // jmp $ (no exit: only the host's access can flush).
+    let mut code = Vec::new();
+    for v in 1u8..=3 {
+        code.extend_from_slice(&[0xc7, 0x03, v, 0, 0, 0]);
+    }
+    code.extend_from_slice(&[0xc7, 0x05, 0x00, 0x80, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xeb, 0xfe]);
+    m.ram.ram().unwrap().write(0x1000, &code).unwrap();
+    let v = vcpu_flat32(&m, 0, 0x1000, 0x9000);
+    let vm = Vm::start(vec![Box::new(v)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
+    let deadline = Instant::now() + WATCHDOG;
+    while counter(&m, 0x8000) != 1 {
+        assert!(Instant::now() < deadline, "the guest did not run");
+        std::thread::yield_now();
+    }
+    assert!(log.0.lock().unwrap().is_empty(), "coalesced writes reached the device before a flush");
+    // The host reads the flushing register: the ring is drained first.
+    assert_eq!(m.spaces.memory.read_u64(0xa000, 4), (3, topos_runtime::MemTxResult::Ok));
+    assert_eq!(*log.0.lock().unwrap(), [1, 2, 3]);
+    assert_eq!(vm.vcpus()[0].io_counts().mmio, 0, "coalesced writes exited");
+    assert_eq!(vm.stop(), StopReason::Requested);
+}

@@ -1,8 +1,9 @@
 //! The KVM backend (rust-vmm `kvm-ioctls`): the VM with its in-kernel
 //! irqchip and PIT, memslots mirroring the FlatView, and vCPUs with their
-//! kick, and ioeventfds registered with KVM. Coalesced MMIO lands here
-//! next.
+//! kick, ioeventfds registered with KVM, and coalesced MMIO through KVM's
+//! ring.
 
+pub mod coalesced;
 mod entry;
 pub mod ioeventfds;
 pub mod memslots;

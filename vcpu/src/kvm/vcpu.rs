@@ -1,6 +1,7 @@
 //! A KVM vCPU as a [`VcpuBackend`], and its kick: `immediate_exit` in the
 //! vCPU's `kvm_run` page, then a real-time signal to its thread.
 
+use super::coalesced::CoalescedRing;
 use crate::backend::{RunExit, VcpuBackend, VcpuIo};
 use crate::control::Kick;
 use crate::error::{Error, Result};
@@ -92,6 +93,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     index: u32,
     kicker: Arc<KvmKicker>,
+    /// The VM's coalesced-MMIO ring, drained at every exit.
+    coalesced: Option<Arc<CoalescedRing>>,
 }
 
 impl std::fmt::Debug for KvmVcpu {
@@ -101,13 +104,14 @@ impl std::fmt::Debug for KvmVcpu {
 }
 
 impl KvmVcpu {
-    /// Wraps vCPU `index`'s descriptor.
-    pub fn new(mut fd: VcpuFd, index: u32) -> Result<KvmVcpu> {
+    /// Wraps vCPU `index`'s descriptor; `coalesced` is the VM's
+    /// coalesced-MMIO ring, if it has one.
+    pub fn new(mut fd: VcpuFd, index: u32, coalesced: Option<Arc<CoalescedRing>>) -> Result<KvmVcpu> {
         install_kick_handler()?;
         let run = fd.get_kvm_run();
         let immediate_exit = std::ptr::addr_of_mut!(run.immediate_exit).cast::<AtomicU8>();
         let kicker = Arc::new(KvmKicker { target: Mutex::new(Target { immediate_exit, thread: None, alive: true }) });
-        Ok(KvmVcpu { fd, index, kicker })
+        Ok(KvmVcpu { fd, index, kicker, coalesced })
     }
 
     /// The vCPU's descriptor (register setup before it runs).
@@ -131,7 +135,14 @@ impl Drop for KvmVcpu {
 impl VcpuBackend for KvmVcpu {
     fn run(&mut self, io: &mut VcpuIo) -> Result<RunExit> {
         loop {
-            let exit = match self.fd.run() {
+            let result = self.fd.run();
+            // Writes the guest queued before this exit happened before it.
+            if let Some(ring) = &self.coalesced {
+                ring.drain(|addr, data| {
+                    let _ = io.memory().write(addr, data);
+                });
+            }
+            let exit = match result {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(RunExit::Kicked),
                 Err(source) => return Err(Error::Kvm { what: "KVM_RUN", source }),

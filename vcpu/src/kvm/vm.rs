@@ -1,17 +1,18 @@
 //! A KVM virtual machine for a topos topology: the in-kernel interrupt
 //! controllers and PIT, the memslot mirror of the memory address space,
-//! ioeventfds, interrupt lines into the in-kernel IOAPIC/PICs, and vCPUs
+//! ioeventfds, coalesced MMIO, interrupt lines into the in-kernel IOAPIC/PICs, and vCPUs
 //! with distinct APIC IDs.
 
+use super::coalesced::{CoalescedRing, CoalescedZones};
 use super::ioeventfds::{IoBus, IoeventfdMirror};
 use super::memslots::MemslotMirror;
 use super::vcpu::KvmVcpu;
 use crate::error::{Error, Result};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
-use std::sync::Arc;
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::sync::{Arc, OnceLock};
 use topos_devices::InterruptSink;
-use topos_runtime::{AddressSpace, ListenerId, Topology};
+use topos_runtime::{AddressSpace, FlushHook, ListenerId, Topology};
 
 /// Where KVM keeps the real-mode TSS on Intel hosts (three pages), as QEMU
 /// places it: just below the BIOS's 256 KiB at the top of 4 GiB.
@@ -24,6 +25,12 @@ pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     mirror: Arc<MemslotMirror>,
+    /// The coalesced-MMIO ring, mapped with the first vCPU.
+    ring: OnceLock<Arc<CoalescedRing>>,
+    /// Drains the ring for the runtime (held here: the topology holds it
+    /// weakly).
+    flush_hook: OnceLock<FlushHook>,
+    memory: AddressSpace,
     listeners: Vec<ListenerId>,
     topo: Topology,
 }
@@ -52,7 +59,19 @@ impl KvmVm {
             let fds = Arc::new(IoeventfdMirror::new(vm.clone(), bus));
             listeners.push(topo.listener_register(fds, 0, Some(space))?);
         }
-        Ok(KvmVm { kvm, vm, mirror, listeners, topo: topo.clone() })
+        if kvm.check_extension(Cap::CoalescedMmio) {
+            listeners.push(topo.listener_register(Arc::new(CoalescedZones::new(vm.clone())), 0, Some(memory))?);
+        }
+        Ok(KvmVm {
+            kvm,
+            vm,
+            mirror,
+            ring: OnceLock::new(),
+            flush_hook: OnceLock::new(),
+            memory: memory.clone(),
+            listeners,
+            topo: topo.clone(),
+        })
     }
 
     /// The VM's descriptor.
@@ -81,7 +100,20 @@ impl KvmVm {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        KvmVcpu::new(fd, index)
+        if self.ring.get().is_none() && self.kvm.check_extension(Cap::CoalescedMmio) {
+            let ring =
+                Arc::new(CoalescedRing::map(&fd).map_err(|e| Error::Config(format!("coalesced MMIO ring: {e}")))?);
+            let (r, memory) = (ring.clone(), self.memory.clone());
+            let hook: FlushHook = Arc::new(move || {
+                r.drain(|addr, data| {
+                    let _ = memory.write(addr, data);
+                });
+            });
+            self.topo.set_coalesced_flush_hook(Some(&hook));
+            let _ = self.flush_hook.set(hook);
+            let _ = self.ring.set(ring);
+        }
+        KvmVcpu::new(fd, index, self.ring.get().cloned())
     }
 
     /// An interrupt sink driving the in-kernel PICs and IOAPIC
