@@ -286,7 +286,7 @@ fn coalesced_writes_do_not_exit_and_are_replayed_in_order_before_a_flushing_acce
     let Some(m) = machine() else { return };
     let log = Arc::new(Logging(Default::default()));
     let cfg = topos_runtime::OpsConfig::default();
-    let a = m.topo.new_io_arc("coalesced", log.clone(), cfg.clone(), 0x1000).unwrap();
+    let a = m.topo.new_io_arc("coalesced", log.clone(), cfg, 0x1000).unwrap();
     a.add_coalescing(0, 0x1000).unwrap();
     let b = m.topo.new_io_arc("flushing", log.clone(), cfg, 0x1000).unwrap();
     b.set_flush_coalesced().unwrap();
