@@ -122,7 +122,8 @@ enum Command {
         /// The accelerator: auto, kvm, interp.
         #[arg(long, default_value = "auto")]
         accel: Accel,
-        /// Log exits, remaps and device events (or set RUST_LOG).
+        /// Log every exit, memslot change and device event on stderr (or set
+        /// RUST_LOG, e.g. `topos_vcpu=debug`).
         #[arg(long)]
         trace: bool,
     },
@@ -180,7 +181,7 @@ fn mtree(args: &BoardArgs, flatview: bool, disabled: bool) -> Result<String, Str
 
 fn run(args: &BoardArgs, accel: Accel, trace: bool) -> ExitCode {
     let filter = if trace {
-        tracing_subscriber::EnvFilter::new("debug")
+        tracing_subscriber::EnvFilter::new("topos_vcpu=trace,topos_devices=debug,topos_runtime=debug")
     } else {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))

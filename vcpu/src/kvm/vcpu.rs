@@ -151,18 +151,23 @@ impl VcpuBackend for KvmVcpu {
             // business: an unassigned or failed read has already been given
             // the runtime's answer (0, or all-ones for ports), and a dropped
             // write is dropped.
+            let vcpu = self.index;
             match exit {
                 VcpuExit::IoOut(port, data) => {
-                    let _ = io.pio_write(port, data);
+                    let r = io.pio_write(port, data);
+                    tracing::trace!(vcpu, port, ?data, ?r, "exit: out");
                 }
                 VcpuExit::IoIn(port, data) => {
-                    let _ = io.pio_read(port, data);
+                    let r = io.pio_read(port, data);
+                    tracing::trace!(vcpu, port, ?data, ?r, "exit: in");
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    let _ = io.mmio_read(addr, data);
+                    let r = io.mmio_read(addr, data);
+                    tracing::trace!(vcpu, addr, ?data, ?r, "exit: mmio read");
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    let _ = io.mmio_write(addr, data);
+                    let r = io.mmio_write(addr, data);
+                    tracing::trace!(vcpu, addr, ?data, ?r, "exit: mmio write");
                 }
                 VcpuExit::Intr => return Ok(RunExit::Kicked),
                 VcpuExit::Hlt => return Ok(RunExit::Halted { interrupts_enabled: self.interrupts_enabled() }),
