@@ -302,6 +302,13 @@ impl Asm {
         let ap_entry = result.label_ip(&self.rt.ap_entry)? as u32;
         Ok(Assembled { code: result.inner.code_buffer, pool: self.pool.bytes, bsp_entry, ap_entry })
     }
+
+    /// Assembles the code linked at `ip`, for a program entered at its first
+    /// instruction; returns the machine code and the pool's bytes.
+    pub(crate) fn assemble_flat(mut self, ip: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+        let code = self.code.assemble(u64::from(ip))?;
+        Ok((code, self.pool.bytes))
+    }
 }
 
 /// The assembled 32-bit code and its pool.
