@@ -95,6 +95,11 @@
 //! 4 GiB (its high-memory tables) and its 256 KiB ROM below 4 GiB. The last entry is QEMU's: it reserves the AMD
 //! HyperTransport range below 1 TiB for a CPU model with an AMD vendor
 //! string (TCG's default `qemu64`) and at least 40 physical address bits.
+//! With `-cpu qemu64,vendor=GenuineIntel` that entry is absent. Under KVM
+//! (`-accel kvm`), QEMU also reserves `0xfeffc000` for 16 KiB (KVM's
+//! identity-map and TSS pages): `mmap: 00000000feffc000 0000000000004000 2`
+//! comes before the ROM's entry.
+//!
 //! With `-m 4G`, RAM below 4 GiB ends at 3 GiB and the rest is at 4 GiB:
 //!
 //! ```text
