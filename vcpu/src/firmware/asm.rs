@@ -15,19 +15,24 @@ use iced_x86::BlockEncoderOptions;
 use super::error::{FirmwareError, Result};
 use super::layout::{self, var};
 
-/// Constant data placed in ROM at known addresses, so code can refer to it
-/// by absolute address before the code itself is assembled.
+/// Constant data placed at known addresses (in ROM for the firmware), so
+/// code can refer to it by absolute address before the code itself is
+/// assembled.
 pub(crate) struct Pool {
+    /// Where the pool's first byte is.
+    base: u32,
+    /// The room it has.
+    max: usize,
     bytes: Vec<u8>,
     strings: HashMap<String, u32>,
 }
 
 impl Pool {
-    fn new() -> Pool {
-        Pool { bytes: Vec::new(), strings: HashMap::new() }
+    fn new(base: u32, max: usize) -> Pool {
+        Pool { base, max, bytes: Vec::new(), strings: HashMap::new() }
     }
 
-    /// The ROM address (top mapping) of a NUL-terminated copy of `s`.
+    /// The address of a NUL-terminated copy of `s`.
     pub(crate) fn cstr(&mut self, s: &str) -> Result<u32> {
         if let Some(&addr) = self.strings.get(s) {
             return Ok(addr);
@@ -39,18 +44,17 @@ impl Pool {
         Ok(addr)
     }
 
-    /// The ROM address (top mapping) of a copy of `data`, 4-byte aligned.
+    /// The address of a copy of `data`, 4-byte aligned.
     pub(crate) fn data(&mut self, data: &[u8]) -> Result<u32> {
         while self.bytes.len() % 4 != 0 {
             self.bytes.push(0);
         }
-        let offset = layout::POOL_OFFSET + self.bytes.len();
-        let max = layout::POOL_END - layout::POOL_OFFSET;
-        if self.bytes.len() + data.len() > max {
-            return Err(FirmwareError::TooLarge { part: "data pool", size: self.bytes.len() + data.len(), max });
+        let offset = self.bytes.len();
+        if offset + data.len() > self.max {
+            return Err(FirmwareError::TooLarge { part: "data pool", size: offset + data.len(), max: self.max });
         }
         self.bytes.extend_from_slice(data);
-        Ok(layout::rom_addr(offset))
+        Ok(self.base + offset as u32)
     }
 }
 
@@ -90,6 +94,8 @@ pub(crate) struct Asm {
     pub pool: Pool,
     /// Shared routine labels.
     pub rt: Routines,
+    /// Address of the dword counting failed checks.
+    failures: u32,
 }
 
 impl Deref for Asm {
@@ -111,8 +117,18 @@ impl DerefMut for Asm {
 const BACKSTOP_ITERATIONS_PER_US: u32 = 20;
 
 impl Asm {
-    /// A fresh 32-bit assembler with unbound routine labels.
+    /// A fresh 32-bit assembler for the firmware, with unbound routine
+    /// labels: its pool is in the image's pool slot, its failure counter is
+    /// [`var::FAILURES`].
     pub(crate) fn new() -> Result<Asm> {
+        let pool_max = layout::POOL_END - layout::POOL_OFFSET;
+        Asm::with_layout(layout::rom_addr(layout::POOL_OFFSET), pool_max, var::FAILURES)
+    }
+
+    /// A fresh 32-bit assembler with unbound routine labels, its pool at
+    /// `pool_base` (at most `pool_max` bytes) and its failure counter at
+    /// `failures`.
+    pub(crate) fn with_layout(pool_base: u32, pool_max: usize, failures: u32) -> Result<Asm> {
         let mut code = CodeAssembler::new(32)?;
         let rt = Routines {
             putc: code.create_label(),
@@ -128,7 +144,7 @@ impl Asm {
             bsp_entry: code.create_label(),
             ap_entry: code.create_label(),
         };
-        Ok(Asm { code, pool: Pool::new(), rt })
+        Ok(Asm { code, pool: Pool::new(pool_base, pool_max), rt, failures })
     }
 
     /// Binds `label` to the next instruction. Several labels may share an
@@ -180,9 +196,15 @@ impl Asm {
         Ok(())
     }
 
+    /// The address of the dword counting failed checks.
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// Counts one failed check (flags change).
     pub(crate) fn fail(&mut self) -> Result<()> {
-        self.inc(dword_ptr(var::FAILURES))?;
+        let failures = self.failures;
+        self.inc(dword_ptr(failures))?;
         Ok(())
     }
 
@@ -279,6 +301,13 @@ impl Asm {
         let bsp_entry = result.label_ip(&self.rt.bsp_entry)? as u32;
         let ap_entry = result.label_ip(&self.rt.ap_entry)? as u32;
         Ok(Assembled { code: result.inner.code_buffer, pool: self.pool.bytes, bsp_entry, ap_entry })
+    }
+
+    /// Assembles the code linked at `ip`, for a program entered at its first
+    /// instruction; returns the machine code and the pool's bytes.
+    pub(crate) fn assemble_flat(mut self, ip: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+        let code = self.code.assemble(u64::from(ip))?;
+        Ok((code, self.pool.bytes))
     }
 }
 

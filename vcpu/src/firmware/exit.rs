@@ -9,7 +9,7 @@ use iced_x86::code_asm::*;
 
 use super::asm::Asm;
 use super::error::Result;
-use super::layout::{var, DEBUG_EXIT};
+use super::layout::DEBUG_EXIT;
 use super::transcript;
 
 /// Value written to the debug-exit port when every check passed.
@@ -21,12 +21,14 @@ pub const QEMU_STATUS_PASS: i32 = ((EXIT_PASS << 1) | 1) as i32;
 /// QEMU's exit status after [`EXIT_FAIL`].
 pub const QEMU_STATUS_FAIL: i32 = ((EXIT_FAIL << 1) | 1) as i32;
 
-/// Prints the result line, writes the debug-exit port and halts.
+/// Prints the result line (from the failure count [`Asm::fail`] keeps),
+/// writes the debug-exit port and halts.
 pub(crate) fn emit_bsp(a: &mut Asm) -> Result<()> {
     let mut failed = a.label();
     let mut write = a.label();
     let mut halt = a.label();
-    a.cmp(dword_ptr(var::FAILURES), 0)?;
+    let failures = a.failures();
+    a.cmp(dword_ptr(failures), 0)?;
     a.jne(failed)?;
     a.print(&format!("{}\n", transcript::RESULT_PASS))?;
     a.mov(eax, EXIT_PASS)?;

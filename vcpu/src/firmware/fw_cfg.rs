@@ -43,23 +43,37 @@ fn read(a: &mut Asm, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// Jumps to `absent` unless the signature reads "QEMU" (clobbers `eax`,
+/// `edx`).
+pub(crate) fn emit_check_signature(a: &mut Asm, absent: CodeLabel) -> Result<()> {
+    select(a, KEY_SIGNATURE)?;
+    read(a, 4)?;
+    a.cmp(eax, SIGNATURE)?;
+    a.jne(absent)?;
+    Ok(())
+}
+
+/// Reads the CPU count into `eax` and prints the CPU-count line (clobbers
+/// `edx`).
+pub(crate) fn emit_cpus(a: &mut Asm) -> Result<()> {
+    select(a, KEY_NB_CPUS)?;
+    read(a, 2)?;
+    a.print(transcript::CPUS)?;
+    a.print_eax_dec()?;
+    a.print("\n")?;
+    Ok(())
+}
+
 /// Checks the signature and prints the CPU count and RAM size; stores the
 /// CPU count in [`var::NCPUS`] (left 0 without fw_cfg).
 pub(crate) fn emit_bsp(a: &mut Asm) -> Result<()> {
     let mut absent = a.label();
     let mut end = a.label();
-    select(a, KEY_SIGNATURE)?;
-    read(a, 4)?;
-    a.cmp(eax, SIGNATURE)?;
-    a.jne(absent)?;
+    emit_check_signature(a, absent)?;
     a.print(&format!("{}\n", transcript::FW_CFG_SIGNATURE))?;
 
-    select(a, KEY_NB_CPUS)?;
-    read(a, 2)?;
+    emit_cpus(a)?;
     a.mov(dword_ptr(var::NCPUS), eax)?;
-    a.print(transcript::CPUS)?;
-    a.print_eax_dec()?;
-    a.print("\n")?;
 
     select(a, KEY_RAM_SIZE)?;
     read(a, 4)?;

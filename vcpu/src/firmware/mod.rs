@@ -38,6 +38,10 @@
 //!
 //! The layout of the image and of the RAM it uses is in [`layout`]; the
 //! transcript it prints is in [`transcript`].
+//!
+//! The same routines (COM1 output, fw_cfg, the verdict) also make a
+//! Multiboot test kernel, [`multiboot_kernel()`], for testing multiboot
+//! loaders; it is described in [`multiboot_kernel`](mod@multiboot_kernel).
 
 mod asm;
 mod console;
@@ -48,6 +52,7 @@ mod exit;
 mod fw_cfg;
 mod image;
 pub mod layout;
+pub mod multiboot_kernel;
 mod pci;
 mod real_mode;
 mod remap;
@@ -60,10 +65,17 @@ pub use counters::ITERATIONS as COUNTER_ITERATIONS;
 pub use error::{FirmwareError, Result};
 pub use exit::{EXIT_FAIL, EXIT_PASS, QEMU_STATUS_FAIL, QEMU_STATUS_PASS};
 pub use layout::IMAGE_SIZE;
+pub use multiboot_kernel::KernelFormat;
 pub use remap::{MOVES as REMAP_MOVES, UNASSIGNED};
 pub use transcript::{expected_lines, ExpectedLine, Machine, PciFunction};
 
 /// Assembles the firmware image ([`IMAGE_SIZE`] bytes).
 pub fn bios_image() -> Result<Vec<u8>> {
     image::build()
+}
+
+/// Assembles the multiboot test kernel in `format` (see
+/// [`multiboot_kernel`](mod@multiboot_kernel)).
+pub fn multiboot_kernel(format: KernelFormat) -> Result<Vec<u8>> {
+    multiboot_kernel::build(format)
 }
