@@ -1,7 +1,9 @@
 //! The embedded firmware on topos's own `pc` board under KVM (issue 8,
-//! acceptance 1): `topos run` with no BIOS boots it with 1, 2 and 4 vCPUs;
+//! acceptance 1): `topos run` with no BIOS boots it with 1, 2 and 4 vCPUs
+//! and the default devices (edu, framebuffer, virtio-doorbell, pflash);
 //! the transcript must be the one the firmware prints on QEMU, but for the
-//! PCI functions topos's board does not model, and the exit status its
+//! PCI functions topos's board does not model and the lines of the
+//! fixed-address devices QEMU's `pc` lacks, and the exit status its
 //! `isa-debug-exit` verdict (1: pass). Skipped with a printed reason
 //! without `/dev/kvm`.
 
