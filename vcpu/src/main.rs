@@ -90,7 +90,11 @@ impl BoardArgs {
             Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
             None => topos_vcpu::firmware::bios_image().map_err(|e| format!("the embedded firmware: {e}"))?,
         };
-        let devices = if self.devices.is_empty() { vec![PciModel::Edu] } else { self.devices.clone() };
+        let devices = if self.devices.is_empty() {
+            vec![PciModel::Edu, PciModel::Framebuffer, PciModel::VirtioDoorbell, PciModel::Pflash]
+        } else {
+            self.devices.clone()
+        };
         let kernel = match &self.kernel {
             Some(path) => Some(Kernel {
                 image: std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,

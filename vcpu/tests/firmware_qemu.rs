@@ -1,6 +1,8 @@
 //! The embedded firmware: the image's shape, and a boot on real QEMU (`pc`
 //! machine, TCG) for 1, 2 and 4 CPUs, checked against the transcript in
-//! `topos_vcpu::firmware::transcript`. The QEMU runs skip, saying so, when
+//! `topos_vcpu::firmware::transcript` (QEMU's `pc` has none of topos's
+//! fixed-address devices: the pflash, framebuffer and virtio-doorbell parts
+//! print their `skip:` lines). The QEMU runs skip, saying so, when
 //! `qemu-system-x86_64` is not on PATH.
 
 use std::io::Read;
@@ -159,9 +161,30 @@ fn expected_transcript_for_qemu_pc_with_2_cpus() {
         r#""edu: dma ok""#,
         r#""remap: 200 moves, reads ident="..."#,
         r#""remap: consistent""#,
+        r#""skip: pflash (not present)""#,
+        r#""skip: framebuffer (not present)""#,
+        r#""skip: virtio-doorbell (not present)""#,
         r#""rom: alias ok""#,
         r#""rom: writes dropped""#,
         r#""result: pass""#,
     ];
     assert_eq!(lines, want);
+}
+
+#[test]
+fn expected_transcript_for_topos_pc_has_the_fixed_address_devices() {
+    let lines: Vec<String> =
+        firmware::expected_lines(&Machine::topos_pc(1, 256)).iter().map(|l| l.to_string()).collect();
+    let at = lines.iter().position(|l| l == r#""remap: consistent""#).expect("the remap verdict");
+    let want = [
+        r#""pflash: cfi QRY, 1024 KiB, 16 blocks of 64 KiB""#,
+        r#""pflash: read array ok""#,
+        r#""framebuffer: vram 4096 KiB""#,
+        r#""framebuffer: mode 1024x768, 4 bytes per pixel, stride 4096""#,
+        r#""framebuffer: drew lines 10 20 30""#,
+        r#""virtio-doorbell: version 2, device 2""#,
+        r#""virtio-doorbell: notify seen""#,
+        r#""rom: alias ok""#,
+    ];
+    assert_eq!(&lines[at + 1..at + 1 + want.len()], want);
 }

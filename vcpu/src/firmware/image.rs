@@ -7,7 +7,10 @@ use iced_x86::code_asm::*;
 use super::asm::Asm;
 use super::error::{FirmwareError, Result};
 use super::layout::{self, var, DATA32};
-use super::{console, counters, edu, exit, fw_cfg, pci, real_mode, remap, rom, smp, timer, transcript};
+use super::{
+    console, counters, edu, exit, framebuffer, fw_cfg, pci, pflash, real_mode, remap, rom, smp, timer, transcript,
+    virtio_doorbell,
+};
 
 /// The BSP's program, from the protected-mode entry to the debug exit.
 fn emit_bsp(a: &mut Asm) -> Result<()> {
@@ -37,6 +40,9 @@ fn emit_bsp(a: &mut Asm) -> Result<()> {
     pci::emit_bsp(a)?;
     edu::emit_bsp(a)?;
     remap::emit_bsp(a)?;
+    pflash::emit_bsp(a)?;
+    framebuffer::emit_bsp(a)?;
+    virtio_doorbell::emit_bsp(a)?;
     rom::emit_bsp(a)?;
     exit::emit_bsp(a)
 }

@@ -23,6 +23,7 @@
 //! | `0x8000` | AP trampoline (SIPI vector 8) |
 //! | `0x1_0000` | AP stacks, 1 KiB each |
 //! | `0x3_0000` | DMA source buffer; `0x3_1000`: DMA destination buffer |
+//! | `0x3_2000` | the virtio doorbell's queue areas (descriptors, driver, device) |
 
 /// Size of the firmware image.
 pub const IMAGE_SIZE: usize = 128 << 10;
@@ -170,3 +171,20 @@ pub const LAPIC: u32 = 0xfee0_0000;
 pub const EDU_BAR_A: u32 = 0xfeb0_0000;
 /// The other address the remap phase moves edu's BAR0 to.
 pub const EDU_BAR_B: u32 = 0xfea0_0000;
+/// The virtio doorbell's descriptor area (RAM; the device never reads it).
+pub const VIRTQ_DESC: u32 = 0x3_2000;
+/// The virtio doorbell's driver (available) area.
+pub const VIRTQ_DRIVER: u32 = 0x3_3000;
+/// The virtio doorbell's device (used) area.
+pub const VIRTQ_DEVICE: u32 = 0x3_4000;
+
+/// Where topos's board puts the `--device pflash` CFI flash (1 MiB ending
+/// at [`PFLASH_DEVICE_END`](crate::board::PFLASH_DEVICE_END)). Nothing
+/// decodes it on QEMU's `pc`.
+pub const PFLASH: u32 = (crate::board::PFLASH_DEVICE_END - (1 << 20)) as u32;
+/// The framebuffer's video RAM on topos's board.
+pub const FRAMEBUFFER_VRAM: u32 = crate::board::FRAMEBUFFER_VRAM_BASE as u32;
+/// The framebuffer's registers on topos's board.
+pub const FRAMEBUFFER_REGS: u32 = crate::board::FRAMEBUFFER_REGS_BASE as u32;
+/// The virtio-mmio doorbell's registers on topos's board.
+pub const VIRTIO_DOORBELL: u32 = crate::board::VIRTIO_DOORBELL_BASE as u32;

@@ -24,8 +24,14 @@
 //!    ident, liveness, factorial, DMA round trip;
 //! 6. `remap`: the BSP moves edu's BAR0 [`REMAP_MOVES`] times (half of them
 //!    with memory decoding toggled) while the APs read it;
-//! 7. `rom`: the reset vector through both mappings, writes dropped;
-//! 8. `exit`: `result: pass` or `result: fail` and the debug-exit write.
+//! 7. topos's fixed-address devices, each skipped where nothing answers at
+//!    its address (as on QEMU's `pc`): `pflash`, the CFI query of the
+//!    `--device pflash` flash; `framebuffer`, a mode set and scanlines drawn
+//!    in video RAM (which ones are dirty is checked by the host); and
+//!    `virtio_doorbell`, a virtio-mmio driver handshake and a QueueNotify
+//!    whose effect the device shows after its ioeventfd fired;
+//! 8. `rom`: the reset vector through both mappings, writes dropped;
+//! 9. `exit`: `result: pass` or `result: fail` and the debug-exit write.
 //!
 //! A missing device is reported as `skip: <what> (not present)` and the
 //! run goes on. Each failed check prints a line saying so and makes the
@@ -49,17 +55,20 @@ mod counters;
 mod edu;
 mod error;
 mod exit;
+pub mod framebuffer;
 mod fw_cfg;
 mod image;
 pub mod layout;
 pub mod multiboot_kernel;
 mod pci;
+mod pflash;
 mod real_mode;
 mod remap;
 mod rom;
 mod smp;
 mod timer;
 pub mod transcript;
+mod virtio_doorbell;
 
 pub use counters::ITERATIONS as COUNTER_ITERATIONS;
 pub use error::{FirmwareError, Result};

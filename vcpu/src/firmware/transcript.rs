@@ -26,9 +26,26 @@
 //! edu: dma ok
 //! remap: 200 moves, reads ident=647495 unassigned=815859 other=0
 //! remap: consistent
+//! skip: pflash (not present)
+//! skip: framebuffer (not present)
+//! skip: virtio-doorbell (not present)
 //! rom: alias ok
 //! rom: writes dropped
 //! result: pass
+//! ```
+//!
+//! topos's board (`topos run`, whose default devices are edu, framebuffer,
+//! virtio-doorbell and pflash) has no PIIX3 IDE or ACPI function, and where
+//! QEMU prints the three `skip:` lines it prints:
+//!
+//! ```text
+//! pflash: cfi QRY, 1024 KiB, 16 blocks of 64 KiB
+//! pflash: read array ok
+//! framebuffer: vram 4096 KiB
+//! framebuffer: mode 1024x768, 4 bytes per pixel, stride 4096
+//! framebuffer: drew lines 10 20 30
+//! virtio-doorbell: version 2, device 2
+//! virtio-doorbell: notify seen
 //! ```
 
 use std::fmt;
@@ -80,6 +97,35 @@ pub const REMAP: &str = "remap: ";
 pub const REMAP_READS: &str = " moves, reads ";
 /// The remap verdict when every read matched.
 pub const REMAP_CONSISTENT: &str = "remap: consistent";
+/// No CFI flash answered at the `--device pflash` address.
+pub const PFLASH_ABSENT: &str = "skip: pflash (not present)";
+/// Prefix of the pflash query line (the size in KiB follows).
+pub const PFLASH_CFI: &str = "pflash: cfi QRY, ";
+/// After a size in KiB on the pflash query line.
+pub const PFLASH_KIB: &str = " KiB";
+/// Between the block count and the block size of the pflash query line.
+pub const PFLASH_BLOCKS_OF: &str = " blocks of ";
+/// The flash went back to read array mode.
+pub const PFLASH_READ_ARRAY_OK: &str = "pflash: read array ok";
+/// No framebuffer registers at the `--device framebuffer` address.
+pub const FRAMEBUFFER_ABSENT: &str = "skip: framebuffer (not present)";
+/// Prefix of the framebuffer video RAM line (the size in KiB follows).
+pub const FRAMEBUFFER_VRAM: &str = "framebuffer: vram ";
+/// After the size of the framebuffer video RAM line.
+pub const FRAMEBUFFER_KIB: &str = " KiB";
+/// Prefix of the framebuffer mode line.
+pub const FRAMEBUFFER_MODE: &str = "framebuffer: mode ";
+/// Prefix of the line naming the scanlines the firmware drew.
+pub const FRAMEBUFFER_DREW: &str = "framebuffer: drew lines";
+/// No virtio-mmio device at the `--device virtio-doorbell` address.
+pub const VIRTIO_DOORBELL_ABSENT: &str = "skip: virtio-doorbell (not present)";
+/// Prefix of the virtio doorbell identification line (the layout version
+/// follows).
+pub const VIRTIO_DOORBELL_VERSION: &str = "virtio-doorbell: version ";
+/// Before the device id of the virtio doorbell identification line.
+pub const VIRTIO_DOORBELL_DEVICE: &str = ", device ";
+/// The doorbell's QueueNotify had its effect (InterruptStatus bit 0).
+pub const VIRTIO_DOORBELL_NOTIFY_SEEN: &str = "virtio-doorbell: notify seen";
 /// The reset vector reads the same through both mappings.
 pub const ROM_ALIAS_OK: &str = "rom: alias ok";
 /// Writes to the ROM did not change it.
@@ -133,6 +179,14 @@ pub struct Machine {
     pub ram_mib: Option<u64>,
     /// The functions on PCI bus 0, in slot and function order.
     pub pci: Vec<PciFunction>,
+    /// topos's `--device pflash` (a 1 MiB CFI flash of 16 blocks of
+    /// 64 KiB at [`PFLASH`](super::layout::PFLASH)) is present.
+    pub pflash: bool,
+    /// topos's `--device framebuffer` (4 MiB of video RAM) is present.
+    pub framebuffer: bool,
+    /// topos's `--device virtio-doorbell` (a virtio-mmio block device, id
+    /// 2) is present.
+    pub virtio_doorbell: bool,
 }
 
 /// A function on PCI bus 0.
@@ -167,7 +221,8 @@ impl PciFunction {
 
 impl Machine {
     /// QEMU's `pc` machine as the firmware tests start it (`-m 256M -smp
-    /// ncpus -nodefaults -device edu -device isa-debug-exit`).
+    /// ncpus -nodefaults -device edu -device isa-debug-exit`): none of
+    /// topos's fixed-address devices.
     pub fn qemu_pc(ncpus: u32) -> Machine {
         let f = |slot, function, vendor, device, class| PciFunction { slot, function, vendor, device, class };
         Machine {
@@ -181,18 +236,53 @@ impl Machine {
                 f(1, 3, 0x8086, 0x7113, 0x06_80_00), // PIIX4 ACPI
                 f(2, 0, 0x1234, 0x11e8, 0x00_ff_00), // edu
             ],
+            pflash: false,
+            framebuffer: false,
+            virtio_doorbell: false,
         }
     }
 
     /// topos's `pc` board with `ram_mib` of RAM and its default devices
-    /// (`topos run` without `--device`): QEMU's functions but the PIIX3's
-    /// IDE and ACPI ones, which the board does not model.
+    /// (`topos run` without `--device`: edu, framebuffer, virtio-doorbell,
+    /// pflash): QEMU's PCI functions but the PIIX3's IDE and ACPI ones,
+    /// which the board does not model, and the three fixed-address devices.
     pub fn topos_pc(ncpus: u32, ram_mib: u64) -> Machine {
         let mut m = Machine::qemu_pc(ncpus);
         m.ram_mib = Some(ram_mib);
         m.pci.retain(|f| f.function == 0);
+        m.pflash = true;
+        m.framebuffer = true;
+        m.virtio_doorbell = true;
         m
     }
+}
+
+/// Size of topos's `--device pflash` in KiB.
+pub const PFLASH_SIZE_KIB: u32 = 1024;
+/// Erase blocks of topos's `--device pflash`.
+pub const PFLASH_BLOCKS: u32 = 16;
+/// Video RAM of topos's `--device framebuffer` in KiB.
+pub const FRAMEBUFFER_VRAM_KIB: u64 = crate::board::FRAMEBUFFER_VRAM_SIZE >> 10;
+/// Device id of topos's `--device virtio-doorbell` (a block device).
+pub const VIRTIO_DOORBELL_DEVICE_ID: u32 = 2;
+
+/// The pflash query line for a flash of `kib` KiB in `blocks` equal blocks.
+pub fn pflash_cfi(kib: u32, blocks: u32) -> String {
+    format!("{PFLASH_CFI}{kib}{PFLASH_KIB}, {blocks}{PFLASH_BLOCKS_OF}{}{PFLASH_KIB}", kib / blocks)
+}
+
+/// The framebuffer mode line for the mode the firmware sets.
+pub fn framebuffer_mode() -> String {
+    use super::framebuffer::{MODE_BYTES_PER_PIXEL, MODE_HEIGHT, MODE_STRIDE, MODE_WIDTH};
+    format!(
+        "{FRAMEBUFFER_MODE}{MODE_WIDTH}x{MODE_HEIGHT}, {MODE_BYTES_PER_PIXEL} bytes per pixel, stride {MODE_STRIDE}"
+    )
+}
+
+/// The line naming the scanlines the firmware drew.
+pub fn framebuffer_drew() -> String {
+    let lines: String = super::framebuffer::DRAWN_LINES.iter().map(|y| format!(" {y}")).collect();
+    format!("{FRAMEBUFFER_DREW}{lines}")
 }
 
 /// RAM the QEMU tests give the machine (`-m 256M`).
@@ -232,6 +322,28 @@ pub fn expected_lines(machine: &Machine) -> Vec<ExpectedLine> {
     } else {
         lines.push(exact(EDU_ABSENT.to_owned()));
         lines.push(exact(REMAP_ABSENT.to_owned()));
+    }
+    if machine.pflash {
+        lines.push(exact(pflash_cfi(PFLASH_SIZE_KIB, PFLASH_BLOCKS)));
+        lines.push(exact(PFLASH_READ_ARRAY_OK.to_owned()));
+    } else {
+        lines.push(exact(PFLASH_ABSENT.to_owned()));
+    }
+    if machine.framebuffer {
+        lines.push(exact(format!("{FRAMEBUFFER_VRAM}{FRAMEBUFFER_VRAM_KIB}{FRAMEBUFFER_KIB}")));
+        lines.push(exact(framebuffer_mode()));
+        lines.push(exact(framebuffer_drew()));
+    } else {
+        lines.push(exact(FRAMEBUFFER_ABSENT.to_owned()));
+    }
+    if machine.virtio_doorbell {
+        let version = super::virtio_doorbell::VERSION;
+        lines.push(exact(format!(
+            "{VIRTIO_DOORBELL_VERSION}{version}{VIRTIO_DOORBELL_DEVICE}{VIRTIO_DOORBELL_DEVICE_ID}"
+        )));
+        lines.push(exact(VIRTIO_DOORBELL_NOTIFY_SEEN.to_owned()));
+    } else {
+        lines.push(exact(VIRTIO_DOORBELL_ABSENT.to_owned()));
     }
     lines.push(exact(ROM_ALIAS_OK.to_owned()));
     lines.push(exact(ROM_WRITES_DROPPED.to_owned()));
