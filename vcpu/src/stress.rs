@@ -385,6 +385,10 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
     let skipped = Arc::new(AtomicU64::new(0));
     let (tx, rx) = sync_channel::<Vec<Observation>>(QUEUE);
     let marks: Vec<Arc<Mark>> = (0..readers).map(|_| Arc::new(Mark(AtomicU64::new(0)))).collect();
+    // The writer starts once every reader is in its loop, and every reader
+    // makes at least one round of accesses, so even on a loaded machine a
+    // short run has readers racing the writer.
+    let started = Arc::new(std::sync::Barrier::new(readers + 1));
 
     let reader_handles: Vec<_> = (0..readers)
         .map(|i| {
@@ -396,6 +400,7 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
             let skipped = skipped.clone();
             let tx = tx.clone();
             let mark = marks[i].clone();
+            let started = started.clone();
             let slots = cfg.slots;
             let seed = cfg.seed.wrapping_add(1000 + i as u64);
             std::thread::spawn(move || {
@@ -406,7 +411,8 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
                 let mut obs = Vec::with_capacity(BATCH);
                 let mut n = 0u64;
                 let base = i as u64 * RAM_PER_READER;
-                while !stop.load(Ordering::Relaxed) {
+                started.wait();
+                loop {
                     for _ in 0..64 {
                         if rng.random_bool(0.5) {
                             let slot = rng.random_range(0..slots);
@@ -449,6 +455,9 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
                         }
                         n += 1;
                     }
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
                 accesses.fetch_add(n, Ordering::Relaxed);
                 // The last batch: the writer checks what is queued once every
@@ -464,6 +473,7 @@ pub fn run(cfg: &StressConfig) -> topos_runtime::Result<StressReport> {
     // The writer.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     drop(tx);
+    started.wait();
     let mut checker = Checker { rx, marks, inconsistent: 0, checked: 0 };
     let mut placed: Vec<Placed> = Vec::new();
     let mut history = History::new(cfg.slots);
