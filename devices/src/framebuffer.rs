@@ -3,7 +3,9 @@
 //!
 //! The guest draws into the video RAM with ordinary writes, which go straight
 //! to host memory and mark their pages dirty for [`DirtyClient::Vga`]. A
-//! display calls [`Framebuffer::update`] once per frame: it harvests the dirty
+//! display calls [`Framebuffer::update`] once per frame: it asks the
+//! accelerators for their dirty logs (`sync_dirty_bitmap`: a KVM vCPU's
+//! writes reach the bitmaps only so), harvests the dirty
 //! pages (`snapshot_and_clear_dirty`) and maps them to the scanlines of the
 //! current mode, so only those need redrawing. Dirty tracking is
 //! page-granular, as in QEMU: a scanline is reported if any page it shows
@@ -37,7 +39,7 @@ use crate::actor::{ActorHandle, Device, DeviceCtx, Spawned};
 use crate::error::{Error, Result};
 use crate::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use std::ops::Range;
-use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, OpsConfig, PAGE_SIZE};
+use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, OpsConfig, Topology, PAGE_SIZE};
 
 /// The role of the video RAM region (prefetchable memory).
 pub const VRAM: &str = "vram";
@@ -194,6 +196,8 @@ impl Device for FbRegs {
 pub struct Framebuffer {
     vram: MemoryRegion,
     handle: ActorHandle<FbRegs>,
+    /// To ask accelerators for their dirty logs before a harvest.
+    topo: Topology,
     /// Register generation and mode of the previous update.
     last: Option<(u64, Option<FbMode>)>,
 }
@@ -229,7 +233,7 @@ impl DeviceModel for FbRegs {
             OpsConfig::with_impl(1, 4),
             u128::from(REGS_SIZE),
         )?;
-        let fb = Framebuffer { vram: vram.clone(), handle: spawned.handle(), last: None };
+        let fb = Framebuffer { vram: vram.clone(), handle: spawned.handle(), topo: topo.clone(), last: None };
         Ok(Plugged::new(vec![DeviceRegion::prefetchable(VRAM, vram), DeviceRegion::memory(REGS, regs)], fb))
     }
 }
@@ -257,6 +261,11 @@ impl Framebuffer {
     pub fn update(&mut self) -> Result<FbUpdate> {
         let (generation, mode) = self.handle.with(|d, _| (d.generation(), d.mode()))?;
         let size = self.vram.size() as u64;
+        // Fold in what an accelerator logged (a KVM vCPU's writes never pass
+        // through the runtime), as QEMU's snapshot does.
+        if let Err(e) = self.topo.sync_dirty_bitmap(&self.vram) {
+            tracing::warn!(region = self.vram.name(), "dirty-log sync before a framebuffer update failed: {e}");
+        }
         // Harvest before the pixels are read: a write after this is
         // reported by the next update.
         let harvest = self.vram.snapshot_and_clear_dirty(0, size, DirtyClient::Vga);

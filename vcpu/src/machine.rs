@@ -80,6 +80,12 @@ impl Machine {
         &self.board
     }
 
+    /// The board, to take device handles out of it (a display takes the
+    /// framebuffer's).
+    pub fn board_mut(&mut self) -> &mut PcBoard {
+        &mut self.board
+    }
+
     /// The latch a stop reason goes to (an embedder may stop the machine).
     pub fn latch(&self) -> &Arc<StopLatch> {
         &self.latch

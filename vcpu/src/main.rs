@@ -46,7 +46,7 @@ struct BoardArgs {
     append: String,
     /// Devices (repeatable): edu (PCI, slots from 00:02.0 in order),
     /// framebuffer, virtio-doorbell, pflash (fixed addresses); without any,
-    /// the devices the embedded firmware reports on (edu).
+    /// all four, the devices the embedded firmware reports on.
     #[arg(long = "device", value_name = "MODEL")]
     devices: Vec<PciModel>,
 }

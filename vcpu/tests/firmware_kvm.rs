@@ -12,11 +12,9 @@
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use topos_devices::framebuffer::{self, FbConfig, FbMode, FbRegs};
-use topos_devices::pflash::{self, PflashCfi01, PflashConfig, PflashImage, PflashMode};
-use topos_devices::plug::{DeviceModel, PlugCtx};
+use topos_devices::framebuffer::FbMode;
+use topos_devices::pflash::PflashMode;
 use topos_devices::uart::SerialSink;
-use topos_devices::virtio_doorbell::{self, DoorbellConfig, VirtioDoorbell};
 use topos_vcpu::board::{self, PcConfig, PciModel};
 use topos_vcpu::firmware::framebuffer::{line_colour, DRAWN_LINES};
 use topos_vcpu::firmware::transcript::{self, Machine};
@@ -99,11 +97,8 @@ fn firmware_mode() -> FbMode {
     FbMode { width: MODE_WIDTH, height: MODE_HEIGHT, bytes_per_pixel: MODE_BYTES_PER_PIXEL, stride: MODE_STRIDE }
 }
 
-/// The board's `--device` models keep no handle the embedder can reach, so
-/// this machine has only edu from the board and plugs the three
-/// fixed-address devices itself, where and as the board does (but the
-/// framebuffer starts in the firmware's mode, so the firmware's mode writes
-/// change nothing and the display's next update is not a full redraw).
+/// The board with every device model: the host checks, through the
+/// board's own device handles, what the firmware did to them.
 #[test]
 fn the_host_sees_what_the_firmware_did_to_the_fixed_address_devices() {
     if !kvm_present() {
@@ -115,28 +110,17 @@ fn the_host_sees_what_the_firmware_did_to_the_fixed_address_devices() {
         cpus: 2,
         bios: fw::bios_image().unwrap(),
         bios_in_flash: false,
-        devices: vec![PciModel::Edu],
+        devices: vec![PciModel::Edu, PciModel::Framebuffer, PciModel::VirtioDoorbell, PciModel::Pflash],
         serial: sink,
         kernel: None,
     };
-    let machine = machine::Machine::new(config, Accel::Kvm).unwrap();
+    let mut machine = machine::Machine::new(config, Accel::Kvm).unwrap();
+    let mut display = machine.board_mut().devices.framebuffer.take().unwrap();
     let b = machine.board();
-    let ctx = |name: &str| PlugCtx::new(&b.topo, &b.runtime, name);
-
     let mode = firmware_mode();
-    let fb = FbRegs::plug(FbConfig { vram_size: board::FRAMEBUFFER_VRAM_SIZE, mode }, ctx("framebuffer")).unwrap();
-    fb.map(framebuffer::VRAM, &b.spaces.system, board::FRAMEBUFFER_VRAM_BASE).unwrap();
-    fb.map(framebuffer::REGS, &b.spaces.system, board::FRAMEBUFFER_REGS_BASE).unwrap();
-    let doorbell = VirtioDoorbell::plug(DoorbellConfig::default(), ctx("virtio-mmio")).unwrap();
-    doorbell.map(virtio_doorbell::REGS, &b.spaces.system, board::VIRTIO_DOORBELL_BASE).unwrap();
-    let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
-    let flash = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1")).unwrap();
-    flash.map(pflash::FLASH, &b.spaces.system, board::PFLASH_DEVICE_END - geometry.size()).unwrap();
-
+    assert_eq!(board::FRAMEBUFFER_MODE, mode, "the board starts in the mode the firmware sets");
     // The display takes the first frame (new video RAM is all dirty, and a
     // first update is a full one) before the guest runs.
-    let mut display = fb.handle;
-    b.topo.sync_dirty_bitmap(display.vram()).unwrap();
     assert!(display.update().unwrap().full);
 
     let reason = machine.run().unwrap();
@@ -147,8 +131,8 @@ fn the_host_sees_what_the_firmware_did_to_the_fixed_address_devices() {
     }
 
     // Exactly the scanlines the firmware says it drew are dirty (a stride
-    // of one page makes page-granular tracking exact), in their colours.
-    b.topo.sync_dirty_bitmap(display.vram()).unwrap();
+    // of one page makes page-granular tracking exact), in their colours:
+    // the update folds in KVM's dirty log itself.
     let update = display.update().unwrap();
     assert_eq!(update.mode, Some(mode));
     assert!(!update.full, "the firmware's mode is the one the display had");
@@ -159,17 +143,22 @@ fn the_host_sees_what_the_firmware_did_to_the_fixed_address_devices() {
         assert_eq!(display.read_scanline(&mode, y, &mut pixels), pixels.len());
         assert!(pixels.chunks(4).all(|p| p == line_colour(y).to_le_bytes()), "scanline {y}");
     }
-    b.topo.sync_dirty_bitmap(display.vram()).unwrap();
     assert!(display.update().unwrap().dirty.is_empty(), "an update clears what it reports");
 
     // One kick of queue 0, through the ioeventfd (the device's register
     // handler never saw it), and the device reset afterwards.
-    let (kicks, trapped, status) =
-        doorbell.handle.handle().with(|d, _| (d.kicks(0), d.trapped_kicks(), d.status())).unwrap();
+    let (kicks, trapped, status) = b
+        .devices
+        .virtio_doorbell
+        .as_ref()
+        .unwrap()
+        .handle()
+        .with(|d, _| (d.kicks(0), d.trapped_kicks(), d.status()))
+        .unwrap();
     assert_eq!((kicks, trapped, status), (1, 0, 0), "kicks, kicks through the register handler, status");
 
     // The query and the read array command, and the flash reads its array.
-    let (flash_mode, stats) = flash.handle.with(|d, _| (d.mode(), d.stats())).unwrap();
+    let (flash_mode, stats) = b.devices.pflash.as_ref().unwrap().with(|d, _| (d.mode(), d.stats())).unwrap();
     assert_eq!(flash_mode, PflashMode::ReadArray);
     assert_eq!((stats.ops_writes, stats.programs, stats.erases), (2, 0, 0));
 }

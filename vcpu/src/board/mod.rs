@@ -28,14 +28,14 @@ use memory_map::MemoryMap;
 use std::sync::Arc;
 use topos_devices::debug_exit::{self, DebugExit, DebugExitConfig, ExitSink};
 use topos_devices::edu::{Edu, EduOptions};
-use topos_devices::framebuffer::{self, FbConfig, FbMode, FbRegs};
+use topos_devices::framebuffer::{self, FbConfig, FbMode, FbRegs, Framebuffer};
 use topos_devices::fw_cfg::{self, FwCfg, FwCfgConfig};
 use topos_devices::pci::{PciConfig, PciHost, PciHostBridge, PciHostConfig, PciPlacement};
 use topos_devices::pflash::{self, PflashCfi01, PflashConfig, PflashImage};
 use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
 use topos_devices::uart::{self, Serial16550, SerialConfig, SerialSink};
-use topos_devices::virtio_doorbell::{self, DoorbellConfig, VirtioDoorbell};
-use topos_devices::{DeviceRuntime, InterruptSink, IrqLine};
+use topos_devices::virtio_doorbell::{self, Doorbell, DoorbellConfig, VirtioDoorbell};
+use topos_devices::{ActorHandle, DeviceRuntime, InterruptSink, IrqLine};
 use topos_runtime::{HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
 
 /// The GSI every PCI function's INTx is wired to.
@@ -50,6 +50,9 @@ pub const POST_PORT: u64 = 0x80;
 pub const FRAMEBUFFER_VRAM_BASE: u64 = 0xfd00_0000;
 /// The framebuffer's video RAM size.
 pub const FRAMEBUFFER_VRAM_SIZE: u64 = 4 << 20;
+/// The framebuffer's mode at reset: 1024x768, 32 bits per pixel, one page
+/// per scanline (so page-granular dirty tracking is exact per scanline).
+pub const FRAMEBUFFER_MODE: FbMode = FbMode { width: 1024, height: 768, bytes_per_pixel: 4, stride: 4096 };
 /// Where the framebuffer's registers go.
 pub const FRAMEBUFFER_REGS_BASE: u64 = 0xfe00_0000;
 /// Where the virtio-mmio doorbell goes (QEMU's `virtio-mmio` transports
@@ -182,6 +185,21 @@ pub struct PcBoard {
     /// Where the boot processor starts, when not at the reset vector (a
     /// `--kernel`).
     pub entry: Option<multiboot::Flat32Entry>,
+    /// The devices the board plugged, for the embedder to reach.
+    pub devices: BoardDevices,
+}
+
+/// Handles to the board's devices (the `--device` ones that were given).
+#[derive(Debug, Default)]
+pub struct BoardDevices {
+    /// The `edu`s, in slot order.
+    pub edus: Vec<ActorHandle<Edu>>,
+    /// The framebuffer (a display calls its `update`).
+    pub framebuffer: Option<Framebuffer>,
+    /// The virtio-mmio doorbell.
+    pub virtio_doorbell: Option<Doorbell>,
+    /// The `--device pflash` flash.
+    pub pflash: Option<ActorHandle<PflashCfi01>>,
 }
 
 impl PcBoard {
@@ -242,6 +260,7 @@ impl PcBoard {
             }
         };
         let (mut fb, mut doorbell, mut flash) = (false, false, false);
+        let mut devices = BoardDevices::default();
         for (i, model) in config.devices.iter().enumerate() {
             match model {
                 PciModel::Edu => {
@@ -249,21 +268,22 @@ impl PcBoard {
                         return Err(Error::Config("more PCI devices than slots".into()));
                     }
                     let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
-                    pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?;
+                    devices.edus.push(pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?);
                     slot += 1;
                 }
                 PciModel::Framebuffer => {
                     once(&mut fb, "framebuffer")?;
-                    let mode = FbMode { width: 640, height: 480, bytes_per_pixel: 4, stride: 640 * 4 };
-                    let config = FbConfig { vram_size: FRAMEBUFFER_VRAM_SIZE, mode };
+                    let config = FbConfig { vram_size: FRAMEBUFFER_VRAM_SIZE, mode: FRAMEBUFFER_MODE };
                     let p = FbRegs::plug(config, ctx("framebuffer"))?;
                     p.map(framebuffer::VRAM, &spaces.system, FRAMEBUFFER_VRAM_BASE)?;
                     p.map(framebuffer::REGS, &spaces.system, FRAMEBUFFER_REGS_BASE)?;
+                    devices.framebuffer = Some(p.handle);
                 }
                 PciModel::VirtioDoorbell => {
                     once(&mut doorbell, "virtio-doorbell")?;
                     let p = VirtioDoorbell::plug(DoorbellConfig::default(), ctx("virtio-mmio").with_irq(irq(5)))?;
                     p.map(virtio_doorbell::REGS, &spaces.system, VIRTIO_DOORBELL_BASE)?;
+                    devices.virtio_doorbell = Some(p.handle);
                 }
                 PciModel::Pflash => {
                     once(&mut flash, "pflash")?;
@@ -271,6 +291,7 @@ impl PcBoard {
                     let size = geometry.size();
                     let p = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
                     p.map(pflash::FLASH, &spaces.system, PFLASH_DEVICE_END - size)?;
+                    devices.pflash = Some(p.handle);
                 }
             }
         }
@@ -281,7 +302,7 @@ impl PcBoard {
             ),
             None => None,
         };
-        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime, entry })
+        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime, entry, devices })
     }
 
     /// Guest RAM.
