@@ -1,6 +1,7 @@
 //! A whole machine: the `pc` board on an accelerator, its vCPU threads, and
 //! why it stopped. What `topos run` runs.
 
+use crate::board::multiboot::MapOptions;
 use crate::board::{BoardWiring, PcBoard, PcConfig};
 use crate::error::{Error, Result};
 use crate::kvm::KvmVm;
@@ -70,6 +71,7 @@ impl Machine {
         let wiring = BoardWiring {
             interrupts: kvm.interrupt_sink(),
             exit: Box::new(move |status: i32| l.stop(StopReason::DebugExit(status))),
+            memory_map: MapOptions { kvm: true, amd: kvm.cpu_is_amd() },
         };
         let board = PcBoard::build(&topo, &spaces, config, wiring)?;
         Ok(Machine { board, kvm, latch, _fault_hook: fault_hook })

@@ -178,7 +178,11 @@ enum Command {
 fn mtree(args: &BoardArgs, flatview: bool, disabled: bool) -> Result<String, String> {
     let topo = Topology::new();
     let spaces = topo.standard_spaces().map_err(|e| e.to_string())?;
-    let wiring = BoardWiring { interrupts: Arc::new(NoInterrupts), exit: Box::new(|_status: i32| {}) };
+    let wiring = BoardWiring {
+        interrupts: Arc::new(NoInterrupts),
+        exit: Box::new(|_status: i32| {}),
+        memory_map: Default::default(),
+    };
     let board = PcBoard::build(&topo, &spaces, args.config(SerialSink::Null)?, wiring).map_err(|e| e.to_string())?;
     board.topo.mtree(MtreeOptions { flatview, disabled }).map_err(|e| e.to_string())
 }

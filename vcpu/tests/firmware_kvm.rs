@@ -9,9 +9,9 @@
 //! scanlines, the doorbell's kick through its ioeventfd, the flash back in
 //! read array mode. Skipped with a printed reason without `/dev/kvm`.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use support::{kvm_present, topos_run, Run};
 use topos_devices::framebuffer::FbMode;
 use topos_devices::pflash::PflashMode;
 use topos_devices::uart::SerialSink;
@@ -22,54 +22,13 @@ use topos_vcpu::firmware::{self as fw, QEMU_STATUS_PASS};
 use topos_vcpu::machine::{self, Accel};
 use topos_vcpu::vm::StopReason;
 
-/// A run taking longer than this is killed and fails the test.
-const WATCHDOG: Duration = Duration::from_secs(60);
-
-fn kvm_present() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
-/// Runs `topos run` with `args`; returns (exit status, stdout, stderr).
-fn topos_run(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_topos"))
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WATCHDOG;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("topos run {args:?} did not finish within {WATCHDOG:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    (status.code(), out, err)
-}
-
 #[test]
 fn the_embedded_firmware_passes_on_kvm_with_1_2_and_4_vcpus() {
     if !kvm_present() {
         return;
     }
     for n in [1u32, 2, 4] {
-        let (status, out, err) = topos_run(&["--smp", &n.to_string()]);
+        let Run { status, stdout: out, stderr: err, .. } = topos_run(&["--smp", &n.to_string()]);
         let want = transcript::expected_lines(&Machine::topos_pc(n, 256));
         if let Err(e) = transcript::check(&out, &want) {
             panic!("--smp {n}: {e}\nstdout:\n{out}\nstderr:\n{err}");
@@ -83,7 +42,7 @@ fn a_different_ram_size_reaches_the_firmware_through_fw_cfg() {
     if !kvm_present() {
         return;
     }
-    let (status, out, err) = topos_run(&["-m", "64M"]);
+    let Run { status, stdout: out, stderr: err, .. } = topos_run(&["-m", "64M"]);
     let want = transcript::expected_lines(&Machine::topos_pc(1, 64));
     if let Err(e) = transcript::check(&out, &want) {
         panic!("{e}\nstdout:\n{out}\nstderr:\n{err}");

@@ -5,15 +5,14 @@
 //! print their `skip:` lines). The QEMU runs skip, saying so, when
 //! `qemu-system-x86_64` is not on PATH.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use topos_vcpu::firmware::{self, transcript, Machine};
 
-/// A QEMU run taking longer than this is killed and fails the test.
-const WATCHDOG: Duration = Duration::from_secs(60);
+mod support;
+
+use support::{find_qemu, run_with_watchdog, Run};
 
 #[test]
 fn image_is_128k_with_a_far_jump_at_the_reset_vector() {
@@ -39,74 +38,23 @@ fn transcript_checker_matches_exact_and_prefix_lines() {
     assert!(transcript::check("a: 1\nb: 7\nc\n", &want).is_err());
 }
 
-/// `qemu-system-x86_64` on PATH, if any.
-fn find_qemu() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join("qemu-system-x86_64")).find(|p| p.is_file())
-}
-
-/// What one QEMU run produced.
-struct Run {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
 /// Boots `image` on QEMU's `pc` machine with `ncpus` CPUs and `accel`,
-/// killing it after [`WATCHDOG`].
+/// under the watchdog.
 fn run_qemu(qemu: &Path, image: &Path, ncpus: u32, accel: &str) -> Run {
-    let start = Instant::now();
-    let mut child = Command::new(qemu)
-        .args(["-machine", "pc", "-accel", accel, "-m", "256M", "-smp"])
-        .arg(ncpus.to_string())
-        .args(["-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-bios"])
-        .arg(image)
-        .args(["-device", "edu", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 starts");
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for qemu") {
-            break status.code();
-        }
-        if start.elapsed() > WATCHDOG {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let elapsed = start.elapsed();
-    Run {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-        elapsed,
-    }
+    run_with_watchdog(
+        Command::new(qemu)
+            .args(["-machine", "pc", "-accel", accel, "-m", "256M", "-smp"])
+            .arg(ncpus.to_string())
+            .args(["-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-bios"])
+            .arg(image)
+            .args(["-device", "edu", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
+    )
 }
 
 /// Boots the firmware under TCG with `ncpus` CPUs and checks the transcript
 /// and the exit status.
 fn boots_on_qemu(ncpus: u32) {
-    let Some(qemu) = find_qemu() else {
-        println!("skipped: qemu-system-x86_64 not found");
-        return;
-    };
+    let Some(qemu) = find_qemu() else { return };
     let dir = std::env::temp_dir().join(format!("topos-firmware-{}-{ncpus}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let image = dir.join("bios.bin");

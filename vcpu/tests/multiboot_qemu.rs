@@ -4,16 +4,14 @@
 //! prints, which is pinned here for topos's loader to match. The QEMU runs
 //! skip, saying so, when `qemu-system-x86_64` is not on PATH.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
+mod support;
+
+use support::{find_qemu, run_with_watchdog, Run};
 use topos_vcpu::firmware::multiboot_kernel::{self as mbk, Boot, MmapEntry};
 use topos_vcpu::firmware::{self, transcript, KernelFormat};
-
-/// A QEMU run taking longer than this is killed and fails the test.
-const WATCHDOG: Duration = Duration::from_secs(60);
 
 /// What the tests pass with `-append`.
 const APPEND: &str = "hello topos";
@@ -152,73 +150,22 @@ fn boot_expected_lines_match_the_qemu_transcript() {
     assert_eq!(boot.expected_lines(), expected(QEMU_4G, Path::new("{kernel}")));
 }
 
-/// `qemu-system-x86_64` on PATH, if any.
-fn find_qemu() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join("qemu-system-x86_64")).find(|p| p.is_file())
-}
-
-/// What one QEMU run produced.
-struct Run {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
 /// Boots `kernel` with QEMU's multiboot loader on a `pc` machine with
-/// `mem` of RAM and 2 CPUs, killing it after [`WATCHDOG`].
+/// `mem` of RAM and 2 CPUs, under the watchdog.
 fn run_qemu(qemu: &Path, kernel: &Path, mem: &str) -> Run {
-    let start = Instant::now();
-    let mut child = Command::new(qemu)
-        .args(["-machine", "pc", "-accel", "tcg", "-m", mem, "-smp", "2"])
-        .args(["-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
-        .arg(kernel)
-        .args(["-append", APPEND, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 starts");
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for qemu") {
-            break status.code();
-        }
-        if start.elapsed() > WATCHDOG {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let elapsed = start.elapsed();
-    Run {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-        elapsed,
-    }
+    run_with_watchdog(
+        Command::new(qemu)
+            .args(["-machine", "pc", "-accel", "tcg", "-m", mem, "-smp", "2"])
+            .args(["-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
+            .arg(kernel)
+            .args(["-append", APPEND, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
+    )
 }
 
 /// Boots the kernel in `format` on QEMU with `mem` of RAM and checks the
 /// exit status and the transcript against `want`.
 fn boots_on_qemu(format: KernelFormat, mem: &str, want: &str) {
-    let Some(qemu) = find_qemu() else {
-        println!("skipped: qemu-system-x86_64 not found");
-        return;
-    };
+    let Some(qemu) = find_qemu() else { return };
     let dir = std::env::temp_dir().join(format!("topos-multiboot-{}-{format:?}-{mem}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let kernel_path = dir.join("kernel");

@@ -4,7 +4,10 @@
 //! map; bad options are errors. Tests that need `/dev/kvm` skip with a
 //! printed reason without it.
 
+mod support;
+
 use std::process::Command;
+use support::kvm_present;
 use topos_devices::uart::SerialSink;
 use topos_vcpu::board::{PcConfig, PciModel};
 use topos_vcpu::machine::{Accel, Machine};
@@ -25,16 +28,6 @@ fn bios(text: &[u8], exit: u8) -> Vec<u8> {
     image[0xfff0] = 0xe9;
     image[0xfff1..0xfff3].copy_from_slice(&rel.to_le_bytes());
     image
-}
-
-fn kvm_present() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
 }
 
 #[test]

@@ -132,6 +132,8 @@ pub struct BoardWiring {
     pub interrupts: Arc<dyn InterruptSink>,
     /// Where the guest's `isa-debug-exit` writes go.
     pub exit: Box<dyn ExitSink>,
+    /// What the accelerator adds to the memory map a `--kernel` sees.
+    pub memory_map: multiboot::MapOptions,
 }
 
 /// An interrupt sink that drops every change (for building a board only to
@@ -297,7 +299,7 @@ impl PcBoard {
         }
         let entry = match &config.kernel {
             Some(k) => Some(
-                multiboot::load(k, &map.ram.ram()?, map.below_4g, map.above_4g)
+                multiboot::load(k, &map.ram.ram()?, map.below_4g, map.above_4g, wiring.memory_map)
                     .map_err(|e| Error::Config(format!("--kernel {}: {e}", k.path)))?,
             ),
             None => None,

@@ -9,14 +9,24 @@
 //! 2 (video mode, ignored as QEMU does) are understood; any other flag of
 //! the low 16 (which a loader must understand) is refused.
 //!
-//! The boot information is built where QEMU's loader puts it, below the
-//! EBDA: the info structure, the memory map and the command line. The
-//! command line is QEMU's: the kernel's path, a space, and `--append`. The
-//! memory map and `mem_lower`/`mem_upper` are what a kernel booted by QEMU
-//! sees (QEMU's option ROM collects them from SeaBIOS's E820 table): the
-//! 639 KiB below the EBDA, the BIOS areas, RAM from 1 MiB to 128 KiB below
-//! the top of low RAM (SeaBIOS keeps that for its tables), the BIOS ROM
-//! below 4 GiB, and RAM above 4 GiB.
+//! The boot information is built below the EBDA: the info structure, the
+//! memory map and the command line. The command line is QEMU's: the
+//! kernel's path, a space, and `--append`. The memory map and
+//! `mem_lower`/`mem_upper` are what a kernel booted by QEMU 7.2 on KVM sees
+//! (QEMU's option ROM collects them from SeaBIOS's E820 table, which adds
+//! QEMU's own entries), in its order:
+//!
+//! | entry | type | from |
+//! | --- | --- | --- |
+//! | `0 .. 0x9fc00` | usable | RAM below the EBDA (`mem_lower` 639 KiB) |
+//! | `0x9fc00 .. 0xa0000` | reserved | the EBDA |
+//! | `0xf0000 .. 0x100000` | reserved | the BIOS segment |
+//! | `1 MiB ..` top of low RAM − 128 KiB | usable | (`mem_upper`: its length) |
+//! | the last 128 KiB of low RAM | reserved | SeaBIOS's tables |
+//! | `0xfeffc000 .. 0xff000000` | reserved | KVM's identity map and TSS ([`KVM_RESERVED`]) |
+//! | `0xfffc0000 .. 4 GiB` | reserved | SeaBIOS's 256 KiB ROM |
+//! | `4 GiB ..` | usable | RAM above 4 GiB, if any |
+//! | `0xfd00000000 ..` + 12 GiB | reserved | AMD's HyperTransport range, for an AMD CPU |
 //!
 //! The boot processor enters the kernel in flat 32-bit protected mode,
 //! paging and interrupts off, with `EAX = 0x2BADB002` and `EBX` the
@@ -40,6 +50,11 @@ const EBDA: u64 = 0x9fc00;
 const SEABIOS_HIGH_TABLES: u64 = 0x20000;
 /// Where the BIOS ROM area reported as reserved starts.
 const BIOS_ROM_RESERVED: u64 = 0xfffc_0000;
+/// KVM's identity-map page and real-mode TSS (QEMU 7.2's place for them).
+pub const KVM_RESERVED: (u64, u64) = (0xfeff_c000, 0x4000);
+/// AMD's HyperTransport range, reserved for AMD CPUs (QEMU's
+/// `AMD_HT_START`, `AMD_HT_SIZE`).
+pub const AMD_HT: (u64, u64) = (0xfd_0000_0000, 0x3_0000_0000);
 
 /// How the kernel must be entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,9 +204,18 @@ fn kludge_pieces(image: &[u8], at: usize) -> Result<(Vec<Piece<'_>>, u32), Multi
 /// One memory-map entry: base, length, type (1 usable, 2 reserved).
 type MapEntry = (u64, u64, u32);
 
+/// What the memory map depends on besides RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapOptions {
+    /// The accelerator is KVM (its pages are reserved).
+    pub kvm: bool,
+    /// The CPU is AMD's (the HyperTransport range is reserved).
+    pub amd: bool,
+}
+
 /// The memory map a kernel booted by QEMU's `pc` sees (see the module
 /// documentation).
-pub fn memory_map(below_4g: u64, above_4g: u64) -> Vec<MapEntry> {
+pub fn memory_map(below_4g: u64, above_4g: u64, options: MapOptions) -> Vec<MapEntry> {
     let usable_top = below_4g - SEABIOS_HIGH_TABLES;
     let mut map = vec![
         (0, EBDA, 1),
@@ -199,17 +223,29 @@ pub fn memory_map(below_4g: u64, above_4g: u64) -> Vec<MapEntry> {
         (0xf0000, 0x10000, 2),
         (0x10_0000, usable_top - 0x10_0000, 1),
         (usable_top, SEABIOS_HIGH_TABLES, 2),
-        (BIOS_ROM_RESERVED, (1 << 32) - BIOS_ROM_RESERVED, 2),
     ];
+    if options.kvm {
+        map.push((KVM_RESERVED.0, KVM_RESERVED.1, 2));
+    }
+    map.push((BIOS_ROM_RESERVED, (1 << 32) - BIOS_ROM_RESERVED, 2));
     if above_4g > 0 {
         map.push((1 << 32, above_4g, 1));
+    }
+    if options.amd {
+        map.push((AMD_HT.0, AMD_HT.1, 2));
     }
     map
 }
 
 /// Loads `kernel` into `ram` (guest-physical = RAM offset below 4 GiB) and
 /// writes the boot information; returns how to enter it.
-pub fn load(kernel: &Kernel, ram: &RamSlice, below_4g: u64, above_4g: u64) -> Result<Flat32Entry, MultibootError> {
+pub fn load(
+    kernel: &Kernel,
+    ram: &RamSlice,
+    below_4g: u64,
+    above_4g: u64,
+    options: MapOptions,
+) -> Result<Flat32Entry, MultibootError> {
     let image = &kernel.image;
     let (at, flags) = header(image)?;
     if flags & 0xfff8 != 0 {
@@ -239,7 +275,7 @@ pub fn load(kernel: &Kernel, ram: &RamSlice, below_4g: u64, above_4g: u64) -> Re
         ram.write(p.addr + p.bytes.len() as u64, &zeros).map_err(|_| place("bss", p.addr, end))?;
     }
 
-    let map = memory_map(below_4g, above_4g);
+    let map = memory_map(below_4g, above_4g, options);
     let mut mmap = Vec::with_capacity(map.len() * 24);
     for (base, len, kind) in &map {
         mmap.extend_from_slice(&20u32.to_le_bytes());
@@ -296,7 +332,7 @@ mod tests {
         let ram = topo.new_ram("ram", 16 << 20).unwrap().ram().unwrap();
         ram.write(0x10_0030, &[0xff; 16]).unwrap();
         let k = Kernel { image: kludge(3), path: "k.bin".into(), append: "a b".into() };
-        let entry = load(&k, &ram, 16 << 20, 0).unwrap();
+        let entry = load(&k, &ram, 16 << 20, 0, MapOptions::default()).unwrap();
         assert_eq!(entry, Flat32Entry { eip: 0x10_0020, eax: BOOTLOADER_MAGIC, ebx: INFO_ADDR as u32 });
         let mut b = [0u8; 0x30];
         ram.read(0x10_0000, &mut b).unwrap();
@@ -318,29 +354,40 @@ mod tests {
         let topo = Topology::new();
         let ram = topo.new_ram("ram", 16 << 20).unwrap().ram().unwrap();
         let k = |image: Vec<u8>| Kernel { image, path: "k".into(), append: String::new() };
-        assert_eq!(load(&k(vec![0; 100]), &ram, 16 << 20, 0), Err(MultibootError::NoHeader));
+        assert_eq!(load(&k(vec![0; 100]), &ram, 16 << 20, 0, MapOptions::default()), Err(MultibootError::NoHeader));
         assert_eq!(
-            load(&k(kludge(1 << 5)), &ram, 16 << 20, 0),
+            load(&k(kludge(1 << 5)), &ram, 16 << 20, 0, MapOptions::default()),
             Err(MultibootError::UnsupportedFlags(1 << 5 | 1 << 16))
         );
         // No kludge flag: must be ELF.
         let mut not_elf = kludge(0);
         not_elf[4..8].copy_from_slice(&0u32.to_le_bytes());
         not_elf[8..12].copy_from_slice(&0u32.wrapping_sub(HEADER_MAGIC).to_le_bytes());
-        assert!(matches!(load(&k(not_elf), &ram, 16 << 20, 0), Err(MultibootError::BadElf(_))));
+        assert!(matches!(load(&k(not_elf), &ram, 16 << 20, 0, MapOptions::default()), Err(MultibootError::BadElf(_))));
         // Loaded beyond RAM.
-        assert!(matches!(load(&k(kludge(0)), &ram, 1 << 20, 0), Err(MultibootError::Placement { .. })));
+        assert!(matches!(
+            load(&k(kludge(0)), &ram, 1 << 20, 0, MapOptions::default()),
+            Err(MultibootError::Placement { .. })
+        ));
         // A command line that cannot fit.
         let long = Kernel { image: kludge(0), path: "k".into(), append: "x".repeat(1 << 20) };
-        assert!(matches!(load(&long, &ram, 16 << 20, 0), Err(MultibootError::CmdlineTooLong(_))));
+        assert!(matches!(
+            load(&long, &ram, 16 << 20, 0, MapOptions::default()),
+            Err(MultibootError::CmdlineTooLong(_))
+        ));
     }
 
     #[test]
     fn the_memory_map_is_what_qemus_pc_reports() {
-        let map = memory_map(256 << 20, 0);
+        let map = memory_map(256 << 20, 0, MapOptions::default());
         assert_eq!(map[0], (0, 0x9fc00, 1));
         assert_eq!(map[3], (0x10_0000, (256 << 20) - 0x20000 - 0x10_0000, 1));
         assert_eq!(map.len(), 6);
-        assert_eq!(memory_map(0xc000_0000, 1 << 30).last(), Some(&(1 << 32, 1 << 30, 1)));
+        assert_eq!(memory_map(0xc000_0000, 1 << 30, MapOptions::default()).last(), Some(&(1 << 32, 1 << 30, 1)));
+        let kvm_amd = memory_map(0xc000_0000, 1 << 30, MapOptions { kvm: true, amd: true });
+        assert_eq!(kvm_amd[5], (0xfeff_c000, 0x4000, 2));
+        assert_eq!(kvm_amd[6], (0xfffc_0000, 0x4_0000, 2));
+        assert_eq!(kvm_amd[7], (1 << 32, 1 << 30, 1));
+        assert_eq!(kvm_amd[8], (0xfd_0000_0000, 0x3_0000_0000, 2));
     }
 }

@@ -14,11 +14,12 @@ use std::sync::{Arc, OnceLock};
 use topos_devices::InterruptSink;
 use topos_runtime::{AddressSpace, FlushHook, ListenerId, Topology};
 
-/// Where KVM keeps the real-mode TSS on Intel hosts (three pages), as QEMU
-/// places it: just below the BIOS's 256 KiB at the top of 4 GiB.
-const TSS_ADDRESS: usize = 0xfffb_d000;
-/// The page of the real-mode identity map, just below the TSS.
-const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// The page of KVM's real-mode identity map (Intel hosts), where QEMU 7.2
+/// puts it: the start of the range a `--kernel`'s memory map reserves
+/// ([`KVM_RESERVED`](crate::board::multiboot::KVM_RESERVED)).
+const IDENTITY_MAP_ADDRESS: u64 = crate::board::multiboot::KVM_RESERVED.0;
+/// KVM's real-mode TSS (three pages), just after the identity map.
+const TSS_ADDRESS: usize = IDENTITY_MAP_ADDRESS as usize + 0x1000;
 
 /// A KVM VM mirroring a topology's memory address space.
 pub struct KvmVm {
@@ -114,6 +115,16 @@ impl KvmVm {
             let _ = self.ring.set(ring);
         }
         KvmVcpu::new(fd, index, self.ring.get().cloned())
+    }
+
+    /// Whether the vCPUs' CPUID says AMD (`AuthenticAMD` or `HygonGenuine`
+    /// in leaf 0), as the host's does.
+    pub fn cpu_is_amd(&self) -> bool {
+        let Ok(cpuid) = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) else { return false };
+        cpuid.as_slice().iter().find(|e| e.function == 0).is_some_and(|e| {
+            let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+        })
     }
 
     /// An interrupt sink driving the in-kernel PICs and IOAPIC
