@@ -117,14 +117,9 @@ impl KvmVm {
         KvmVcpu::new(fd, index, self.ring.get().cloned())
     }
 
-    /// Whether the vCPUs' CPUID says AMD (`AuthenticAMD` or `HygonGenuine`
-    /// in leaf 0), as the host's does.
+    /// Whether the vCPUs' CPUID says AMD (see [`cpu_is_amd`]).
     pub fn cpu_is_amd(&self) -> bool {
-        let Ok(cpuid) = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) else { return false };
-        cpuid.as_slice().iter().find(|e| e.function == 0).is_some_and(|e| {
-            let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-            vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
-        })
+        cpu_is_amd(&self.kvm)
     }
 
     /// An interrupt sink driving the in-kernel PICs and IOAPIC
@@ -132,6 +127,16 @@ impl KvmVm {
     pub fn interrupt_sink(&self) -> Arc<dyn InterruptSink> {
         Arc::new(IrqLines { vm: self.vm.clone() })
     }
+}
+
+/// Whether KVM's supported CPUID (what topos's vCPUs report) names AMD
+/// (`AuthenticAMD` or `HygonGenuine` in leaf 0), as the host's does.
+pub fn cpu_is_amd(kvm: &Kvm) -> bool {
+    let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) else { return false };
+    cpuid.as_slice().iter().find(|e| e.function == 0).is_some_and(|e| {
+        let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+    })
 }
 
 impl Drop for KvmVm {
