@@ -12,6 +12,7 @@ use topos_devices::plug::{DeviceModel, PlugCtx};
 use topos_devices::DeviceRuntime;
 use topos_runtime::{MemoryRegion, StandardSpaces, Topology};
 use topos_vcpu::backend::VcpuBackend;
+use topos_vcpu::board::multiboot::Flat32Entry;
 use topos_vcpu::control::Activity;
 use topos_vcpu::kvm::{KvmVcpu, KvmVm};
 use topos_vcpu::vm::{StopLatch, StopReason, Vm};
@@ -75,36 +76,12 @@ fn vcpu_at(m: &Machine, index: u32, ip: u64, bx: u64) -> Box<dyn VcpuBackend> {
 /// IDT.
 fn vcpu_flat32(m: &Machine, index: u32, eip: u64, ebx: u64) -> KvmVcpu {
     let mut v = m.kvm.create_vcpu(index).unwrap();
+    let entry = Flat32Entry { eip: eip as u32, eax: 0, ebx: ebx as u32 };
+    v.enter_flat32(entry).unwrap();
     let mut sregs = v.fd().get_sregs().unwrap();
-    let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = flat(0x08, 0xb);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
-        *s = flat(0x10, 0x3);
-    }
-    sregs.cr0 |= 1;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     v.fd().set_sregs(&sregs).unwrap();
-    let mut regs = v.fd().get_regs().unwrap();
-    regs.rip = eip;
-    regs.rbx = ebx;
-    regs.rsp = 0x7000;
-    regs.rflags = 2;
-    v.fd().set_regs(&regs).unwrap();
     v
 }
 

@@ -163,6 +163,16 @@ impl Asm {
         Ok(())
     }
 
+    /// Loads the flat data selector into every data segment register
+    /// (first thing on a CPU that just entered protected mode); clobbers AX.
+    pub(crate) fn load_flat_data_segments(&mut self) -> Result<()> {
+        self.mov(ax, super::layout::DATA32 as u32)?;
+        for seg in [ds, es, ss, fs, gs] {
+            self.mov(seg, ax)?;
+        }
+        Ok(())
+    }
+
     /// A new label.
     pub(crate) fn label(&mut self) -> CodeLabel {
         self.code.create_label()

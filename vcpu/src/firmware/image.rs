@@ -6,7 +6,7 @@ use iced_x86::code_asm::*;
 
 use super::asm::Asm;
 use super::error::{FirmwareError, Result};
-use super::layout::{self, var, DATA32};
+use super::layout::{self, var};
 use super::{
     console, counters, edu, exit, framebuffer, fw_cfg, pci, pflash, real_mode, remap, rom, smp, timer, transcript,
     virtio_doorbell,
@@ -15,12 +15,7 @@ use super::{
 /// The BSP's program, from the protected-mode entry to the debug exit.
 fn emit_bsp(a: &mut Asm) -> Result<()> {
     a.bind_routine(|r| &mut r.bsp_entry)?;
-    a.mov(ax, DATA32 as u32)?;
-    a.mov(ds, ax)?;
-    a.mov(es, ax)?;
-    a.mov(ss, ax)?;
-    a.mov(fs, ax)?;
-    a.mov(gs, ax)?;
+    a.load_flat_data_segments()?;
     a.mov(esp, layout::BSP_STACK_TOP)?;
     a.cld()?;
     // Clear the shared variables, then mark every AP slot empty.

@@ -12,7 +12,7 @@ use iced_x86::code_asm::*;
 
 use super::asm::Asm;
 use super::error::Result;
-use super::layout::{self, var, DATA32, LAPIC, MAX_APS};
+use super::layout::{self, var, LAPIC, MAX_APS};
 use super::transcript;
 
 /// APIC ID register.
@@ -155,12 +155,7 @@ pub(crate) fn emit_ap(a: &mut Asm) -> Result<()> {
     let count_work = a.rt.count_work;
     let remap_reader = a.rt.remap_reader;
     a.bind_routine(|r| &mut r.ap_entry)?;
-    a.mov(ax, DATA32 as u32)?;
-    a.mov(ds, ax)?;
-    a.mov(es, ax)?;
-    a.mov(ss, ax)?;
-    a.mov(fs, ax)?;
-    a.mov(gs, ax)?;
+    a.load_flat_data_segments()?;
     a.cld()?;
     a.mov(eax, 1)?;
     a.lock().xadd(dword_ptr(var::AP_TICKET), eax)?;
