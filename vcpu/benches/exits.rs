@@ -1,0 +1,796 @@
+//! vCPU exits on KVM (issue 8): topos's exit path against a bare
+//! `kvm-ioctls` loop, `topos run`'s start-up against a bare runner (and
+//! QEMU where installed), and two vCPUs on two devices against one. Not a
+//! criterion bench: the variants are interleaved round by round (the order
+//! alternating between rounds) and medians are taken over rounds, because
+//! this shared 2-core machine's speed drifts by more than the differences
+//! being measured.
+//!
+//! Sections (all by default; name some as arguments to run only those):
+//!
+//! * `exits`: exits per second for port writes (`out dx, al`), MMIO writes
+//!   (`mov [ebx], eax`) and MMIO reads (`mov eax, [ebx]`) to a trivial
+//!   device. topos: a [`Vm`] with one [`KvmVcpu`], exits dispatched through
+//!   its `VcpuIo` to a [`MemoryRegionOps`] that reads as a constant and
+//!   drops writes. Bare: the same guest code in a VM made with
+//!   `kvm-ioctls` alone (same in-kernel irqchip and PIT as `KvmVm`) and a
+//!   plain `match vcpu.run()` loop. The guest marks the start and the end
+//!   of its `N` accesses with writes to a marker port; the time between the
+//!   two markers (taken in the exit handlers) covers exactly `N + 1` exits.
+//!   Also: the user-space cost of one dispatch without KVM (`VcpuIo` calls
+//!   against the bare loop's handler body).
+//! * `smp`: two vCPUs, each on its own device at its own address, against
+//!   one, both on topos and on the bare loop (the machine's own limit).
+//! * `startup`: whole-process time of `topos run --bios IMAGE` with a BIOS
+//!   whose reset vector writes to `isa-debug-exit` at once, against a bare
+//!   runner process (this binary re-executed: create a VM, one memslot, one
+//!   vCPU, run to the first exit), `/bin/true`, and QEMU if
+//!   `qemu-system-x86_64` is on the `PATH`; plus the in-process parts.
+//!
+//! Knobs: `TOPOS_BENCH_EXITS` (accesses per run, default 20000),
+//! `TOPOS_BENCH_ROUNDS` (default 15), `TOPOS_BENCH_STARTS` (process starts
+//! per variant, default 20). Run with
+//! `cargo bench -p topos-vcpu --bench exits`.
+
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use topos_devices::uart::SerialSink;
+use topos_runtime::{HwAddr, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
+use topos_vcpu::backend::{VcpuBackend, VcpuIo};
+use topos_vcpu::board::{memory_map::DEFAULT_RAM_SIZE, PcConfig, PciModel};
+use topos_vcpu::kvm::{KvmVcpu, KvmVm};
+use topos_vcpu::machine::{Accel, Machine};
+use topos_vcpu::vm::{StopLatch, StopReason, Vm};
+
+/// Guest RAM (at 0) of the exit benches.
+const RAM_SIZE: usize = 1 << 20;
+/// Where the guest code lives.
+const CODE: u64 = 0x1000;
+/// The marker port: a write of vCPU `i`'s index at `MARK` starts its
+/// measurement, at `MARK + 1` ends it.
+const MARK: u16 = 0x600;
+/// vCPU `i`'s device port.
+const fn dev_port(i: u32) -> u16 {
+    0x700 + 0x10 * i as u16
+}
+/// vCPU `i`'s device address.
+const fn dev_addr(i: u32) -> u64 {
+    0xd000_0000 + 0x1000 * i as u64
+}
+/// What the devices read as.
+const CONSTANT: u64 = 0x5a5a_5a5a;
+/// Same as KvmVm: the real-mode TSS and identity map below the BIOS.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// The three kinds of exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    PioWrite,
+    MmioWrite,
+    MmioRead,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::PioWrite, Kind::MmioWrite, Kind::MmioRead];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::PioWrite => "PIO write (`out dx, al`)",
+            Kind::MmioWrite => "MMIO write (`mov [ebx], eax`)",
+            Kind::MmioRead => "MMIO read (`mov eax, [ebx]`)",
+        }
+    }
+
+    /// The access the loop repeats.
+    fn op(self) -> &'static [u8] {
+        match self {
+            Kind::PioWrite => &[0xee],        // out dx, al
+            Kind::MmioWrite => &[0x89, 0x03], // mov [ebx], eax
+            Kind::MmioRead => &[0x8b, 0x03],  // mov eax, [ebx]
+        }
+    }
+}
+
+/// The guest, 32-bit code at [`CODE`]. In: `ecx` = accesses, `ebx` = the
+/// device's address, `edx` = its port, `esi` = [`MARK`], `edi` = the vCPU's
+/// index. Marks the start, does `ecx` accesses, marks the end, halts.
+fn guest_code(kind: Kind) -> Vec<u8> {
+    let mut c = vec![
+        0x89, 0xf8, // mov eax, edi
+        0x87, 0xf2, // xchg edx, esi
+        0xee, // out dx, al          (start marker)
+        0x87, 0xf2, // xchg edx, esi
+    ];
+    let op = kind.op();
+    c.extend_from_slice(op); // loop: the access
+    c.push(0x49); // dec ecx
+    c.extend_from_slice(&[0x75, (-(op.len() as i8 + 3)) as u8]); // jnz loop
+    c.extend_from_slice(&[
+        0x89, 0xf8, // mov eax, edi
+        0x87, 0xf2, // xchg edx, esi
+        0x42, // inc edx
+        0xee, // out dx, al          (end marker)
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp $-1 (the hlt)
+    ]);
+    c
+}
+
+/// Loads flat 32-bit protected mode (no GDT in memory: the segment
+/// registers are loaded directly, as in `tests/kvm_vm.rs`) and the guest's
+/// registers for vCPU `index`, and makes it runnable (an AP would wait for
+/// INIT/SIPI under the in-kernel LAPIC).
+fn setup_vcpu(fd: &VcpuFd, index: u32, accesses: u32) {
+    let mut sregs = fd.get_sregs().unwrap();
+    let flat = |selector: u16, type_: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = flat(0x08, 0xb);
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+        *s = flat(0x10, 0x3);
+    }
+    sregs.cr0 |= 1;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    fd.set_sregs(&sregs).unwrap();
+    let mut regs = fd.get_regs().unwrap();
+    regs.rip = CODE;
+    regs.rcx = u64::from(accesses);
+    regs.rbx = dev_addr(index);
+    regs.rdx = u64::from(dev_port(index));
+    regs.rsi = u64::from(MARK);
+    regs.rdi = u64::from(index);
+    regs.rsp = 0x7000;
+    regs.rflags = 2;
+    fd.set_regs(&regs).unwrap();
+    fd.set_mp_state(kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE }).unwrap();
+}
+
+/// One vCPU's marker times.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    start: Option<Instant>,
+    end: Option<Instant>,
+}
+
+/// The result of one run: exits between the markers, and the time from the
+/// first start marker to the last end marker.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    exits: u64,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn from_spans(spans: &[Span], accesses: u32) -> Run {
+        let start = spans.iter().map(|s| s.start.expect("no start marker")).min().unwrap();
+        let end = spans.iter().map(|s| s.end.expect("no end marker")).max().unwrap();
+        Run { exits: spans.len() as u64 * (u64::from(accesses) + 1), elapsed: end - start }
+    }
+
+    fn per_second(&self) -> f64 {
+        self.exits as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The bare kvm-ioctls loop.
+
+/// Anonymous host memory for a memslot.
+struct HostMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl HostMem {
+    fn new(len: usize) -> HostMem {
+        // SAFETY: an anonymous private mapping with no address hint; the
+        // result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        HostMem { ptr: ptr.cast(), len }
+    }
+
+    fn write(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: in bounds (checked above) of a live mapping that no vCPU
+        // runs on yet (it is written before the slot is registered).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) };
+    }
+
+    /// Registers the memory as `slot` at `gpa`.
+    ///
+    /// The caller keeps `self` alive until the VM is gone (a `BareVm`
+    /// declares its memory after its descriptors, so it is dropped last).
+    fn register(&self, vm: &VmFd, slot: u32, gpa: u64) {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: self.len as u64,
+            userspace_addr: self.ptr as u64,
+        };
+        // SAFETY: `ptr..ptr+len` is a live anonymous mapping owned by
+        // `self`, which outlives the VM (see above), and no other slot
+        // overlaps `gpa..gpa+len`.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// SAFETY: the mapping is plain memory owned by `HostMem`; the host only
+// writes it through `&mut self` before the guest runs.
+unsafe impl Send for HostMem {}
+
+/// A VM made with `kvm-ioctls` alone. Fields drop in order: vCPUs, VM, then
+/// the memory.
+struct BareVm {
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _ram: HostMem,
+}
+
+impl BareVm {
+    /// The exit-bench VM: the kernel set-up of `KvmVm` (identity map, TSS,
+    /// irqchip, PIT), 1 MiB of RAM at 0 with the guest code, `vcpus` vCPUs.
+    fn new(kvm: &Kvm, kind: Kind, vcpus: u32, accesses: u32) -> BareVm {
+        let vm = kvm.create_vm().unwrap();
+        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).unwrap();
+        vm.set_tss_address(TSS_ADDRESS).unwrap();
+        vm.create_irq_chip().unwrap();
+        vm.create_pit2(kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
+        let mut ram = HostMem::new(RAM_SIZE);
+        ram.write(CODE as usize, &guest_code(kind));
+        ram.register(&vm, 0, 0);
+        let vcpus = (0..vcpus)
+            .map(|i| {
+                let fd = vm.create_vcpu(u64::from(i)).unwrap();
+                setup_vcpu(&fd, i, accesses);
+                fd
+            })
+            .collect();
+        BareVm { vcpus, _vm: vm, _ram: ram }
+    }
+}
+
+/// The bare exit loop of one vCPU, up to its end marker. Returns its span
+/// and the (port, MMIO) exits it saw besides the markers.
+fn bare_loop(vcpu: &mut VcpuFd) -> (Span, u64, u64) {
+    let mut span = Span::default();
+    let (mut pio, mut mmio) = (0u64, 0u64);
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if port == MARK {
+                    span.start = Some(Instant::now());
+                } else if port == MARK + 1 {
+                    span.end = Some(Instant::now());
+                    return (span, pio, mmio);
+                } else {
+                    black_box(data);
+                    pio += 1;
+                }
+            }
+            Ok(VcpuExit::MmioWrite(_, data)) => {
+                black_box(data);
+                mmio += 1;
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(CONSTANT as u8);
+                mmio += 1;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            other => panic!("bare loop: unexpected exit {other:?}"),
+        }
+    }
+}
+
+/// One bare run with `n` vCPUs (one thread each).
+fn bare_run(kvm: &Kvm, kind: Kind, n: u32, accesses: u32) -> Run {
+    let mut vm = BareVm::new(kvm, kind, n, accesses);
+    let results: Vec<(Span, u64, u64)> = std::thread::scope(|s| {
+        let threads: Vec<_> = vm.vcpus.iter_mut().map(|v| s.spawn(move || bare_loop(v))).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for &(_, pio, mmio) in &results {
+        let (want_pio, want_mmio) = if kind == Kind::PioWrite { (accesses, 0) } else { (0, accesses) };
+        assert_eq!((pio, mmio), (u64::from(want_pio), u64::from(want_mmio)), "bare {kind:?}: wrong exit count");
+    }
+    let spans: Vec<Span> = results.iter().map(|r| r.0).collect();
+    Run::from_spans(&spans, accesses)
+}
+
+// ---------------------------------------------------------------------------
+// topos.
+
+/// The trivial device: reads as [`CONSTANT`], drops writes.
+struct Constant;
+
+impl MemoryRegionOps for Constant {
+    fn read(&self, _addr: HwAddr, _size: u32) -> u64 {
+        CONSTANT
+    }
+    fn write(&self, _addr: HwAddr, value: u64, _size: u32) {
+        black_box(value);
+    }
+}
+
+/// The marker port's device: records each vCPU's span and stops the VM
+/// once every vCPU has ended.
+struct Markers {
+    spans: Mutex<Vec<Span>>,
+    latch: Arc<StopLatch>,
+}
+
+impl MemoryRegionOps for Markers {
+    fn read(&self, _addr: HwAddr, _size: u32) -> u64 {
+        0
+    }
+    fn write(&self, addr: HwAddr, value: u64, _size: u32) {
+        let now = Instant::now();
+        let all_ended = {
+            let mut spans = self.spans.lock().unwrap();
+            let Some(span) = spans.get_mut(value as usize) else { return };
+            if addr == 0 {
+                span.start = Some(now);
+            } else {
+                span.end = Some(now);
+            }
+            spans.iter().all(|s| s.end.is_some())
+        };
+        if all_ended {
+            self.latch.stop(StopReason::Requested);
+        }
+    }
+}
+
+/// A topology with 1 MiB of RAM holding the guest code, one [`Constant`]
+/// device per vCPU (at [`dev_port`] and [`dev_addr`]) and the markers.
+struct ToposSetup {
+    topo: Topology,
+    spaces: StandardSpaces,
+    latch: Arc<StopLatch>,
+    markers: Arc<Markers>,
+}
+
+impl ToposSetup {
+    fn new(kind: Kind, n: u32) -> ToposSetup {
+        let topo = Topology::new();
+        let spaces = topo.standard_spaces().unwrap();
+        let ram = topo.new_ram("ram", RAM_SIZE as u128).unwrap();
+        ram.ram().unwrap().write(CODE, &guest_code(kind)).unwrap();
+        spaces.system.add_subregion(0, &ram).unwrap();
+        for i in 0..n {
+            let pio = topo.new_io(&format!("pio{i}"), Constant, OpsConfig::default(), 4).unwrap();
+            spaces.io.add_subregion(u64::from(dev_port(i)), &pio).unwrap();
+            let mmio = topo.new_io(&format!("mmio{i}"), Constant, OpsConfig::default(), 0x1000).unwrap();
+            spaces.system.add_subregion(dev_addr(i), &mmio).unwrap();
+        }
+        let latch = Arc::new(StopLatch::default());
+        let markers = Arc::new(Markers { spans: Mutex::new(vec![Span::default(); n as usize]), latch: latch.clone() });
+        let region = topo.new_io_arc("markers", markers.clone(), OpsConfig::default(), 2).unwrap();
+        spaces.io.add_subregion(u64::from(MARK), &region).unwrap();
+        ToposSetup { topo, spaces, latch, markers }
+    }
+}
+
+/// One topos run with `n` vCPUs: a `Vm` of `KvmVcpu`s.
+fn topos_run(kind: Kind, n: u32, accesses: u32) -> Run {
+    let setup = ToposSetup::new(kind, n);
+    let kvm = KvmVm::new(&setup.topo, &setup.spaces.memory, &setup.spaces.io_space).unwrap();
+    let backends: Vec<Box<dyn VcpuBackend>> = (0..n)
+        .map(|i| {
+            let mut v: KvmVcpu = kvm.create_vcpu(i).unwrap();
+            setup_vcpu(v.fd(), i, accesses);
+            Box::new(v) as Box<dyn VcpuBackend>
+        })
+        .collect();
+    let vm = Vm::start(backends, &setup.spaces.memory, &setup.spaces.io_space, setup.latch.clone()).unwrap();
+    let handles = vm.vcpus().to_vec();
+    let reason = vm.wait();
+    assert_eq!(reason, StopReason::Requested, "topos {kind:?}: {}", reason.describe());
+    for h in &handles {
+        let c = h.io_counts();
+        let (want_pio, want_mmio) = if kind == Kind::PioWrite { (accesses + 2, 0) } else { (2, accesses) };
+        assert_eq!((c.pio, c.mmio), (u64::from(want_pio), u64::from(want_mmio)), "topos {kind:?}: wrong exit count");
+    }
+    let spans = setup.markers.spans.lock().unwrap().clone();
+    drop(kvm);
+    Run::from_spans(&spans, accesses)
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and tables.
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn env_u32(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------
+// Sections.
+
+fn exits_section(kvm: &Kvm, accesses: u32, rounds: u32) {
+    println!(
+        "## exits: {accesses} accesses per run, {rounds} rounds (bare and topos alternating, order flipped each round)"
+    );
+    println!();
+    // [kind] -> (bare exits/s per round, topos exits/s per round, ratio per round)
+    let mut bare = vec![Vec::new(); Kind::ALL.len()];
+    let mut topos = vec![Vec::new(); Kind::ALL.len()];
+    let mut ratio = vec![Vec::new(); Kind::ALL.len()];
+    // Warm-up: one of each, not recorded.
+    for kind in Kind::ALL {
+        bare_run(kvm, kind, 1, accesses / 10);
+        topos_run(kind, 1, accesses / 10);
+    }
+    for round in 0..rounds {
+        for (k, &kind) in Kind::ALL.iter().enumerate() {
+            let (b, t) = if round % 2 == 0 {
+                let b = bare_run(kvm, kind, 1, accesses);
+                (b, topos_run(kind, 1, accesses))
+            } else {
+                let t = topos_run(kind, 1, accesses);
+                (bare_run(kvm, kind, 1, accesses), t)
+            };
+            bare[k].push(b.per_second());
+            topos[k].push(t.per_second());
+            ratio[k].push(t.per_second() / b.per_second());
+        }
+        eprintln!(
+            "round {round}: {}",
+            Kind::ALL
+                .iter()
+                .enumerate()
+                .map(|(k, kind)| format!(
+                    "{kind:?} bare {:.0}/s topos {:.0}/s",
+                    bare[k][round as usize], topos[k][round as usize]
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!("| exit | bare exits/s (median) | topos exits/s (median) | topos ÷ bare (ratio of medians) | per-round ratio: median [min, max] | µs per exit, bare / topos |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (k, kind) in Kind::ALL.iter().enumerate() {
+        let (b, t) = (median(&bare[k]), median(&topos[k]));
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.3} [{:.3}, {:.3}] | {:.2} / {:.2} |",
+            kind.name(),
+            b,
+            t,
+            t / b,
+            median(&ratio[k]),
+            min(&ratio[k]),
+            max(&ratio[k]),
+            1e6 / b,
+            1e6 / t
+        );
+    }
+    println!();
+}
+
+/// The user-space part of an exit alone, without KVM: topos's `VcpuIo`
+/// calls against the bare loop's handler body, interleaved.
+fn dispatch_section(rounds: u32) {
+    const CALLS: u32 = 2_000_000;
+    println!("## dispatch without KVM: {CALLS} calls per round, {rounds} rounds, ns per call");
+    println!();
+    let setup = ToposSetup::new(Kind::MmioWrite, 1);
+    let mut io = VcpuIo::new(&setup.spaces.memory, &setup.spaces.io_space);
+    let addr = dev_addr(0);
+    let port = dev_port(0);
+    let names = ["PIO write", "MMIO write", "MMIO read"];
+    let mut topos_ns = vec![Vec::new(); 3];
+    let mut bare_ns = vec![Vec::new(); 3];
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        for _ in 0..CALLS {
+            f();
+        }
+        t.elapsed().as_nanos() as f64 / f64::from(CALLS)
+    };
+    for _ in 0..rounds {
+        let data = [0x11u8; 4];
+        let mut buf = [0u8; 4];
+        topos_ns[0].push(time(&mut || {
+            let _ = io.pio_write(port, black_box(&data[..1]));
+        }));
+        bare_ns[0].push(time(&mut || {
+            black_box(&data[..1]);
+        }));
+        topos_ns[1].push(time(&mut || {
+            let _ = io.mmio_write(black_box(addr), black_box(&data[..]));
+        }));
+        bare_ns[1].push(time(&mut || {
+            black_box(&data[..]);
+        }));
+        topos_ns[2].push(time(&mut || {
+            let _ = io.mmio_read(black_box(addr), black_box(&mut buf[..]));
+        }));
+        bare_ns[2].push(time(&mut || {
+            black_box(&mut buf[..]).fill(CONSTANT as u8);
+        }));
+    }
+    println!("| access | topos `VcpuIo` ns (median) | bare handler ns (median) |");
+    println!("| --- | --- | --- |");
+    for k in 0..3 {
+        println!("| {} | {:.1} | {:.1} |", names[k], median(&topos_ns[k]), median(&bare_ns[k]));
+    }
+    println!();
+}
+
+fn smp_section(kvm: &Kvm, accesses: u32, rounds: u32) {
+    println!("## two vCPUs on two devices: {accesses} accesses per vCPU per run, {rounds} rounds, aggregate exits/s");
+    println!();
+    let kinds = [Kind::MmioWrite, Kind::PioWrite];
+    // [kind][variant] with variants: bare 1, bare 2, topos 1, topos 2.
+    let mut rates = vec![vec![Vec::new(); 4]; kinds.len()];
+    for round in 0..rounds {
+        for (k, &kind) in kinds.iter().enumerate() {
+            let mut order = [0usize, 1, 2, 3];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for v in order {
+                let run = match v {
+                    0 => bare_run(kvm, kind, 1, accesses),
+                    1 => bare_run(kvm, kind, 2, accesses),
+                    2 => topos_run(kind, 1, accesses),
+                    _ => topos_run(kind, 2, accesses),
+                };
+                rates[k][v].push(run.per_second());
+            }
+        }
+        eprintln!("smp round {round} done");
+    }
+    println!("| exit | bare 1 vCPU | bare 2 vCPUs | bare 2 ÷ 1 (per-round median) | topos 1 vCPU | topos 2 vCPUs | topos 2 ÷ 1 (per-round median) [min, max] |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (k, kind) in kinds.iter().enumerate() {
+        let r = &rates[k];
+        let bare_scale: Vec<f64> = r[1].iter().zip(&r[0]).map(|(a, b)| a / b).collect();
+        let topos_scale: Vec<f64> = r[3].iter().zip(&r[2]).map(|(a, b)| a / b).collect();
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× [{:.2}, {:.2}] |",
+            kind.name(),
+            median(&r[0]),
+            median(&r[1]),
+            median(&bare_scale),
+            median(&r[2]),
+            median(&r[3]),
+            median(&topos_scale),
+            min(&topos_scale),
+            max(&topos_scale)
+        );
+    }
+    println!();
+}
+
+/// A 64 KiB BIOS whose reset vector writes 0 to `isa-debug-exit` (QEMU
+/// status 1): `mov al, 0; out 0xf4, al; hlt`.
+fn exit_bios() -> Vec<u8> {
+    let mut image = vec![0xf4u8; 64 << 10];
+    image[0xfff0..0xfff5].copy_from_slice(&[0xb0, 0x00, 0xe6, 0xf4, 0xf4]);
+    image
+}
+
+/// The environment variable that turns this binary into the bare start-up
+/// runner for the image it names.
+const BARE_BOOT_ENV: &str = "TOPOS_BENCH_BARE_BOOT";
+
+/// The bare runner: a VM, one memslot (the image just below 4 GiB), one
+/// vCPU from reset, run to the first exit, which must be the debug-exit
+/// write. Exits with QEMU's status for it.
+fn bare_boot(image: &Path) -> ! {
+    let bios = std::fs::read(image).unwrap();
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(TSS_ADDRESS).unwrap();
+    let mut rom = HostMem::new(bios.len());
+    rom.write(0, &bios);
+    rom.register(&vm, 0, (1u64 << 32) - bios.len() as u64);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let status = match vcpu.run() {
+        Ok(VcpuExit::IoOut(0xf4, data)) => (i32::from(data[0]) << 1) | 1,
+        other => {
+            eprintln!("bare boot: unexpected first exit {other:?}");
+            3
+        }
+    };
+    drop(vcpu);
+    drop(vm);
+    drop(rom);
+    std::process::exit(status);
+}
+
+/// Wall time of one process run to exit; checks its status.
+fn time_process(cmd: &mut Command, status: i32) -> f64 {
+    let t = Instant::now();
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(out.status.code(), Some(status), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    ms
+}
+
+fn startup_section(starts: u32) {
+    println!("## start-up: {starts} starts per variant, interleaved (order rotated each round), ms");
+    println!();
+    let dir = std::env::temp_dir().join(format!("topos-bench-exits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("exit-bios.bin");
+    std::fs::write(&image, exit_bios()).unwrap();
+    let topos_bin = PathBuf::from(env!("CARGO_BIN_EXE_topos"));
+    let me = std::env::current_exe().unwrap();
+    let qemu = which("qemu-system-x86_64");
+
+    let mut names: Vec<String> = vec![
+        "`topos run --bios IMAGE` (process)".into(),
+        "bare runner (process: VM, 1 memslot, 1 vCPU, first exit)".into(),
+        "`/bin/true` (process spawn floor)".into(),
+        "topos in-process: `Machine::new`".into(),
+        "topos in-process: `Machine::run` (vCPU threads to the stop)".into(),
+        "bare in-process (VM, 1 memslot, 1 vCPU, first exit)".into(),
+    ];
+    if qemu.is_some() {
+        names.push("QEMU `-machine pc -accel kvm` (process)".into());
+    }
+    let mut times = vec![Vec::new(); names.len()];
+    let bios = exit_bios();
+    let bare_in_process = |kvm: &Kvm| {
+        let t = Instant::now();
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(TSS_ADDRESS).unwrap();
+        let mut rom = HostMem::new(bios.len());
+        rom.write(0, &bios);
+        rom.register(&vm, 0, (1u64 << 32) - bios.len() as u64);
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        assert!(matches!(vcpu.run(), Ok(VcpuExit::IoOut(0xf4, _))));
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        drop(vcpu);
+        drop(vm);
+        ms
+    };
+    let kvm = Kvm::new().unwrap();
+    for round in 0..=starts {
+        let mut round_times = vec![0.0; names.len()];
+        let n = names.len();
+        for j in 0..n {
+            let v = (j + round as usize) % n;
+            round_times[v] = match v {
+                0 => time_process(Command::new(&topos_bin).arg("run").arg("--bios").arg(&image), 1),
+                1 => time_process(Command::new(&me).env(BARE_BOOT_ENV, &image), 1),
+                2 => time_process(&mut Command::new("/bin/true"), 0),
+                3 | 4 => {
+                    if v == 4 {
+                        continue; // measured with 3
+                    }
+                    let config = PcConfig {
+                        ram_size: DEFAULT_RAM_SIZE,
+                        cpus: 1,
+                        bios: exit_bios(),
+                        devices: vec![PciModel::Edu],
+                        serial: SerialSink::Null,
+                    };
+                    let t = Instant::now();
+                    let machine = Machine::new(config, Accel::Kvm).unwrap();
+                    let built = t.elapsed();
+                    let reason = machine.run().unwrap();
+                    let ran = t.elapsed() - built;
+                    assert_eq!(reason, StopReason::DebugExit(1));
+                    drop(machine);
+                    round_times[4] = ran.as_secs_f64() * 1e3;
+                    built.as_secs_f64() * 1e3
+                }
+                5 => bare_in_process(&kvm),
+                _ => time_process(
+                    Command::new(qemu.as_ref().unwrap())
+                        .args(["-machine", "pc", "-accel", "kvm", "-nodefaults", "-nographic", "-no-reboot", "-bios"])
+                        .arg(&image)
+                        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
+                    1,
+                ),
+            };
+        }
+        // Round 0 warms the caches and is not recorded.
+        if round > 0 {
+            for (v, t) in round_times.into_iter().enumerate() {
+                times[v].push(t);
+            }
+        }
+    }
+    let topos = median(&times[0]);
+    println!("| what | median ms | min ms | max ms | ÷ `topos run` median |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (v, name) in names.iter().enumerate() {
+        let m = median(&times[v]);
+        println!("| {name} | {m:.2} | {:.2} | {:.2} | {:.2} |", min(&times[v]), max(&times[v]), m / topos);
+    }
+    println!();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+fn main() {
+    if let Some(image) = std::env::var_os(BARE_BOOT_ENV) {
+        bare_boot(Path::new(&image));
+    }
+    // `cargo bench` passes `--bench`; other arguments name sections.
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |s: &str| wanted.is_empty() || wanted.iter().any(|w| w == s);
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            println!("skipped: /dev/kvm cannot be opened ({e})");
+            return;
+        }
+    };
+    let accesses = env_u32("TOPOS_BENCH_EXITS", 20_000).max(1);
+    let rounds = env_u32("TOPOS_BENCH_ROUNDS", 15).max(1);
+    let starts = env_u32("TOPOS_BENCH_STARTS", 20).max(1);
+    println!("# vCPU exits on KVM");
+    println!();
+    if want("exits") {
+        exits_section(&kvm, accesses, rounds);
+        dispatch_section(rounds);
+    }
+    if want("smp") {
+        smp_section(&kvm, accesses, rounds);
+    }
+    if want("startup") {
+        startup_section(starts);
+    }
+}
