@@ -21,15 +21,20 @@
 //!   against the bare loop's handler body).
 //! * `smp`: two vCPUs, each on its own device at its own address, against
 //!   one, both on topos and on the bare loop (the machine's own limit).
-//! * `startup`: whole-process time of `topos run --bios IMAGE` with a BIOS
-//!   whose reset vector writes to `isa-debug-exit` at once, against a bare
-//!   runner process (this binary re-executed: create a VM, one memslot, one
-//!   vCPU, run to the first exit), `/bin/true`, and QEMU if
-//!   `qemu-system-x86_64` is on the `PATH`; plus the in-process parts.
+//! * `startup`: `topos run --bios IMAGE` with a BIOS whose reset vector
+//!   writes to `isa-debug-exit` at once, as a whole process: from its spawn
+//!   to the first exit handled (the time in its `info` log line of the
+//!   debug-exit write) and to its end (which includes the VM's teardown).
+//!   Against the same for a bare runner process (this binary re-executed:
+//!   create a VM, one memslot, one vCPU, run to the first exit; minimal, or
+//!   with `KvmVm`'s irqchip and PIT before or after the memslot), QEMU if
+//!   `qemu-system-x86_64` is on the `PATH` (its first exit from its
+//!   `kvm_run_exit` trace) and `/bin/true`; plus the in-process steps.
 //!
 //! Knobs: `TOPOS_BENCH_EXITS` (accesses per run, default 20000),
-//! `TOPOS_BENCH_ROUNDS` (default 15), `TOPOS_BENCH_STARTS` (process starts
-//! per variant, default 20). Run with
+//! `TOPOS_BENCH_ROUNDS` (default 15), `TOPOS_BENCH_STARTS` (starts per
+//! variant, default 20), `TOPOS_BENCH_GAP_MS` (pause before each run,
+//! default 50). Run with
 //! `cargo bench -p topos-vcpu --bench exits`.
 
 use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_segment, kvm_userspace_memory_region};
@@ -42,9 +47,8 @@ use std::time::{Duration, Instant};
 use topos_devices::uart::SerialSink;
 use topos_runtime::{HwAddr, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
 use topos_vcpu::backend::{VcpuBackend, VcpuIo};
-use topos_vcpu::board::{memory_map::DEFAULT_RAM_SIZE, PcConfig, PciModel};
+use topos_vcpu::board::{memory_map::DEFAULT_RAM_SIZE, BoardWiring, PcBoard, PcConfig, PciModel};
 use topos_vcpu::kvm::{KvmVcpu, KvmVm};
-use topos_vcpu::machine::{Accel, Machine};
 use topos_vcpu::vm::{StopLatch, StopReason, Vm};
 
 /// Guest RAM (at 0) of the exit benches.
@@ -320,6 +324,7 @@ fn bare_loop(vcpu: &mut VcpuFd) -> (Span, u64, u64) {
 
 /// One bare run with `n` vCPUs (one thread each).
 fn bare_run(kvm: &Kvm, kind: Kind, n: u32, accesses: u32) -> Run {
+    settle();
     let mut vm = BareVm::new(kvm, kind, n, accesses);
     let results: Vec<(Span, u64, u64)> = std::thread::scope(|s| {
         let threads: Vec<_> = vm.vcpus.iter_mut().map(|v| s.spawn(move || bare_loop(v))).collect();
@@ -409,6 +414,7 @@ impl ToposSetup {
 
 /// One topos run with `n` vCPUs: a `Vm` of `KvmVcpu`s.
 fn topos_run(kind: Kind, n: u32, accesses: u32) -> Run {
+    settle();
     let setup = ToposSetup::new(kind, n);
     let kvm = KvmVm::new(&setup.topo, &setup.spaces.memory, &setup.spaces.io_space).unwrap();
     let backends: Vec<Box<dyn VcpuBackend>> = (0..n)
@@ -452,6 +458,16 @@ fn min(v: &[f64]) -> f64 {
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// Lets the previous run's VM finish going away (part of a VM's teardown
+/// runs in kernel workers after its last descriptor is closed, and topos
+/// closes its descriptors from the runtime's threads) before the next run
+/// starts: `TOPOS_BENCH_GAP_MS`, default 50.
+fn settle() {
+    static GAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *GAP.get_or_init(|| u64::from(env_u32("TOPOS_BENCH_GAP_MS", 50)));
+    std::thread::sleep(Duration::from_millis(ms));
 }
 
 fn env_u32(name: &str, default: u32) -> u32 {
@@ -628,18 +644,79 @@ fn exit_bios() -> Vec<u8> {
 /// The environment variable that turns this binary into the bare start-up
 /// runner for the image it names.
 const BARE_BOOT_ENV: &str = "TOPOS_BENCH_BARE_BOOT";
+/// With [`BARE_BOOT_ENV`]: the [`BootMode`] (`minimal`, `irqchip-first`,
+/// `irqchip-last`).
+const BARE_BOOT_MODE_ENV: &str = "TOPOS_BENCH_BARE_BOOT_MODE";
+
+/// What the bare start-up runner sets up besides the VM, the memslot and
+/// the vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BootMode {
+    /// Only the real-mode TSS.
+    Minimal,
+    /// `KvmVm`'s kernel set-up in `KvmVm`'s order: identity map, TSS,
+    /// irqchip, PIT, then the memslot.
+    IrqchipFirst,
+    /// The same calls with the memslot before the irqchip and the PIT.
+    IrqchipLast,
+}
+
+impl BootMode {
+    const ALL: [BootMode; 3] = [BootMode::Minimal, BootMode::IrqchipFirst, BootMode::IrqchipLast];
+
+    fn arg(self) -> &'static str {
+        match self {
+            BootMode::Minimal => "minimal",
+            BootMode::IrqchipFirst => "irqchip-first",
+            BootMode::IrqchipLast => "irqchip-last",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            BootMode::Minimal => "VM, TSS, 1 memslot, 1 vCPU, first exit",
+            BootMode::IrqchipFirst => "as `KvmVm`: irqchip + PIT, then the memslot",
+            BootMode::IrqchipLast => "memslot first, then irqchip + PIT",
+        }
+    }
+}
+
+/// Where the bare start-up runner's time went.
+#[derive(Debug, Clone, Copy)]
+struct BareBoot {
+    /// QEMU's status for the debug-exit write.
+    status: i32,
+    /// From the start to the first exit handled.
+    first_exit: Duration,
+    /// When the first exit was handled.
+    first_exit_at: std::time::SystemTime,
+    /// Closing the vCPU and VM descriptors and unmapping the memory.
+    teardown: Duration,
+}
 
 /// The bare runner: a VM, one memslot (the image just below 4 GiB), one
 /// vCPU from reset, run to the first exit, which must be the debug-exit
-/// write. Exits with QEMU's status for it.
-fn bare_boot(image: &Path) -> ! {
-    let bios = std::fs::read(image).unwrap();
-    let kvm = Kvm::new().unwrap();
+/// write.
+fn bare_boot(kvm: &Kvm, bios: &[u8], mode: BootMode) -> BareBoot {
+    let t = Instant::now();
     let vm = kvm.create_vm().unwrap();
+    let irqchip = |vm: &VmFd| {
+        vm.create_irq_chip().unwrap();
+        vm.create_pit2(kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
+    };
+    if mode != BootMode::Minimal {
+        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).unwrap();
+    }
     vm.set_tss_address(TSS_ADDRESS).unwrap();
+    if mode == BootMode::IrqchipFirst {
+        irqchip(&vm);
+    }
     let mut rom = HostMem::new(bios.len());
-    rom.write(0, &bios);
+    rom.write(0, bios);
     rom.register(&vm, 0, (1u64 << 32) - bios.len() as u64);
+    if mode == BootMode::IrqchipLast {
+        irqchip(&vm);
+    }
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let status = match vcpu.run() {
         Ok(VcpuExit::IoOut(0xf4, data)) => (i32::from(data[0]) << 1) | 1,
@@ -648,19 +725,73 @@ fn bare_boot(image: &Path) -> ! {
             3
         }
     };
+    let first_exit_at = std::time::SystemTime::now();
+    let first_exit = t.elapsed();
+    let t = Instant::now();
     drop(vcpu);
     drop(vm);
     drop(rom);
-    std::process::exit(status);
+    BareBoot { status, first_exit, first_exit_at, teardown: t.elapsed() }
 }
 
-/// Wall time of one process run to exit; checks its status.
-fn time_process(cmd: &mut Command, status: i32) -> f64 {
+/// Seconds since the epoch.
+fn epoch_secs(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as
+/// `tracing-subscriber` prints it (`2026-11-30T02:30:33.503943Z`).
+fn parse_rfc3339(s: &str) -> Option<f64> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut t = time.split(':');
+    let (h, min, sec) =
+        (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    Some(days as f64 * 86400.0 + h * 3600.0 + min * 60.0 + sec)
+}
+
+/// Finds the epoch time of the first exit in a process's output.
+type FirstExit<'a> = &'a dyn Fn(&str) -> Option<f64>;
+
+/// One process run: wall time to its exit, and from its spawn to the first
+/// exit it reports (`first_exit` finds the epoch time in its stdout and
+/// stderr), both in ms; checks its status.
+fn time_process(cmd: &mut Command, status: i32, first_exit: Option<FirstExit>) -> (f64, f64) {
+    let spawned = epoch_secs(std::time::SystemTime::now());
     let t = Instant::now();
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(out.status.code(), Some(status), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    ms
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(status), "{cmd:?}: {text}");
+    let first = first_exit.map_or(f64::NAN, |f| {
+        let at = f(&text).unwrap_or_else(|| panic!("{cmd:?}: no first-exit time in {text:?}"));
+        (at - spawned) * 1e3
+    });
+    (ms, first)
+}
+
+/// The start-up variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// `topos run` (two rows: to the first exit, to the process's end).
+    ToposProcess,
+    /// The bare runner (two rows).
+    BareProcess(BootMode),
+    True,
+    /// QEMU (two rows).
+    Qemu,
+    /// `Machine::new`'s steps by hand (four rows).
+    ToposSteps,
+    /// The bare runner in this process (two rows).
+    BareInProcess(BootMode),
 }
 
 fn startup_section(starts: u32) {
@@ -674,87 +805,159 @@ fn startup_section(starts: u32) {
     let me = std::env::current_exe().unwrap();
     let qemu = which("qemu-system-x86_64");
 
-    let mut names: Vec<String> = vec![
-        "`topos run --bios IMAGE` (process)".into(),
-        "bare runner (process: VM, 1 memslot, 1 vCPU, first exit)".into(),
-        "`/bin/true` (process spawn floor)".into(),
-        "topos in-process: `Machine::new`".into(),
-        "topos in-process: `Machine::run` (vCPU threads to the stop)".into(),
-        "bare in-process (VM, 1 memslot, 1 vCPU, first exit)".into(),
-    ];
+    let mut variants = vec![Start::ToposProcess];
+    variants.extend(BootMode::ALL.map(Start::BareProcess));
+    variants.push(Start::True);
     if qemu.is_some() {
-        names.push("QEMU `-machine pc -accel kvm` (process)".into());
+        variants.push(Start::Qemu);
     }
-    let mut times = vec![Vec::new(); names.len()];
-    let bios = exit_bios();
-    let bare_in_process = |kvm: &Kvm| {
-        let t = Instant::now();
-        let vm = kvm.create_vm().unwrap();
-        vm.set_tss_address(TSS_ADDRESS).unwrap();
-        let mut rom = HostMem::new(bios.len());
-        rom.write(0, &bios);
-        rom.register(&vm, 0, (1u64 << 32) - bios.len() as u64);
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        assert!(matches!(vcpu.run(), Ok(VcpuExit::IoOut(0xf4, _))));
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        drop(vcpu);
-        drop(vm);
-        ms
+    variants.push(Start::ToposSteps);
+    variants.extend(BootMode::ALL.map(Start::BareInProcess));
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut slots: Vec<Vec<usize>> = Vec::new();
+    for v in &variants {
+        let names: Vec<String> = match v {
+            Start::ToposProcess => vec![
+                "`topos run --bios IMAGE`: spawn → first exit handled".into(),
+                "`topos run --bios IMAGE`: spawn → process end".into(),
+            ],
+            Start::BareProcess(m) => vec![
+                format!("bare runner process ({}): spawn → first exit handled", m.describe()),
+                format!("bare runner process ({}): spawn → process end", m.describe()),
+            ],
+            Start::True => vec!["`/bin/true`: spawn → process end".into()],
+            Start::Qemu => vec![
+                "QEMU `-machine pc -accel kvm`: spawn → first exit handled".into(),
+                "QEMU `-machine pc -accel kvm`: spawn → process end".into(),
+            ],
+            Start::ToposSteps => vec![
+                "in-process topos: `KvmVm::new` (VM, irqchip, PIT, listeners)".into(),
+                "in-process topos: `PcBoard::build` (its commits set the memslots)".into(),
+                "in-process topos: `create_vcpu` + `Vm::start` → first exit handled".into(),
+                "in-process topos: stop and join the vCPU, drop board and VM".into(),
+            ],
+            Start::BareInProcess(m) => vec![
+                format!("in-process bare ({}): → first exit handled", m.describe()),
+                format!("in-process bare ({}): teardown", m.describe()),
+            ],
+        };
+        let mut ids = Vec::new();
+        for name in names {
+            rows.push((name, Vec::new()));
+            ids.push(rows.len() - 1);
+        }
+        slots.push(ids);
+    }
+    let config = || PcConfig {
+        ram_size: DEFAULT_RAM_SIZE,
+        cpus: 1,
+        bios: exit_bios(),
+        devices: vec![PciModel::Edu],
+        serial: SerialSink::Null,
     };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // topos logs the debug-exit write at `info`: "<RFC 3339> INFO topos_devices::debug_exit: guest requested exit".
+    let topos_first = |text: &str| {
+        let line = text.lines().find(|l| l.contains("guest requested exit"))?;
+        parse_rfc3339(line.split_whitespace().next()?)
+    };
+    // The bare runner prints "first-exit <epoch seconds>".
+    let bare_first = |text: &str| text.lines().find_map(|l| l.strip_prefix("first-exit ")?.trim().parse::<f64>().ok());
+    // QEMU's log trace backend with `-msg timestamp=on`: "<pid>@<sec>.<usec>:kvm_run_exit ...".
+    let qemu_first = |text: &str| {
+        let line = text.lines().find(|l| l.contains(":kvm_run_exit"))?;
+        line.split_once('@')?.1.split_once(':')?.0.parse::<f64>().ok()
+    };
+    let bios = exit_bios();
     let kvm = Kvm::new().unwrap();
     for round in 0..=starts {
-        let mut round_times = vec![0.0; names.len()];
-        let n = names.len();
+        let n = variants.len();
+        let mut round_times: Vec<(usize, f64)> = Vec::new();
         for j in 0..n {
             let v = (j + round as usize) % n;
-            round_times[v] = match v {
-                0 => time_process(Command::new(&topos_bin).arg("run").arg("--bios").arg(&image), 1),
-                1 => time_process(Command::new(&me).env(BARE_BOOT_ENV, &image), 1),
-                2 => time_process(&mut Command::new("/bin/true"), 0),
-                3 | 4 => {
-                    if v == 4 {
-                        continue; // measured with 3
-                    }
-                    let config = PcConfig {
-                        ram_size: DEFAULT_RAM_SIZE,
-                        cpus: 1,
-                        bios: exit_bios(),
-                        devices: vec![PciModel::Edu],
-                        serial: SerialSink::Null,
-                    };
-                    let t = Instant::now();
-                    let machine = Machine::new(config, Accel::Kvm).unwrap();
-                    let built = t.elapsed();
-                    let reason = machine.run().unwrap();
-                    let ran = t.elapsed() - built;
-                    assert_eq!(reason, StopReason::DebugExit(1));
-                    drop(machine);
-                    round_times[4] = ran.as_secs_f64() * 1e3;
-                    built.as_secs_f64() * 1e3
+            settle();
+            let times: Vec<f64> = match variants[v] {
+                Start::ToposProcess => {
+                    let (end, first) = time_process(
+                        Command::new(&topos_bin)
+                            .arg("run")
+                            .arg("--bios")
+                            .arg(&image)
+                            .env("RUST_LOG", "info")
+                            .env("NO_COLOR", "1"),
+                        1,
+                        Some(&topos_first),
+                    );
+                    vec![first, end]
                 }
-                5 => bare_in_process(&kvm),
-                _ => time_process(
-                    Command::new(qemu.as_ref().unwrap())
-                        .args(["-machine", "pc", "-accel", "kvm", "-nodefaults", "-nographic", "-no-reboot", "-bios"])
-                        .arg(&image)
-                        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
-                    1,
-                ),
+                Start::BareProcess(m) => {
+                    let (end, first) = time_process(
+                        Command::new(&me).env(BARE_BOOT_ENV, &image).env(BARE_BOOT_MODE_ENV, m.arg()),
+                        1,
+                        Some(&bare_first),
+                    );
+                    vec![first, end]
+                }
+                Start::True => vec![time_process(&mut Command::new("/bin/true"), 0, None).0],
+                Start::Qemu => {
+                    let (end, first) = time_process(
+                        Command::new(qemu.as_ref().unwrap())
+                            .args(["-machine", "pc", "-accel", "kvm", "-nodefaults", "-nographic", "-no-reboot"])
+                            .arg("-bios")
+                            .arg(&image)
+                            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                            .args(["-trace", "kvm_run_exit", "-msg", "timestamp=on"]),
+                        1,
+                        Some(&qemu_first),
+                    );
+                    vec![first, end]
+                }
+                Start::ToposSteps => {
+                    let t = Instant::now();
+                    let topo = Topology::new();
+                    let spaces = topo.standard_spaces().unwrap();
+                    let latch = Arc::new(StopLatch::default());
+                    let kvm_vm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space).unwrap();
+                    let t1 = t.elapsed();
+                    let first_exit = Arc::new(Mutex::new(None));
+                    let (l, f) = (latch.clone(), first_exit.clone());
+                    let wiring = BoardWiring {
+                        interrupts: kvm_vm.interrupt_sink(),
+                        exit: Box::new(move |status: i32| {
+                            *f.lock().unwrap() = Some(t.elapsed());
+                            l.stop(StopReason::DebugExit(status));
+                        }),
+                    };
+                    let board = PcBoard::build(&topo, &spaces, config(), wiring).unwrap();
+                    let t2 = t.elapsed();
+                    let v: Box<dyn VcpuBackend> = Box::new(kvm_vm.create_vcpu(0).unwrap());
+                    let vm = Vm::start(vec![v], &board.spaces.memory, &board.spaces.io_space, latch).unwrap();
+                    assert_eq!(vm.wait(), StopReason::DebugExit(1));
+                    let t3 = first_exit.lock().unwrap().expect("no debug-exit write");
+                    drop(board);
+                    drop(kvm_vm);
+                    drop(topo);
+                    vec![ms(t1), ms(t2 - t1), ms(t3 - t2), ms(t.elapsed() - t3)]
+                }
+                Start::BareInProcess(m) => {
+                    let b = bare_boot(&kvm, &bios, m);
+                    assert_eq!(b.status, 1);
+                    vec![ms(b.first_exit), ms(b.teardown)]
+                }
             };
+            round_times.extend(slots[v].iter().copied().zip(times));
         }
         // Round 0 warms the caches and is not recorded.
         if round > 0 {
-            for (v, t) in round_times.into_iter().enumerate() {
-                times[v].push(t);
+            for (r, t) in round_times {
+                rows[r].1.push(t);
             }
         }
     }
-    let topos = median(&times[0]);
-    println!("| what | median ms | min ms | max ms | ÷ `topos run` median |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (v, name) in names.iter().enumerate() {
-        let m = median(&times[v]);
-        println!("| {name} | {m:.2} | {:.2} | {:.2} | {:.2} |", min(&times[v]), max(&times[v]), m / topos);
+    println!("| what | median ms | min ms | max ms |");
+    println!("| --- | --- | --- | --- |");
+    for (name, times) in &rows {
+        println!("| {name} | {:.2} | {:.2} | {:.2} |", median(times), min(times), max(times));
     }
     println!();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -766,7 +969,12 @@ fn which(program: &str) -> Option<PathBuf> {
 
 fn main() {
     if let Some(image) = std::env::var_os(BARE_BOOT_ENV) {
-        bare_boot(Path::new(&image));
+        let mode = std::env::var(BARE_BOOT_MODE_ENV).unwrap_or_default();
+        let mode = BootMode::ALL.into_iter().find(|m| m.arg() == mode).unwrap_or(BootMode::Minimal);
+        let kvm = Kvm::new().unwrap();
+        let b = bare_boot(&kvm, &std::fs::read(image).unwrap(), mode);
+        println!("first-exit {:.6}", epoch_secs(b.first_exit_at));
+        std::process::exit(b.status);
     }
     // `cargo bench` passes `--bench`; other arguments name sections.
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
