@@ -32,7 +32,7 @@
 //!   `kvm_run_exit` trace) and `/bin/true`; plus the in-process steps.
 //!
 //! Knobs: `TOPOS_BENCH_EXITS` (accesses per run, default 20000),
-//! `TOPOS_BENCH_ROUNDS` (default 15), `TOPOS_BENCH_STARTS` (starts per
+//! `TOPOS_BENCH_ROUNDS` (default 21), `TOPOS_BENCH_STARTS` (starts per
 //! variant, default 20), `TOPOS_BENCH_GAP_MS` (pause before each run,
 //! default 50). Run with
 //! `cargo bench -p topos-vcpu --bench exits`.
@@ -987,7 +987,7 @@ fn main() {
         }
     };
     let accesses = env_u32("TOPOS_BENCH_EXITS", 20_000).max(1);
-    let rounds = env_u32("TOPOS_BENCH_ROUNDS", 15).max(1);
+    let rounds = env_u32("TOPOS_BENCH_ROUNDS", 21).max(1);
     let starts = env_u32("TOPOS_BENCH_STARTS", 20).max(1);
     println!("# vCPU exits on KVM");
     println!();
