@@ -587,12 +587,41 @@ fn dispatch_section(rounds: u32) {
     println!();
 }
 
+/// Host CPU work (no KVM): `iterations` steps of an integer hash.
+fn spin(iterations: u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..iterations {
+        x = black_box(x.rotate_left(5) ^ i).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    x
+}
+
+/// How much host work `threads` threads get done per second, each doing
+/// `iterations` steps: the machine's own parallelism at that moment.
+fn spin_rate(threads: u32, iterations: u64) -> f64 {
+    settle();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| black_box(spin(iterations)));
+        }
+    });
+    f64::from(threads) * iterations as f64 / t.elapsed().as_secs_f64()
+}
+
 fn smp_section(kvm: &Kvm, accesses: u32, rounds: u32) {
     println!("## two vCPUs on two devices: {accesses} accesses per vCPU per run, {rounds} rounds, aggregate exits/s");
     println!();
+    // Host work of about one run's length, as a control of what the 2
+    // cores give at the moment.
+    let t = Instant::now();
+    spin(10_000_000);
+    let per_run = Duration::from_secs_f64(f64::from(accesses) * 8.5e-6);
+    let iterations = (10_000_000.0 * per_run.as_secs_f64() / t.elapsed().as_secs_f64()) as u64;
     let kinds = [Kind::MmioWrite, Kind::PioWrite];
     // [kind][variant] with variants: bare 1, bare 2, topos 1, topos 2.
     let mut rates = vec![vec![Vec::new(); 4]; kinds.len()];
+    let mut host_scale = Vec::new();
     for round in 0..rounds {
         for (k, &kind) in kinds.iter().enumerate() {
             let mut order = [0usize, 1, 2, 3];
@@ -609,20 +638,24 @@ fn smp_section(kvm: &Kvm, accesses: u32, rounds: u32) {
                 rates[k][v].push(run.per_second());
             }
         }
+        let one = spin_rate(1, iterations);
+        host_scale.push(spin_rate(2, iterations) / one);
         eprintln!("smp round {round} done");
     }
-    println!("| exit | bare 1 vCPU | bare 2 vCPUs | bare 2 ÷ 1 (per-round median) | topos 1 vCPU | topos 2 vCPUs | topos 2 ÷ 1 (per-round median) [min, max] |");
+    println!("| exit | bare 1 vCPU | bare 2 vCPUs | bare 2 ÷ 1 (per-round median) [min, max] | topos 1 vCPU | topos 2 vCPUs | topos 2 ÷ 1 (per-round median) [min, max] |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (k, kind) in kinds.iter().enumerate() {
         let r = &rates[k];
         let bare_scale: Vec<f64> = r[1].iter().zip(&r[0]).map(|(a, b)| a / b).collect();
         let topos_scale: Vec<f64> = r[3].iter().zip(&r[2]).map(|(a, b)| a / b).collect();
         println!(
-            "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× [{:.2}, {:.2}] |",
+            "| {} | {:.0} | {:.0} | {:.2}× [{:.2}, {:.2}] | {:.0} | {:.0} | {:.2}× [{:.2}, {:.2}] |",
             kind.name(),
             median(&r[0]),
             median(&r[1]),
             median(&bare_scale),
+            min(&bare_scale),
+            max(&bare_scale),
             median(&r[2]),
             median(&r[3]),
             median(&topos_scale),
@@ -630,6 +663,13 @@ fn smp_section(kvm: &Kvm, accesses: u32, rounds: u32) {
             max(&topos_scale)
         );
     }
+    println!();
+    println!(
+        "Host control, same rounds: 2 threads of integer work ÷ 1 thread = {:.2}× (median) [{:.2}, {:.2}].",
+        median(&host_scale),
+        min(&host_scale),
+        max(&host_scale)
+    );
     println!();
 }
 
@@ -761,21 +801,36 @@ fn parse_rfc3339(s: &str) -> Option<f64> {
 /// Finds the epoch time of the first exit in a process's output.
 type FirstExit<'a> = &'a dyn Fn(&str) -> Option<f64>;
 
-/// One process run: wall time to its exit, and from its spawn to the first
-/// exit it reports (`first_exit` finds the epoch time in its stdout and
-/// stderr), both in ms; checks its status.
-fn time_process(cmd: &mut Command, status: i32, first_exit: Option<FirstExit>) -> (f64, f64) {
+/// One process run, in ms: wall time from its spawn to its end, from its
+/// spawn to the first exit it reports (`first_exit` finds the epoch time
+/// in its stdout and stderr; NaN without it), and the CPU time (user +
+/// system) it used. Checks its status.
+#[allow(clippy::zombie_processes)] // reaped by `wait4`, which also gives its rusage
+fn time_process(cmd: &mut Command, status: i32, first_exit: Option<FirstExit>) -> [f64; 3] {
+    use std::io::Read;
     let spawned = epoch_secs(std::time::SystemTime::now());
     let t = Instant::now();
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut wstatus = 0;
+    // SAFETY: `rusage` is plain data that `wait4` fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for (and reaps) our own child with valid out-pointers;
+    // `child` is not waited for again (dropping it does not wait).
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut wstatus, 0, &mut usage) };
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(status), "{cmd:?}: {text}");
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4: {}", std::io::Error::last_os_error());
+    // The outputs are a few lines: they fit in the pipes until now.
+    let mut text = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+    let code = libc::WIFEXITED(wstatus).then(|| libc::WEXITSTATUS(wstatus));
+    assert_eq!(code, Some(status), "{cmd:?}: {text}");
     let first = first_exit.map_or(f64::NAN, |f| {
         let at = f(&text).unwrap_or_else(|| panic!("{cmd:?}: no first-exit time in {text:?}"));
         (at - spawned) * 1e3
     });
-    (ms, first)
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    [ms, first, tv(usage.ru_utime) + tv(usage.ru_stime)]
 }
 
 /// The start-up variants.
@@ -820,15 +875,18 @@ fn startup_section(starts: u32) {
             Start::ToposProcess => vec![
                 "`topos run --bios IMAGE`: spawn → first exit handled".into(),
                 "`topos run --bios IMAGE`: spawn → process end".into(),
+                "`topos run --bios IMAGE`: CPU time (user + sys)".into(),
             ],
             Start::BareProcess(m) => vec![
                 format!("bare runner process ({}): spawn → first exit handled", m.describe()),
                 format!("bare runner process ({}): spawn → process end", m.describe()),
+                format!("bare runner process ({}): CPU time (user + sys)", m.describe()),
             ],
-            Start::True => vec!["`/bin/true`: spawn → process end".into()],
+            Start::True => vec!["`/bin/true`: spawn → process end".into(), "`/bin/true`: CPU time (user + sys)".into()],
             Start::Qemu => vec![
                 "QEMU `-machine pc -accel kvm`: spawn → first exit handled".into(),
                 "QEMU `-machine pc -accel kvm`: spawn → process end".into(),
+                "QEMU `-machine pc -accel kvm`: CPU time (user + sys)".into(),
             ],
             Start::ToposSteps => vec![
                 "in-process topos: `KvmVm::new` (VM, irqchip, PIT, listeners)".into(),
@@ -878,7 +936,7 @@ fn startup_section(starts: u32) {
             settle();
             let times: Vec<f64> = match variants[v] {
                 Start::ToposProcess => {
-                    let (end, first) = time_process(
+                    let [end, first, cpu] = time_process(
                         Command::new(&topos_bin)
                             .arg("run")
                             .arg("--bios")
@@ -888,19 +946,22 @@ fn startup_section(starts: u32) {
                         1,
                         Some(&topos_first),
                     );
-                    vec![first, end]
+                    vec![first, end, cpu]
                 }
                 Start::BareProcess(m) => {
-                    let (end, first) = time_process(
+                    let [end, first, cpu] = time_process(
                         Command::new(&me).env(BARE_BOOT_ENV, &image).env(BARE_BOOT_MODE_ENV, m.arg()),
                         1,
                         Some(&bare_first),
                     );
-                    vec![first, end]
+                    vec![first, end, cpu]
                 }
-                Start::True => vec![time_process(&mut Command::new("/bin/true"), 0, None).0],
+                Start::True => {
+                    let [end, _, cpu] = time_process(&mut Command::new("/bin/true"), 0, None);
+                    vec![end, cpu]
+                }
                 Start::Qemu => {
-                    let (end, first) = time_process(
+                    let [end, first, cpu] = time_process(
                         Command::new(qemu.as_ref().unwrap())
                             .args(["-machine", "pc", "-accel", "kvm", "-nodefaults", "-nographic", "-no-reboot"])
                             .arg("-bios")
@@ -910,7 +971,7 @@ fn startup_section(starts: u32) {
                         1,
                         Some(&qemu_first),
                     );
-                    vec![first, end]
+                    vec![first, end, cpu]
                 }
                 Start::ToposSteps => {
                     let t = Instant::now();
