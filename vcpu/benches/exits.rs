@@ -327,7 +327,12 @@ fn bare_run(kvm: &Kvm, kind: Kind, n: u32, accesses: u32) -> Run {
     settle();
     let mut vm = BareVm::new(kvm, kind, n, accesses);
     let results: Vec<(Span, u64, u64)> = std::thread::scope(|s| {
-        let threads: Vec<_> = vm.vcpus.iter_mut().map(|v| s.spawn(move || bare_loop(v))).collect();
+        // Named like topos's `vcpu<i>` threads, so that profiles tell them apart.
+        let threads: Vec<_> = (vm.vcpus.iter_mut().enumerate())
+            .map(|(i, v)| {
+                std::thread::Builder::new().name(format!("bare{i}")).spawn_scoped(s, move || bare_loop(v)).unwrap()
+            })
+            .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     for &(_, pio, mmio) in &results {
