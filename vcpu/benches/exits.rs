@@ -168,30 +168,54 @@ fn setup_vcpu(fd: &VcpuFd, index: u32, accesses: u32) {
     fd.set_mp_state(kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE }).unwrap();
 }
 
-/// One vCPU's marker times.
-#[derive(Debug, Default, Clone, Copy)]
-struct Span {
-    start: Option<Instant>,
-    end: Option<Instant>,
+/// The CPU time of the calling thread (user + system: under PVM the
+/// guest's emulated ring-0 code runs as the vCPU thread's system time).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; the clock id is a constant.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// The result of one run: exits between the markers, and the time from the
-/// first start marker to the last end marker.
+/// One vCPU's marker times: wall clock, and its thread's CPU time (both
+/// taken on the vCPU's thread, in the exit handler).
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    start: Option<(Instant, Duration)>,
+    end: Option<(Instant, Duration)>,
+}
+
+/// Now, for a [`Span`].
+fn mark() -> Option<(Instant, Duration)> {
+    Some((Instant::now(), thread_cpu()))
+}
+
+/// The result of one run: exits between the markers, the time from the
+/// first start marker to the last end marker, and the CPU time the vCPU
+/// threads used between their markers.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     exits: u64,
     elapsed: Duration,
+    cpu: Duration,
 }
 
 impl Run {
     fn from_spans(spans: &[Span], accesses: u32) -> Run {
-        let start = spans.iter().map(|s| s.start.expect("no start marker")).min().unwrap();
-        let end = spans.iter().map(|s| s.end.expect("no end marker")).max().unwrap();
-        Run { exits: spans.len() as u64 * (u64::from(accesses) + 1), elapsed: end - start }
+        let start = spans.iter().map(|s| s.start.expect("no start marker").0).min().unwrap();
+        let end = spans.iter().map(|s| s.end.expect("no end marker").0).max().unwrap();
+        let cpu = spans.iter().map(|s| s.end.unwrap().1 - s.start.unwrap().1).sum();
+        Run { exits: spans.len() as u64 * (u64::from(accesses) + 1), elapsed: end - start, cpu }
     }
 
     fn per_second(&self) -> f64 {
         self.exits as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// vCPU-thread CPU time per exit, in µs.
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.exits as f64
     }
 }
 
@@ -299,9 +323,9 @@ fn bare_loop(vcpu: &mut VcpuFd) -> (Span, u64, u64) {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if port == MARK {
-                    span.start = Some(Instant::now());
+                    span.start = mark();
                 } else if port == MARK + 1 {
-                    span.end = Some(Instant::now());
+                    span.end = mark();
                     return (span, pio, mmio);
                 } else {
                     black_box(data);
@@ -370,14 +394,14 @@ impl MemoryRegionOps for Markers {
         0
     }
     fn write(&self, addr: HwAddr, value: u64, _size: u32) {
-        let now = Instant::now();
+        let now = mark();
         let all_ended = {
             let mut spans = self.spans.lock().unwrap();
             let Some(span) = spans.get_mut(value as usize) else { return };
             if addr == 0 {
-                span.start = Some(now);
+                span.start = now;
             } else {
-                span.end = Some(now);
+                span.end = now;
             }
             spans.iter().all(|s| s.end.is_some())
         };
@@ -487,10 +511,9 @@ fn exits_section(kvm: &Kvm, accesses: u32, rounds: u32) {
         "## exits: {accesses} accesses per run, {rounds} rounds (bare and topos alternating, order flipped each round)"
     );
     println!();
-    // [kind] -> (bare exits/s per round, topos exits/s per round, ratio per round)
-    let mut bare = vec![Vec::new(); Kind::ALL.len()];
-    let mut topos = vec![Vec::new(); Kind::ALL.len()];
-    let mut ratio = vec![Vec::new(); Kind::ALL.len()];
+    // [kind] -> runs per round.
+    let mut bare: Vec<Vec<Run>> = vec![Vec::new(); Kind::ALL.len()];
+    let mut topos: Vec<Vec<Run>> = vec![Vec::new(); Kind::ALL.len()];
     // Warm-up: one of each, not recorded.
     for kind in Kind::ALL {
         bare_run(kvm, kind, 1, accesses / 10);
@@ -505,38 +528,62 @@ fn exits_section(kvm: &Kvm, accesses: u32, rounds: u32) {
                 let t = topos_run(kind, 1, accesses);
                 (bare_run(kvm, kind, 1, accesses), t)
             };
-            bare[k].push(b.per_second());
-            topos[k].push(t.per_second());
-            ratio[k].push(t.per_second() / b.per_second());
+            bare[k].push(b);
+            topos[k].push(t);
         }
         eprintln!(
             "round {round}: {}",
             Kind::ALL
                 .iter()
                 .enumerate()
-                .map(|(k, kind)| format!(
-                    "{kind:?} bare {:.0}/s topos {:.0}/s",
-                    bare[k][round as usize], topos[k][round as usize]
-                ))
+                .map(|(k, kind)| {
+                    let (b, t) = (bare[k][round as usize], topos[k][round as usize]);
+                    format!("{kind:?} bare {:.0}/s topos {:.0}/s", b.per_second(), t.per_second())
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );
     }
+    println!("Wall clock between the markers (what a guest sees):");
+    println!();
     println!("| exit | bare exits/s (median) | topos exits/s (median) | topos ÷ bare (ratio of medians) | per-round ratio: median [min, max] | µs per exit, bare / topos |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (k, kind) in Kind::ALL.iter().enumerate() {
-        let (b, t) = (median(&bare[k]), median(&topos[k]));
+        let rate = |runs: &[Run]| runs.iter().map(Run::per_second).collect::<Vec<_>>();
+        let (b, t) = (median(&rate(&bare[k])), median(&rate(&topos[k])));
+        let ratio: Vec<f64> = bare[k].iter().zip(&topos[k]).map(|(b, t)| t.per_second() / b.per_second()).collect();
         println!(
             "| {} | {:.0} | {:.0} | {:.3} | {:.3} [{:.3}, {:.3}] | {:.2} / {:.2} |",
             kind.name(),
             b,
             t,
             t / b,
-            median(&ratio[k]),
-            min(&ratio[k]),
-            max(&ratio[k]),
+            median(&ratio),
+            min(&ratio),
+            max(&ratio),
             1e6 / b,
             1e6 / t
+        );
+    }
+    println!();
+    println!("CPU time of the vCPU thread between the markers (user + system; not inflated when another process takes the core):");
+    println!();
+    println!("| exit | bare CPU µs per exit (median) | topos CPU µs per exit (median) | topos ÷ bare (ratio of medians) | per-round ratio: median [min, max] | exits/s equivalent, topos ÷ bare |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (k, kind) in Kind::ALL.iter().enumerate() {
+        let cpu = |runs: &[Run]| runs.iter().map(Run::cpu_us).collect::<Vec<_>>();
+        let (b, t) = (median(&cpu(&bare[k])), median(&cpu(&topos[k])));
+        let ratio: Vec<f64> = bare[k].iter().zip(&topos[k]).map(|(b, t)| t.cpu_us() / b.cpu_us()).collect();
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} [{:.3}, {:.3}] | {:.3} |",
+            kind.name(),
+            b,
+            t,
+            t / b,
+            median(&ratio),
+            min(&ratio),
+            max(&ratio),
+            b / t
         );
     }
     println!();
