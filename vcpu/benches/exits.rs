@@ -31,6 +31,9 @@
 //!   `qemu-system-x86_64` is on the `PATH` (its first exit from its
 //!   `kvm_run_exit` trace) and `/bin/true`; plus the in-process steps.
 //!
+//! Without `--bench` (as `cargo test --all-targets` runs it) it does a
+//! short smoke run of every variant instead.
+//!
 //! Knobs: `TOPOS_BENCH_EXITS` (accesses per run, default 20000),
 //! `TOPOS_BENCH_ROUNDS` (default 21), `TOPOS_BENCH_STARTS` (starts per
 //! variant, default 20), `TOPOS_BENCH_GAP_MS` (pause before each run,
@@ -591,9 +594,8 @@ fn exits_section(kvm: &Kvm, accesses: u32, rounds: u32) {
 
 /// The user-space part of an exit alone, without KVM: topos's `VcpuIo`
 /// calls against the bare loop's handler body, interleaved.
-fn dispatch_section(rounds: u32) {
-    const CALLS: u32 = 2_000_000;
-    println!("## dispatch without KVM: {CALLS} calls per round, {rounds} rounds, ns per call");
+fn dispatch_section(rounds: u32, calls: u32) {
+    println!("## dispatch without KVM: {calls} calls per round, {rounds} rounds, ns per call");
     println!();
     let setup = ToposSetup::new(Kind::MmioWrite, 1);
     let mut io = VcpuIo::new(&setup.spaces.memory, &setup.spaces.io_space);
@@ -604,10 +606,10 @@ fn dispatch_section(rounds: u32) {
     let mut bare_ns = vec![Vec::new(); 3];
     let time = |f: &mut dyn FnMut()| {
         let t = Instant::now();
-        for _ in 0..CALLS {
+        for _ in 0..calls {
             f();
         }
-        t.elapsed().as_nanos() as f64 / f64::from(CALLS)
+        t.elapsed().as_nanos() as f64 / f64::from(calls)
     };
     for _ in 0..rounds {
         let data = [0x11u8; 4];
@@ -1123,7 +1125,12 @@ fn main() {
         std::process::exit(b.status);
     }
     // `cargo bench` passes `--bench`; other arguments name sections.
-    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let wanted: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    // Without `--bench` (`cargo test --all-targets` runs benches that way):
+    // a short smoke run that checks every variant works, with no timing
+    // worth reading.
+    let smoke = !args.iter().any(|a| a == "--bench");
     let want = |s: &str| wanted.is_empty() || wanted.iter().any(|w| w == s);
     let kvm = match Kvm::new() {
         Ok(k) => k,
@@ -1132,14 +1139,19 @@ fn main() {
             return;
         }
     };
-    let accesses = env_u32("TOPOS_BENCH_EXITS", 20_000).max(1);
-    let rounds = env_u32("TOPOS_BENCH_ROUNDS", 21).max(1);
-    let starts = env_u32("TOPOS_BENCH_STARTS", 20).max(1);
+    let (accesses, rounds, starts, calls) = if smoke { (200, 1, 1, 1000) } else { (20_000, 21, 20, 2_000_000) };
+    let accesses = env_u32("TOPOS_BENCH_EXITS", accesses).max(1);
+    let rounds = env_u32("TOPOS_BENCH_ROUNDS", rounds).max(1);
+    let starts = env_u32("TOPOS_BENCH_STARTS", starts).max(1);
     println!("# vCPU exits on KVM");
     println!();
+    if smoke {
+        println!("(smoke run without `--bench`: numbers not meaningful; use `cargo bench`)");
+        println!();
+    }
     if want("exits") {
         exits_section(&kvm, accesses, rounds);
-        dispatch_section(rounds);
+        dispatch_section(rounds, calls);
     }
     if want("smp") {
         smp_section(&kvm, accesses, rounds);
