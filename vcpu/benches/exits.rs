@@ -997,8 +997,10 @@ fn startup_section(starts: u32) {
         ram_size: DEFAULT_RAM_SIZE,
         cpus: 1,
         bios: exit_bios(),
+        bios_in_flash: false,
         devices: vec![PciModel::Edu],
         serial: SerialSink::Null,
+        kernel: None,
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     // topos logs the debug-exit write at `info`: "<RFC 3339> INFO topos_devices::debug_exit: guest requested exit".
@@ -1075,6 +1077,7 @@ fn startup_section(starts: u32) {
                             *f.lock().unwrap() = Some(t.elapsed());
                             l.stop(StopReason::DebugExit(status));
                         }),
+                        memory_map: Default::default(),
                     };
                     let board = PcBoard::build(&topo, &spaces, config(), wiring).unwrap();
                     let t2 = t.elapsed();

@@ -26,6 +26,9 @@ pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     mirror: Arc<MemslotMirror>,
+    /// Set once the in-kernel irqchip and PIT exist (made with the first
+    /// vCPU).
+    irqchip: OnceLock<()>,
     /// The coalesced-MMIO ring, mapped with the first vCPU.
     ring: OnceLock<Arc<CoalescedRing>>,
     /// Drains the ring for the runtime (held here: the topology holds it
@@ -43,17 +46,15 @@ impl std::fmt::Debug for KvmVm {
 }
 
 impl KvmVm {
-    /// Opens `/dev/kvm` and makes a VM with the in-kernel irqchip and PIT
-    /// whose memslots mirror `memory` (the board's `memory` address space)
-    /// and whose ioeventfds mirror those of `memory` and `io`.
+    /// Opens `/dev/kvm` and makes a VM whose memslots mirror `memory` (the
+    /// board's `memory` address space) and whose ioeventfds mirror those of
+    /// `memory` and `io`; the in-kernel irqchip and PIT come with the first
+    /// vCPU.
     pub fn new(topo: &Topology, memory: &AddressSpace, io: &AddressSpace) -> Result<KvmVm> {
         let kvm = Kvm::new().map_err(|e| Error::KvmUnavailable(format!("/dev/kvm: {e}")))?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm.set_tss_address(TSS_ADDRESS).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
         let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32));
         let mut listeners = vec![topo.listener_register(mirror.clone(), 0, Some(memory))?];
         for (space, bus) in [(memory, IoBus::Mmio), (io, IoBus::Pio)] {
@@ -67,6 +68,7 @@ impl KvmVm {
             kvm,
             vm,
             mirror,
+            irqchip: OnceLock::new(),
             ring: OnceLock::new(),
             flush_hook: OnceLock::new(),
             memory: memory.clone(),
@@ -85,9 +87,27 @@ impl KvmVm {
         &self.mirror
     }
 
+    /// Creates the in-kernel interrupt controllers and PIT, once, before
+    /// the first vCPU (as KVM requires). They are made this late on
+    /// purpose: the first memslot change after `KVM_CREATE_IRQCHIP` waits
+    /// for an SRCU grace period (4-14 ms here), so the board's initial
+    /// slots go in before it; device interrupt lines only move once the
+    /// guest runs.
+    fn ensure_irqchip(&self) -> Result<()> {
+        let mut done = Ok(());
+        self.irqchip.get_or_init(|| {
+            done = self.vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP")).and_then(|()| {
+                let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+                self.vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))
+            });
+        });
+        done
+    }
+
     /// Creates vCPU `index` (its APIC ID), with the host's supported CPUID
     /// adjusted to say so.
     pub fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        self.ensure_irqchip()?;
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let mut cpuid =
             self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
