@@ -209,7 +209,12 @@ fn run(args: &BoardArgs, accel: Accel, trace: bool) -> ExitCode {
             if status != 0 && !matches!(reason, topos_vcpu::vm::StopReason::DebugExit(_)) {
                 eprintln!("topos: {}", reason.describe());
             }
-            ExitCode::from(status as u8)
+            // The vCPU threads are joined and the UART's output flushed byte
+            // by byte; tearing the VM down slot by slot would only delay the
+            // exit (KVM frees the VM with the process).
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(status as u8));
         }
         Err(e) => {
             eprintln!("topos: {e}");

@@ -224,87 +224,94 @@ impl PcBoard {
         }
         let runtime = DeviceRuntime::new().map_err(Error::Thread)?;
         let ctx = |name: &str| PlugCtx::new(topo, &runtime, name);
-        let flash_bios = if config.bios_in_flash {
-            let geometry =
-                PflashConfig { block_size: 0x10000, num_blocks: (bios_len / 0x10000) as u32, ..Default::default() };
-            let image = PflashImage { config: geometry, content: config.bios.clone() };
-            Some(PflashCfi01::plug(image, ctx("system.flash0"))?.region(pflash::FLASH)?.clone())
-        } else {
-            None
-        };
-        let map = memory_map::build(topo, spaces, config.ram_size, &config.bios, flash_bios)?;
-        let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
-
-        let com1 = Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
-        com1.map(uart::PORTS, &spaces.io, uart::COM1_BASE)?;
-        let exit = DebugExit::plug(DebugExitConfig { iosize: 4, sink: wiring.exit }, ctx("isa-debug-exit"))?;
-        exit.map(debug_exit::PORTS, &spaces.io, debug_exit::CONVENTIONAL_IOBASE)?;
-        let post = topo.new_io("ioport80", PostPort, OpsConfig::default(), 1)?;
-        spaces.io.add_subregion(POST_PORT, &post)?;
-        let fw = FwCfgConfig::new().with_ram_size(config.ram_size).with_cpus(config.cpus);
-        let fw = FwCfg::plug(fw, ctx("fw_cfg"))?;
-        fw.map(fw_cfg::PORTS, &spaces.io, fw_cfg::IO_BASE)?;
-
-        let host_config =
-            PciHostConfig { system: spaces.system.clone(), pci_mem: map.pci.clone(), io: spaces.io.clone() };
-        let host = PciHostBridge::plug(host_config, ctx("i440fx-pcihost"))?;
-        host.map(topos_devices::pci::CONFIG_ADDRESS, &spaces.io, topos_devices::pci::CONFIG_ADDRESS_PORT)?;
-        host.map(topos_devices::pci::CONFIG_DATA, &spaces.io, topos_devices::pci::CONFIG_DATA_PORT)?;
-        let pci = host.handle;
-        pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
-        pci.plug_model::<Identity>(PciPlacement::slot(1), PciConfig::new(0x8086, 0x7000, 0x0601), ctx("piix3"))?;
-        let mut slot = FIRST_DEVICE_SLOT;
-        let once = |seen: &mut bool, what: &str| {
-            if std::mem::replace(seen, true) {
-                Err(Error::Config(format!("--device {what} can be given once (it has a fixed address)")))
+        // One transaction: one commit, so every memslot is set before any
+        // ioeventfd is registered (each KVM change after an ioeventfd can
+        // wait for a grace period).
+        let cpus = config.cpus;
+        let (map, pci, entry, devices) = topo.transaction(|| -> Result<_> {
+            let flash_bios = if config.bios_in_flash {
+                let geometry =
+                    PflashConfig { block_size: 0x10000, num_blocks: (bios_len / 0x10000) as u32, ..Default::default() };
+                let image = PflashImage { config: geometry, content: config.bios.clone() };
+                Some(PflashCfi01::plug(image, ctx("system.flash0"))?.region(pflash::FLASH)?.clone())
             } else {
-                Ok(())
-            }
-        };
-        let (mut fb, mut doorbell, mut flash) = (false, false, false);
-        let mut devices = BoardDevices::default();
-        for (i, model) in config.devices.iter().enumerate() {
-            match model {
-                PciModel::Edu => {
-                    if slot > 31 {
-                        return Err(Error::Config("more PCI devices than slots".into()));
+                None
+            };
+            let map = memory_map::build(topo, spaces, config.ram_size, &config.bios, flash_bios)?;
+            let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
+
+            let com1 = Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
+            com1.map(uart::PORTS, &spaces.io, uart::COM1_BASE)?;
+            let exit = DebugExit::plug(DebugExitConfig { iosize: 4, sink: wiring.exit }, ctx("isa-debug-exit"))?;
+            exit.map(debug_exit::PORTS, &spaces.io, debug_exit::CONVENTIONAL_IOBASE)?;
+            let post = topo.new_io("ioport80", PostPort, OpsConfig::default(), 1)?;
+            spaces.io.add_subregion(POST_PORT, &post)?;
+            let fw = FwCfgConfig::new().with_ram_size(config.ram_size).with_cpus(config.cpus);
+            let fw = FwCfg::plug(fw, ctx("fw_cfg"))?;
+            fw.map(fw_cfg::PORTS, &spaces.io, fw_cfg::IO_BASE)?;
+
+            let host_config =
+                PciHostConfig { system: spaces.system.clone(), pci_mem: map.pci.clone(), io: spaces.io.clone() };
+            let host = PciHostBridge::plug(host_config, ctx("i440fx-pcihost"))?;
+            host.map(topos_devices::pci::CONFIG_ADDRESS, &spaces.io, topos_devices::pci::CONFIG_ADDRESS_PORT)?;
+            host.map(topos_devices::pci::CONFIG_DATA, &spaces.io, topos_devices::pci::CONFIG_DATA_PORT)?;
+            let pci = host.handle;
+            pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
+            pci.plug_model::<Identity>(PciPlacement::slot(1), PciConfig::new(0x8086, 0x7000, 0x0601), ctx("piix3"))?;
+            let mut slot = FIRST_DEVICE_SLOT;
+            let once = |seen: &mut bool, what: &str| {
+                if std::mem::replace(seen, true) {
+                    Err(Error::Config(format!("--device {what} can be given once (it has a fixed address)")))
+                } else {
+                    Ok(())
+                }
+            };
+            let (mut fb, mut doorbell, mut flash) = (false, false, false);
+            let mut devices = BoardDevices::default();
+            for (i, model) in config.devices.iter().enumerate() {
+                match model {
+                    PciModel::Edu => {
+                        if slot > 31 {
+                            return Err(Error::Config("more PCI devices than slots".into()));
+                        }
+                        let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
+                        devices.edus.push(pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?);
+                        slot += 1;
                     }
-                    let at = PciPlacement::slot(slot).with_intx(irq(PCI_INTX_GSI));
-                    devices.edus.push(pci.plug_model::<Edu>(at, EduOptions::default(), ctx(&format!("edu{i}")))?);
-                    slot += 1;
-                }
-                PciModel::Framebuffer => {
-                    once(&mut fb, "framebuffer")?;
-                    let config = FbConfig { vram_size: FRAMEBUFFER_VRAM_SIZE, mode: FRAMEBUFFER_MODE };
-                    let p = FbRegs::plug(config, ctx("framebuffer"))?;
-                    p.map(framebuffer::VRAM, &spaces.system, FRAMEBUFFER_VRAM_BASE)?;
-                    p.map(framebuffer::REGS, &spaces.system, FRAMEBUFFER_REGS_BASE)?;
-                    devices.framebuffer = Some(p.handle);
-                }
-                PciModel::VirtioDoorbell => {
-                    once(&mut doorbell, "virtio-doorbell")?;
-                    let p = VirtioDoorbell::plug(DoorbellConfig::default(), ctx("virtio-mmio").with_irq(irq(5)))?;
-                    p.map(virtio_doorbell::REGS, &spaces.system, VIRTIO_DOORBELL_BASE)?;
-                    devices.virtio_doorbell = Some(p.handle);
-                }
-                PciModel::Pflash => {
-                    once(&mut flash, "pflash")?;
-                    let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
-                    let size = geometry.size();
-                    let p = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
-                    p.map(pflash::FLASH, &spaces.system, PFLASH_DEVICE_END - size)?;
-                    devices.pflash = Some(p.handle);
+                    PciModel::Framebuffer => {
+                        once(&mut fb, "framebuffer")?;
+                        let config = FbConfig { vram_size: FRAMEBUFFER_VRAM_SIZE, mode: FRAMEBUFFER_MODE };
+                        let p = FbRegs::plug(config, ctx("framebuffer"))?;
+                        p.map(framebuffer::VRAM, &spaces.system, FRAMEBUFFER_VRAM_BASE)?;
+                        p.map(framebuffer::REGS, &spaces.system, FRAMEBUFFER_REGS_BASE)?;
+                        devices.framebuffer = Some(p.handle);
+                    }
+                    PciModel::VirtioDoorbell => {
+                        once(&mut doorbell, "virtio-doorbell")?;
+                        let p = VirtioDoorbell::plug(DoorbellConfig::default(), ctx("virtio-mmio").with_irq(irq(5)))?;
+                        p.map(virtio_doorbell::REGS, &spaces.system, VIRTIO_DOORBELL_BASE)?;
+                        devices.virtio_doorbell = Some(p.handle);
+                    }
+                    PciModel::Pflash => {
+                        once(&mut flash, "pflash")?;
+                        let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
+                        let size = geometry.size();
+                        let p = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
+                        p.map(pflash::FLASH, &spaces.system, PFLASH_DEVICE_END - size)?;
+                        devices.pflash = Some(p.handle);
+                    }
                 }
             }
-        }
-        let entry = match &config.kernel {
-            Some(k) => Some(
-                multiboot::load(k, &map.ram.ram()?, map.below_4g, map.above_4g, wiring.memory_map)
-                    .map_err(|e| Error::Config(format!("--kernel {}: {e}", k.path)))?,
-            ),
-            None => None,
-        };
-        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus: config.cpus, runtime, entry, devices })
+            let entry = match &config.kernel {
+                Some(k) => Some(
+                    multiboot::load(k, &map.ram.ram()?, map.below_4g, map.above_4g, wiring.memory_map)
+                        .map_err(|e| Error::Config(format!("--kernel {}: {e}", k.path)))?,
+                ),
+                None => None,
+            };
+            Ok((map, pci, entry, devices))
+        })??;
+        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus, runtime, entry, devices })
     }
 
     /// Guest RAM.
