@@ -40,7 +40,7 @@
 //! default 50). Run with
 //! `cargo bench -p topos-vcpu --bench exits`.
 
-use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -135,21 +135,7 @@ fn guest_code(kind: Kind) -> Vec<u8> {
 /// INIT/SIPI under the in-kernel LAPIC).
 fn setup_vcpu(fd: &VcpuFd, index: u32, accesses: u32) {
     let mut sregs = fd.get_sregs().unwrap();
-    let flat = |selector: u16, type_: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
+    let flat = topos_vcpu::kvm::flat_segment;
     sregs.cs = flat(0x08, 0xb);
     for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
         *s = flat(0x10, 0x3);

@@ -6,9 +6,10 @@ use crate::board::multiboot::Flat32Entry;
 use crate::error::{Error, Result};
 use kvm_bindings::kvm_segment;
 
-/// A flat 4 GiB segment (present, ring 0, 32-bit, 4 KiB granularity,
-/// accessed) of `type_` with `selector`.
-fn flat(selector: u16, type_: u8) -> kvm_segment {
+/// A flat 4 GiB segment (present, ring 0, 32-bit, 4 KiB granularity) of
+/// `type_` (0xb: code, execute/read, accessed; 0x3: data, read/write,
+/// accessed) with `selector`, to load straight into a vCPU's registers.
+pub fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -33,9 +34,9 @@ impl KvmVcpu {
     pub fn enter_flat32(&mut self, entry: Flat32Entry) -> Result<()> {
         let fd = self.fd();
         let mut sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-        sregs.cs = flat(0x10, 0xb);
+        sregs.cs = flat_segment(0x10, 0xb);
         for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
-            *s = flat(0x18, 0x3);
+            *s = flat_segment(0x18, 0x3);
         }
         sregs.cr0 = (sregs.cr0 | 1) & !(1 << 31);
         fd.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;

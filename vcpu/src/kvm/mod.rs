@@ -5,6 +5,7 @@
 
 pub mod coalesced;
 mod entry;
+pub use entry::flat_segment;
 pub mod ioeventfds;
 pub mod memslots;
 pub mod vcpu;
