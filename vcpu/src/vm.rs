@@ -6,12 +6,47 @@
 //! it returned. The first reason to stop the VM (the guest's debug-exit
 //! write, a shutdown, a failure, a failed memory listener, the embedder)
 //! is latched; every vCPU is then asked to stop and kicked.
+//!
+//! ## Guest input is data
+//!
+//! No guest action panics, hangs or aborts the host; each ends in one of
+//! the [`StopReason`]s, once, with every vCPU thread joined:
+//!
+//! | the guest... | the VM |
+//! | --- | --- |
+//! | writes `isa-debug-exit` (any number of times, from any vCPU) | stops with the first status: [`StopReason::DebugExit`] |
+//! | triple-faults | [`StopReason::Shutdown`] (PVM may report an emulation failure instead: [`StopReason::Failed`]) |
+//! | runs what KVM cannot (an emulation failure, an exit the backend does not serve, a failed entry) | [`StopReason::Failed`], with the exit named and the registers |
+//! | reaches a reservation region | [`StopReason::Failed`] naming the access, unless [`VmOptions::reservations`] says to go on (see [`ReservationPolicy`]) |
+//! | makes a device model panic | an actor device is marked failed and answers as unassigned, the VM goes on; a panic that reaches the vCPU thread (plain `MemoryRegionOps`, a backend bug) is caught: [`StopReason::Failed`] |
+//! | halts every vCPU with interrupts off | [`StopReason::AllHalted`]: at once when the backend reports halts ([`RunExit::Halted`]); on KVM's in-kernel irqchip, which reports nothing, when [`Vm::check_halted`] is asked |
+//! | halts with interrupts on, or loops for ever | nothing: it may be woken; [`Vm::stop`] and dropping the [`Vm`] still end it promptly (the kick interrupts `KVM_RUN`, in a halt too) |
+//!
+//! ## Every vCPU halted
+//!
+//! A backend that returns on `hlt` lets the vCPU layer count halts: a vCPU
+//! halted with interrupts off can only be woken by another vCPU (INIT,
+//! SIPI, an NMI IPI), so once every vCPU is, nothing ever runs again and
+//! the VM stops with [`StopReason::AllHalted`] (see [`crate::control`] for
+//! why a wake-up racing the last halt cannot be missed).
+//!
+//! KVM with the in-kernel irqchip handles `hlt` in the kernel: the vCPU
+//! thread blocks inside `KVM_RUN` and user space hears nothing, so no
+//! event says "every vCPU is halted" (QEMU, Firecracker and
+//! cloud-hypervisor leave such a guest sitting; cloud-hypervisor issue
+//! 6835). Polling on a timer would be guessing. Instead the check is made
+//! when asked ([`Vm::check_halted`]): every vCPU is paused, reports from
+//! the kernel's state whether it could still run
+//! ([`VcpuBackend::liveness`]), and the VM stops only if none can; if any
+//! can, the check resumes the vCPUs it paused and the guest never notices
+//! (a pause looks like a spurious wake-up from `hlt`, which x86 allows).
 
-use crate::backend::{IoCounters, IoCounts, RunExit, VcpuBackend, VcpuIo};
-use crate::control::Control;
+use crate::backend::{IoCounters, IoCounts, Liveness, ReservationPolicy, RunExit, VcpuBackend, VcpuIo};
+use crate::control::{Control, HaltGroup};
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use topos_runtime::AddressSpace;
 
 /// Why a VM stopped.
@@ -76,7 +111,6 @@ pub struct StopLatch {
     reason: Mutex<Option<StopReason>>,
     latched: Condvar,
     controls: Mutex<Vec<Arc<Control>>>,
-    halted: Mutex<Vec<bool>>,
 }
 
 impl StopLatch {
@@ -113,18 +147,34 @@ impl StopLatch {
         }
     }
 
-    fn vcpu_halted(&self, vcpu: u32) {
-        let all = {
-            let mut h = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(slot) = h.get_mut(vcpu as usize) {
-                *slot = true;
+    /// Waits at most `timeout` for a reason.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<StopReason> {
+        let deadline = Instant::now() + timeout;
+        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(reason) = r.as_ref() {
+                return Some(reason.clone());
             }
-            h.iter().all(|&x| x)
-        };
-        if all {
-            self.stop(StopReason::AllHalted);
+            let left = deadline.checked_duration_since(Instant::now())?;
+            r = self.latched.wait_timeout(r, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
+}
+
+/// How a VM treats what its guest does, beyond what the backend decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// What a guest access to a reservation region does (stop, by
+    /// default).
+    pub reservations: ReservationPolicy,
+}
+
+/// A request from [`Vm::check_halted`] and its vCPU's answer, given as the
+/// vCPU parks for the check's pause and withdrawn before it runs again.
+#[derive(Debug, Default)]
+struct Probe {
+    requested: crate::sync::AtomicBool,
+    answer: crate::sync::Mutex<Option<Liveness>>,
 }
 
 /// A handle on one vCPU.
@@ -133,6 +183,7 @@ pub struct VcpuHandle {
     index: u32,
     control: Arc<Control>,
     counters: Arc<IoCounters>,
+    probe: Arc<Probe>,
 }
 
 impl VcpuHandle {
@@ -169,37 +220,55 @@ impl VcpuHandle {
 }
 
 /// A running VM's vCPU threads.
+///
+/// Dropping it stops the VM (if nothing has) and joins every thread.
 #[derive(Debug)]
 pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     threads: Vec<JoinHandle<()>>,
     latch: Arc<StopLatch>,
+    /// Serializes [`pause`](Vm::pause), [`resume`](Vm::resume) and
+    /// [`check_halted`](Vm::check_halted).
+    ops: Mutex<()>,
 }
 
 impl Vm {
     /// Starts one thread per backend (in index order), each dispatching
     /// through its own accessors on `memory` and `io`; stop reasons go to
-    /// `latch`.
+    /// `latch`. With the default [`VmOptions`].
     pub fn start(
         backends: Vec<Box<dyn VcpuBackend>>,
         memory: &AddressSpace,
         io: &AddressSpace,
         latch: Arc<StopLatch>,
     ) -> Result<Vm> {
+        Vm::start_with(backends, memory, io, latch, VmOptions::default())
+    }
+
+    /// [`start`](Vm::start) with `options`.
+    pub fn start_with(
+        backends: Vec<Box<dyn VcpuBackend>>,
+        memory: &AddressSpace,
+        io: &AddressSpace,
+        latch: Arc<StopLatch>,
+        options: VmOptions,
+    ) -> Result<Vm> {
         let n = backends.len();
-        *latch.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = vec![false; n];
+        let group = HaltGroup::new(n);
         let mut vcpus = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for (index, backend) in backends.into_iter().enumerate() {
             let index = index as u32;
-            let control = Arc::new(Control::new(backend.kicker()));
+            let control = Arc::new(Control::in_group(backend.kicker(), group.clone()));
             latch.controls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(control.clone());
-            let io = VcpuIo::new(memory, io);
+            let mut io = VcpuIo::new(memory, io);
+            io.set_reservation_policy(options.reservations);
             let counters = io.counters();
-            let (c, l) = (control.clone(), latch.clone());
+            let probe = Arc::new(Probe::default());
+            let (c, l, p) = (control.clone(), latch.clone(), probe.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_thread(index, backend, io, &c, &l))
+                .spawn(move || vcpu_thread(index, backend, io, &c, &l, &p))
                 .map_err(Error::Thread);
             match t {
                 Ok(t) => threads.push(t),
@@ -211,7 +280,7 @@ impl Vm {
                     return Err(e);
                 }
             }
-            vcpus.push(VcpuHandle { index, control, counters });
+            vcpus.push(VcpuHandle { index, control, counters, probe });
         }
         // A stop latched before every control was registered reaches them now.
         if latch.reason().is_some() {
@@ -219,7 +288,11 @@ impl Vm {
                 v.control.stop();
             }
         }
-        Ok(Vm { vcpus, threads, latch })
+        Ok(Vm { vcpus, threads, latch, ops: Mutex::new(()) })
+    }
+
+    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The vCPUs.
@@ -229,6 +302,7 @@ impl Vm {
 
     /// Pauses every vCPU; returns once all are out of guest code.
     pub fn pause(&self) {
+        let _ops = self.ops();
         for v in &self.vcpus {
             v.control.request_pause();
         }
@@ -239,9 +313,75 @@ impl Vm {
 
     /// Resumes every vCPU.
     pub fn resume(&self) {
+        let _ops = self.ops();
         for v in &self.vcpus {
             v.resume();
         }
+    }
+
+    /// Checks whether every vCPU is halted for good (each halted with
+    /// interrupts off and nothing but another vCPU able to wake it, or
+    /// waiting for INIT/SIPI); if so stops the VM with
+    /// [`StopReason::AllHalted`] and returns `true`. Otherwise the vCPUs
+    /// go on and it returns `false`.
+    ///
+    /// The backends that report halts themselves stop the VM without it;
+    /// this is for those that do not (KVM with the in-kernel irqchip: see
+    /// the [module documentation](self)). It pauses every vCPU, asks each
+    /// for its [`Liveness`] as it parks, decides, and resumes those it
+    /// paused. A vCPU that was already paused (through its
+    /// [`VcpuHandle`]) cannot answer, which makes the answer `false`. The
+    /// guest sees at most a spurious wake-up from `hlt`.
+    pub fn check_halted(&self) -> bool {
+        let answers = self.probe(true);
+        !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead))
+    }
+
+    /// Each vCPU's [`Liveness`], asked as in
+    /// [`check_halted`](Self::check_halted) (but never stopping the VM);
+    /// `None` for a vCPU that could not answer (already paused, or gone).
+    pub fn liveness(&self) -> Vec<Option<Liveness>> {
+        self.probe(false)
+    }
+
+    fn probe(&self, stop_if_dead: bool) -> Vec<Option<Liveness>> {
+        use crate::sync::Ordering;
+        let _ops = self.ops();
+        if self.latch.reason().is_some() {
+            return vec![None; self.vcpus.len()];
+        }
+        // An answer left from an earlier check stays valid while its vCPU
+        // has not run since (it clears it before it runs): a vCPU that a
+        // resume has not yet let go parks again without a new answer.
+        for v in &self.vcpus {
+            v.probe.requested.store(true, Ordering::SeqCst);
+        }
+        for v in &self.vcpus {
+            v.control.request_pause();
+        }
+        for v in &self.vcpus {
+            v.control.wait_paused();
+        }
+        let answers: Vec<Option<Liveness>> = self
+            .vcpus
+            .iter()
+            .map(|v| {
+                v.probe.requested.store(false, Ordering::SeqCst);
+                *v.probe.answer.lock()
+            })
+            .collect();
+        tracing::debug!(?answers, "vCPU liveness");
+        let dead = !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead));
+        if dead && stop_if_dead {
+            self.latch.stop(StopReason::AllHalted);
+        } else {
+            for (v, a) in self.vcpus.iter().zip(&answers) {
+                if a.is_some() {
+                    v.control.resume();
+                }
+            }
+        }
+        answers
     }
 
     /// Stops the VM (if nothing else has) and waits for its threads.
@@ -265,6 +405,8 @@ impl Vm {
 
     fn join_threads(&mut self) {
         for t in std::mem::take(&mut self.threads) {
+            // The thread contains its panics (see `vcpu_thread`); this is
+            // for one that escaped anyway.
             if t.join().is_err() {
                 self.latch.stop(StopReason::Failed {
                     vcpu: u32::MAX,
@@ -286,34 +428,124 @@ impl Drop for Vm {
     }
 }
 
-fn vcpu_thread(index: u32, mut backend: Box<dyn VcpuBackend>, mut io: VcpuIo, control: &Control, latch: &StopLatch) {
-    backend.on_thread_start();
-    while control.may_enter() {
-        match backend.run(&mut io) {
+/// Marks the vCPU exited however its thread leaves (a panic included), so
+/// that no pause or stop waits for it for ever.
+struct ExitGuard<'a>(&'a Control);
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.exited();
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+fn vcpu_thread(
+    index: u32,
+    mut backend: Box<dyn VcpuBackend>,
+    mut io: VcpuIo,
+    control: &Control,
+    latch: &StopLatch,
+    probe: &Probe,
+) {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let _exit = ExitGuard(control);
+    // A panic on this thread (device code reached through plain
+    // `MemoryRegionOps`, a backend bug) stops the VM with a reason instead
+    // of leaving the other vCPUs running and every waiter waiting.
+    let ran = catch_unwind(AssertUnwindSafe(|| {
+        backend.on_thread_start();
+        run_vcpu(index, &mut *backend, &mut io, control, latch, probe);
+    }));
+    if let Err(payload) = ran {
+        let why = format!("the vCPU thread panicked: {}", panic_message(&*payload));
+        let registers = catch_unwind(AssertUnwindSafe(|| backend.dump()))
+            .unwrap_or_else(|_| format!("vcpu {index}: registers unavailable"));
+        eprintln!("{registers}");
+        latch.stop(StopReason::Failed { vcpu: index, why, registers });
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| backend.on_thread_exit()));
+}
+
+fn run_vcpu(
+    index: u32,
+    backend: &mut dyn VcpuBackend,
+    io: &mut VcpuIo,
+    control: &Control,
+    latch: &StopLatch,
+    probe: &Probe,
+) {
+    use crate::sync::Ordering;
+    // Whether the last run ended in a halt (and with which IF): that is
+    // the vCPU's liveness until it runs again.
+    let mut last_halt: Option<bool> = None;
+    // Whether `probe` holds an answer of this thread's, to clear before it
+    // runs again.
+    let mut answered = false;
+    let fail = |backend: &mut dyn VcpuBackend, why: String| {
+        let registers = backend.dump();
+        eprintln!("{registers}");
+        latch.stop(StopReason::Failed { vcpu: index, why, registers });
+    };
+    loop {
+        let may_enter = control.may_enter_with(|| {
+            if probe.requested.load(Ordering::SeqCst) {
+                let liveness = match last_halt {
+                    Some(true) => Liveness::Waiting,
+                    Some(false) => Liveness::Dead,
+                    None => backend.liveness(),
+                };
+                *probe.answer.lock() = Some(liveness);
+                answered = true;
+            }
+        });
+        if !may_enter {
+            break;
+        }
+        if answered {
+            *probe.answer.lock() = None;
+            answered = false;
+        }
+        let seen = control.kicks();
+        let exit = backend.run(io);
+        last_halt = None;
+        // An access the policy stops on wins over whatever the backend
+        // returned with it.
+        let exit = match io.take_fault() {
+            Some(fault) => Ok(RunExit::AccessFault(fault)),
+            None => exit,
+        };
+        match exit {
             Ok(RunExit::Kicked) => {}
-            Ok(RunExit::Halted { .. }) => {
-                // No backend here waits for interrupts in user space yet: a
-                // halt that reaches the vCPU layer ends this vCPU.
-                latch.vcpu_halted(index);
-                break;
+            Ok(RunExit::Halted { interrupts_enabled }) => {
+                last_halt = Some(interrupts_enabled);
+                if control.halt(seen, !interrupts_enabled) {
+                    latch.stop(StopReason::AllHalted);
+                }
             }
             Ok(RunExit::Shutdown) => {
                 latch.stop(StopReason::Shutdown { vcpu: index });
                 break;
             }
             Ok(RunExit::Failed { why }) => {
-                let registers = backend.dump();
-                eprintln!("{registers}");
-                latch.stop(StopReason::Failed { vcpu: index, why, registers });
+                fail(backend, why);
+                break;
+            }
+            Ok(RunExit::AccessFault(fault)) => {
+                fail(backend, fault.to_string());
                 break;
             }
             Err(e) => {
-                let registers = backend.dump();
-                latch.stop(StopReason::Failed { vcpu: index, why: e.to_string(), registers });
+                fail(backend, e.to_string());
                 break;
             }
         }
     }
-    backend.on_thread_exit();
-    control.exited();
 }

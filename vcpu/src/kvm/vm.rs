@@ -134,7 +134,7 @@ impl KvmVm {
             let _ = self.flush_hook.set(hook);
             let _ = self.ring.set(ring);
         }
-        KvmVcpu::new(fd, index, self.ring.get().cloned())
+        Ok(KvmVcpu::new(fd, index, self.ring.get().cloned())?.with_vm(self.vm.clone()))
     }
 
     /// Whether the vCPUs' CPUID says AMD (see [`cpu_is_amd`]).
