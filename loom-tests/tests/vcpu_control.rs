@@ -106,3 +106,27 @@ fn a_resumed_vcpu_enters_guest_code_again_and_a_stop_racing_it_is_not_lost() {
         t.join().unwrap();
     });
 }
+
+#[test]
+fn a_pause_is_acknowledged_only_after_the_park_hook_ran() {
+    loom::model(|| {
+        let vcpu = Arc::new(FakeVcpu::default());
+        let control = Arc::new(Control::new(vcpu.clone()));
+        let entries = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
+        // What the hook records (the VM's liveness answer) is published by
+        // the acknowledgement alone: Relaxed here on purpose.
+        let hooked = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let (c, e, h) = (control.clone(), entries.clone(), hooked.clone());
+        let t = thread::spawn(move || {
+            while c.may_enter_with(|| h.store(true, loom::sync::atomic::Ordering::Relaxed)) {
+                vcpu.run(&e);
+            }
+            c.exited();
+        });
+        control.pause();
+        assert!(hooked.load(loom::sync::atomic::Ordering::Relaxed), "a pause returned before the park hook ran");
+        control.stop();
+        control.wait_exited();
+        t.join().unwrap();
+    });
+}

@@ -168,11 +168,11 @@ impl Control {
             if st.request == Request::Stop || st.activity == Activity::Exited {
                 return;
             }
-            st.request = request;
-            self.pending.store(request != Request::Run, Ordering::SeqCst);
             if request != Request::Run {
                 self.wake(&mut st);
             }
+            st.request = request;
+            self.pending.store(request != Request::Run, Ordering::SeqCst);
             self.changed.notify_all();
         }
         if request != Request::Run {
