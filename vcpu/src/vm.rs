@@ -38,8 +38,9 @@
 //! when asked ([`Vm::check_halted`]): every vCPU is paused, reports from
 //! the kernel's state whether it could still run
 //! ([`VcpuBackend::liveness`]), and the VM stops only if none can; if any
-//! can, the check resumes the vCPUs it paused and the guest never notices
-//! (a pause looks like a spurious wake-up from `hlt`, which x86 allows).
+//! can, the check resumes the vCPUs it paused and the guest does not
+//! notice (KVM keeps a vCPU halted across the `KVM_RUN` that a pause
+//! interrupts).
 
 use crate::backend::{IoCounters, IoCounts, Liveness, ReservationPolicy, RunExit, VcpuBackend, VcpuIo};
 use crate::control::{Control, HaltGroup};
@@ -184,6 +185,8 @@ pub struct VcpuHandle {
     control: Arc<Control>,
     counters: Arc<IoCounters>,
     probe: Arc<Probe>,
+    /// The Linux thread ID of its thread while it runs, else 0.
+    tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl VcpuHandle {
@@ -211,6 +214,15 @@ impl VcpuHandle {
     /// on KVM).
     pub fn io_counts(&self) -> IoCounts {
         self.counters.get()
+    }
+
+    /// The Linux thread ID of its thread, from when the thread starts until
+    /// it leaves (for pinning, or for watching it in `/proc`).
+    pub fn thread_id(&self) -> Option<i32> {
+        match self.tid.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            tid => Some(tid),
+        }
     }
 
     /// What it is doing.
@@ -265,10 +277,16 @@ impl Vm {
             io.set_reservation_policy(options.reservations);
             let counters = io.counters();
             let probe = Arc::new(Probe::default());
-            let (c, l, p) = (control.clone(), latch.clone(), probe.clone());
+            let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+            let (c, l, p, id) = (control.clone(), latch.clone(), probe.clone(), tid.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_thread(index, backend, io, &c, &l, &p))
+                .spawn(move || {
+                    // SAFETY: `gettid` has no preconditions.
+                    id.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::Release);
+                    vcpu_thread(index, backend, io, &c, &l, &p);
+                    id.store(0, std::sync::atomic::Ordering::Release);
+                })
                 .map_err(Error::Thread);
             match t {
                 Ok(t) => threads.push(t),
@@ -280,7 +298,7 @@ impl Vm {
                     return Err(e);
                 }
             }
-            vcpus.push(VcpuHandle { index, control, counters, probe });
+            vcpus.push(VcpuHandle { index, control, counters, probe, tid });
         }
         // A stop latched before every control was registered reaches them now.
         if latch.reason().is_some() {
@@ -330,8 +348,7 @@ impl Vm {
     /// the [module documentation](self)). It pauses every vCPU, asks each
     /// for its [`Liveness`] as it parks, decides, and resumes those it
     /// paused. A vCPU that was already paused (through its
-    /// [`VcpuHandle`]) cannot answer, which makes the answer `false`. The
-    /// guest sees at most a spurious wake-up from `hlt`.
+    /// [`VcpuHandle`]) cannot answer, which makes the answer `false`.
     pub fn check_halted(&self) -> bool {
         let answers = self.probe(true);
         !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead))

@@ -585,6 +585,39 @@ fn dropping_a_running_vm_stops_and_joins_its_vcpu_threads() {
     assert_eq!(m.read_u32(RESULT), frozen, "guest code ran after the drop");
 }
 
+/// The scheduler state of a thread of this process (`R`, `S`, ...).
+fn thread_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[test]
+fn stop_returns_promptly_while_a_vcpu_is_blocked_in_the_kernel_in_hlt() {
+    let Some(m) = machine() else { return };
+    m.load(
+        CODE,
+        &asm(|a| {
+            a.sti()?;
+            a.hlt()
+        }),
+    );
+    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    // It reached its hlt (with interrupts on)...
+    wait_until("the vCPU halts", || vm.liveness() == vec![Some(Liveness::Waiting)]);
+    // ...and, back in KVM_RUN after the check, sleeps in the kernel (the
+    // in-kernel LAPIC handles the halt).
+    let v = vm.vcpus()[0].clone();
+    let tid = v.thread_id().expect("a running vCPU has a thread");
+    wait_until("the vCPU thread sleeps in KVM_RUN", || {
+        v.activity() == Activity::Running && thread_state(tid) == Some('S')
+    });
+    let (reason, took) = bounded("Vm::stop", move || vm.stop());
+    assert_eq!(reason, StopReason::Requested);
+    assert_eq!(v.activity(), Activity::Exited);
+    assert_eq!(v.thread_id(), None);
+    eprintln!("stopped a vCPU sleeping in hlt in {took:?}");
+}
+
 // ----- backends that report halts (no KVM needed) --------------------------------------------
 
 /// What a scripted vCPU does on each run.
