@@ -9,9 +9,10 @@
 //! Guest code runs in flat 32-bit protected mode (this machine's PVM
 //! splits real-mode 32-bit MMIO writes), assembled with iced-x86.
 
+mod support;
+
 use iced_x86::code_asm::*;
 use std::collections::VecDeque;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use topos_devices::plug::{DeviceModel, PlugCtx};
 use topos_devices::{Device, DeviceCtx, DeviceRuntime, Spawned};
 use topos_runtime::{HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
 use topos_vcpu::backend::{Liveness, ReservationPolicy, RunExit, VcpuBackend, VcpuIo};
+use topos_vcpu::board::multiboot::Flat32Entry;
 use topos_vcpu::control::{Activity, Kick};
 use topos_vcpu::kvm::{KvmVcpu, KvmVm};
 use topos_vcpu::vm::{StopLatch, StopReason, Vm, VmOptions};
@@ -91,35 +93,13 @@ impl Machine {
     /// an empty IDT, and (for an AP) runnable without INIT/SIPI.
     fn vcpu(&self, index: u32, eip: u64, acc: u64) -> KvmVcpu {
         let mut v = self.kvm.create_vcpu(index).unwrap();
+        v.enter_flat32(Flat32Entry { eip: eip as u32, eax: acc as u32, ebx: 0 }).unwrap();
         let mut sregs = v.fd().get_sregs().unwrap();
-        let flat = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db: 1,
-            s: 1,
-            l: 0,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        sregs.cs = flat(0x08, 0xb);
-        for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
-            *s = flat(0x10, 0x3);
-        }
-        sregs.cr0 |= 1;
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
         v.fd().set_sregs(&sregs).unwrap();
         let mut regs = v.fd().get_regs().unwrap();
-        regs.rip = eip;
-        regs.rax = acc;
         regs.rsp = 0x7000 + u64::from(index) * 0x100;
-        regs.rflags = 2;
         v.fd().set_regs(&regs).unwrap();
         let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
         v.fd().set_mp_state(runnable).unwrap();
@@ -350,8 +330,7 @@ fn bios(code: &[u8]) -> Vec<u8> {
 
 #[test]
 fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+    if !support::kvm_present() {
         return;
     }
     // mov al, 0x10; top: out 0xf4, al; inc al; jmp top
@@ -360,11 +339,10 @@ fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bios.bin");
     std::fs::write(&path, bios(&code)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--bios"]).arg(&path).output().unwrap();
+    let run = support::topos_run(&["--bios", path.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(out.status.code(), Some(0x21), "(0x10 << 1) | 1, the first value; stderr: {stderr}");
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(run.status, Some(0x21), "(0x10 << 1) | 1, the first value; stderr: {}", run.stderr);
 }
 
 // ----- 5. every vCPU halted ------------------------------------------------------------------
