@@ -114,9 +114,13 @@ pub enum RunExit {
     /// A kick (or a signal) made it leave guest code; nothing else to do.
     Kicked,
     /// The vCPU executed `hlt` and the backend does not wait for interrupts
-    /// itself; `interrupts_enabled` is the guest's IF.
+    /// itself. The vCPU thread then waits for a kick (a backend that posts
+    /// an interrupt for it kicks it); a halt with `interrupts_enabled`
+    /// false counts as one only another vCPU can end, and when every vCPU
+    /// is in one the VM stops ([`crate::control`]).
     Halted {
-        /// Whether an interrupt could wake it.
+        /// Whether an interrupt could wake it: the guest's IF, or true if
+        /// the backend has a non-maskable wake-up (an NMI source) armed.
         interrupts_enabled: bool,
     },
     /// The guest shut the machine down (triple fault, or a shutdown the

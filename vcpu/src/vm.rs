@@ -47,7 +47,6 @@ use crate::control::{Control, HaltGroup};
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 use topos_runtime::AddressSpace;
 
 /// Why a VM stopped.
@@ -145,19 +144,6 @@ impl StopLatch {
                 return reason.clone();
             }
             r = self.latched.wait(r).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
-
-    /// Waits at most `timeout` for a reason.
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<StopReason> {
-        let deadline = Instant::now() + timeout;
-        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        loop {
-            if let Some(reason) = r.as_ref() {
-                return Some(reason.clone());
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            r = self.latched.wait_timeout(r, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 }
