@@ -17,17 +17,14 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use topos_devices::debug_exit::{DebugExit, DebugExitConfig, CONVENTIONAL_IOBASE, PORTS};
-use topos_devices::plug::{DeviceModel, PlugCtx};
-use topos_devices::{Device, DeviceCtx, DeviceRuntime, Spawned};
-use topos_runtime::{HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
+use support::{bios_at_reset, kvm_machine, wait_bounded, wait_until, KvmMachine, WATCHDOG};
+use topos_devices::{Device, DeviceCtx, Spawned};
+use topos_runtime::{HwAddr, MemoryRegionOps, OpsConfig, Topology};
 use topos_vcpu::backend::{Liveness, ReservationPolicy, RunExit, VcpuBackend, VcpuIo};
 use topos_vcpu::board::multiboot::Flat32Entry;
 use topos_vcpu::control::{Activity, Kick};
-use topos_vcpu::kvm::{KvmVcpu, KvmVm};
+use topos_vcpu::kvm::KvmVcpu;
 use topos_vcpu::vm::{StopLatch, StopReason, Vm, VmOptions};
-
-const WATCHDOG: Duration = Duration::from_secs(30);
 
 /// Where guest code starts.
 const CODE: u64 = 0x1000;
@@ -38,83 +35,10 @@ const MMIO: u64 = 0xd000_0000;
 
 // ----- machines on /dev/kvm ------------------------------------------------------------------
 
-struct Machine {
-    topo: Topology,
-    spaces: StandardSpaces,
-    ram: MemoryRegion,
-    kvm: KvmVm,
-    latch: Arc<StopLatch>,
-    /// Every status isa-debug-exit was asked for, in order.
-    exits: Arc<Mutex<Vec<i32>>>,
-    rt: DeviceRuntime,
-}
-
-/// 1 MiB of RAM, isa-debug-exit at 0xf4 stopping the VM, a KVM VM; `None`
-/// (with the reason printed) without `/dev/kvm`.
-fn machine() -> Option<Machine> {
-    let topo = Topology::new();
-    let spaces = topo.standard_spaces().unwrap();
-    let ram = topo.new_ram("ram", 0x10_0000).unwrap();
-    spaces.system.add_subregion(0, &ram).unwrap();
-    let kvm = match KvmVm::new(&topo, &spaces.memory, &spaces.io_space) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return None;
-        }
-    };
-    let latch = Arc::new(StopLatch::default());
-    let rt = DeviceRuntime::new().unwrap();
-    let exits = Arc::new(Mutex::new(Vec::new()));
-    let (l, log) = (latch.clone(), exits.clone());
-    // The log and the latch are updated under one lock, so the log's
-    // first entry is the request the latch saw first.
-    let sink = move |status: i32| {
-        let mut log = log.lock().unwrap();
-        log.push(status);
-        l.stop(StopReason::DebugExit(status));
-    };
-    let exit = DebugExit::plug(DebugExitConfig::conventional(sink), PlugCtx::new(&topo, &rt, "debug-exit")).unwrap();
-    exit.map(PORTS, &spaces.io, CONVENTIONAL_IOBASE).unwrap();
-    Some(Machine { topo, spaces, ram, kvm, latch, exits, rt })
-}
-
-impl Machine {
-    fn load(&self, addr: u64, code: &[u8]) {
-        self.ram.ram().unwrap().write(addr, code).unwrap();
-    }
-
-    fn read_u32(&self, addr: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.ram.ram().unwrap().read(addr, &mut b).unwrap();
-        u32::from_le_bytes(b)
-    }
-
-    /// vCPU `index` in flat 32-bit protected mode at `eip` with `eax` set,
-    /// an empty IDT, and (for an AP) runnable without INIT/SIPI.
-    fn vcpu(&self, index: u32, eip: u64, acc: u64) -> KvmVcpu {
-        let mut v = self.kvm.create_vcpu(index).unwrap();
-        v.enter_flat32(Flat32Entry { eip: eip as u32, eax: acc as u32, ebx: 0 }).unwrap();
-        let mut sregs = v.fd().get_sregs().unwrap();
-        sregs.idt.base = 0;
-        sregs.idt.limit = 0;
-        v.fd().set_sregs(&sregs).unwrap();
-        let mut regs = v.fd().get_regs().unwrap();
-        regs.rsp = 0x7000 + u64::from(index) * 0x100;
-        v.fd().set_regs(&regs).unwrap();
-        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
-        v.fd().set_mp_state(runnable).unwrap();
-        v
-    }
-
-    fn start(&self, vcpus: Vec<KvmVcpu>) -> Vm {
-        self.start_with(vcpus, VmOptions::default())
-    }
-
-    fn start_with(&self, vcpus: Vec<KvmVcpu>, options: VmOptions) -> Vm {
-        let backends = vcpus.into_iter().map(|v| Box::new(v) as Box<dyn VcpuBackend>).collect();
-        Vm::start_with(backends, &self.spaces.memory, &self.spaces.io_space, self.latch.clone(), options).unwrap()
-    }
+/// vCPU `index` in flat 32-bit protected mode at `eip` with `eax` set (see
+/// [`KvmMachine::vcpu_flat32`]).
+fn vcpu(m: &KvmMachine, index: u32, eip: u64, acc: u64) -> KvmVcpu {
+    m.vcpu_flat32(index, Flat32Entry { eip: eip as u32, eax: acc as u32, ebx: 0 })
 }
 
 /// 32-bit code assembled for [`CODE`].
@@ -124,17 +48,12 @@ fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
     a.assemble(CODE).unwrap()
 }
 
-/// Waits for the VM to stop by itself and for its threads, bounded.
-fn wait_bounded(vm: Vm) -> StopReason {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let handles: Vec<_> = vm.vcpus().to_vec();
-        let reason = vm.wait();
-        // `wait` joined the threads: every vCPU has left.
-        assert!(handles.iter().all(|h| h.activity() == Activity::Exited));
-        let _ = tx.send(reason);
-    });
-    rx.recv_timeout(WATCHDOG).expect("the VM did not stop")
+/// Guest code: `inc dword [RESULT]` for ever, with no exit.
+fn count_forever(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut top = a.create_label();
+    a.set_label(&mut top)?;
+    a.inc(dword_ptr(RESULT as u32))?;
+    a.jmp(top)
 }
 
 /// Runs `f` on another thread, bounded; returns what it returned and how
@@ -149,20 +68,11 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
     (v, start.elapsed())
 }
 
-/// Polls `cond` (yielding) until it holds, bounded.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WATCHDOG;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::yield_now();
-    }
-}
-
 // ----- 1. what KVM cannot run ----------------------------------------------------------------
 
 #[test]
 fn an_instruction_kvm_cannot_emulate_stops_the_vm_with_the_error_and_the_registers() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     // Fetching instructions from MMIO (here: from nothing) is beyond KVM's
     // emulator: KVM_EXIT_INTERNAL_ERROR (emulation failure).
     m.load(
@@ -172,7 +82,7 @@ fn an_instruction_kvm_cannot_emulate_stops_the_vm_with_the_error_and_the_registe
             a.jmp(eax)
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
     let reason = wait_bounded(vm);
     let StopReason::Failed { vcpu: 0, why, registers } = &reason else { panic!("{reason:?}") };
     assert!(why.starts_with("KVM internal error 1 (emulation failure)"), "{why}");
@@ -183,7 +93,7 @@ fn an_instruction_kvm_cannot_emulate_stops_the_vm_with_the_error_and_the_registe
 
 #[test]
 fn an_exit_the_backend_does_not_serve_stops_the_vm_naming_it() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     // Ask KVM to hand reads of MSR 0x10 (the TSC) to user space, which the
     // backend does not serve: KVM_EXIT_X86_RDMSR. (Without such a request,
     // no guest action tried here reaches an unserved exit: PVM spins on
@@ -203,7 +113,7 @@ fn an_exit_the_backend_does_not_serve_stops_the_vm_naming_it() {
             a.hlt()
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
     let reason = wait_bounded(vm);
     let StopReason::Failed { vcpu: 0, why, registers } = &reason else { panic!("{reason:?}") };
     assert!(why.starts_with("unhandled KVM exit: X86Rdmsr(") && why.contains("index: 16"), "{why}");
@@ -213,7 +123,7 @@ fn an_exit_the_backend_does_not_serve_stops_the_vm_naming_it() {
 
 #[test]
 fn an_instruction_the_backend_gets_no_exit_for_still_stops_on_request() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     // `vmcall`: hardware KVM answers an unknown hypercall in the kernel
     // (-ENOSYS in eax) and the guest goes on; this machine's PVM leaves the
     // vCPU on the instruction for ever, in the kernel. Neither reaches the
@@ -223,13 +133,10 @@ fn an_instruction_the_backend_gets_no_exit_for_still_stops_on_request() {
         &asm(|a| {
             a.mov(eax, 12u32)?;
             a.vmcall()?;
-            let mut spin = a.create_label();
-            a.set_label(&mut spin)?;
-            a.inc(dword_ptr(RESULT as u32))?;
-            a.jmp(spin)
+            count_forever(a)
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
     vm.pause();
     vm.resume();
     let (reason, took) = bounded("Vm::stop", move || vm.stop());
@@ -242,11 +149,11 @@ fn an_instruction_the_backend_gets_no_exit_for_still_stops_on_request() {
 #[test]
 fn a_triple_fault_stops_the_vm_with_a_reason() {
     for (name, insn) in [("ud2", &[0x0f, 0x0b][..]), ("int3", &[0xcc][..])] {
-        let Some(m) = machine() else { return };
+        let Some(m) = kvm_machine() else { return };
         // With an empty IDT the exception cannot be delivered: #GP, then
         // #DF, then shutdown.
         m.load(CODE, insn);
-        let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+        let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
         let reason = wait_bounded(vm);
         // Hardware KVM reports the shutdown (exit status 2); PVM reports it
         // for ud2, and an emulation failure for int3 (status 3).
@@ -286,7 +193,7 @@ fn a_guest_access_to_a_reservation_stops_the_vm_naming_the_access() {
         (|a| a.out(0x71, eax), "a 4-byte guest write to port 0x71"),
     ];
     for (i, (op, expected)) in cases.into_iter().enumerate() {
-        let Some(m) = machine() else { return };
+        let Some(m) = kvm_machine() else { return };
         let expected = expected.replace("0xd0000010", if i == 0 { "0xd0000000" } else { "0xd0000010" });
         // A reservation in memory (as for a device KVM serves) and one in
         // the port space (as for the in-kernel RTC).
@@ -295,7 +202,7 @@ fn a_guest_access_to_a_reservation_stops_the_vm_naming_the_access() {
         let ports = m.topo.new_reservation("kernel-rtc", 2).unwrap();
         m.spaces.io.add_subregion(0x70, &ports).unwrap();
         m.load(CODE, &touch(op));
-        let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+        let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
         let reason = wait_bounded(vm);
         let StopReason::Failed { vcpu: 0, why, registers } = &reason else { panic!("{reason:?}") };
         assert_eq!(why, &format!("{expected} reached a reservation region (nothing serves it)"));
@@ -307,7 +214,7 @@ fn a_guest_access_to_a_reservation_stops_the_vm_naming_the_access() {
 
 #[test]
 fn with_the_continue_policy_a_reservation_reads_as_zero_and_the_guest_goes_on() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     let mem = m.topo.new_reservation("kernel-mmio", 0x1000).unwrap();
     m.spaces.system.add_subregion(MMIO, &mem).unwrap();
     m.load(
@@ -317,7 +224,7 @@ fn with_the_continue_policy_a_reservation_reads_as_zero_and_the_guest_goes_on() 
             a.mov(eax, dword_ptr(MMIO as u32 + 8))
         }),
     );
-    let vm = m.start_with(vec![m.vcpu(0, CODE, 0)], VmOptions { reservations: ReservationPolicy::Continue });
+    let vm = m.start_with(vec![vcpu(&m, 0, CODE, 0)], VmOptions { reservations: ReservationPolicy::Continue });
     assert_eq!(wait_bounded(vm), StopReason::DebugExit(0x21));
     assert_eq!(m.read_u32(RESULT), 0, "QEMU's answer: the write is dropped, the read gives 0");
 }
@@ -326,7 +233,7 @@ fn with_the_continue_policy_a_reservation_reads_as_zero_and_the_guest_goes_on() 
 
 #[test]
 fn a_debug_exit_storm_from_two_vcpus_stops_the_vm_once_with_the_first_status() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     // out 0xf4, eax; inc eax; jmp back: a different value every time.
     let code = asm(|a| {
         let mut top = a.create_label();
@@ -336,7 +243,7 @@ fn a_debug_exit_storm_from_two_vcpus_stops_the_vm_once_with_the_first_status() {
         a.jmp(top)
     });
     m.load(CODE, &code);
-    let vm = m.start(vec![m.vcpu(0, CODE, 0x1000), m.vcpu(1, CODE, 0x10_0000)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0x1000), vcpu(&m, 1, CODE, 0x10_0000)]);
     let reason = wait_bounded(vm);
     let log = m.exits.lock().unwrap().clone();
     assert!(!log.is_empty());
@@ -346,17 +253,6 @@ fn a_debug_exit_storm_from_two_vcpus_stops_the_vm_once_with_the_first_status() {
     // Writes still queued when the VM stopped change nothing.
     drop(m.rt);
     assert_eq!(m.latch.reason(), Some(reason));
-}
-
-/// A 64 KiB BIOS whose reset vector jumps to `code` (real mode, at
-/// 0xf000:0xc000).
-fn bios(code: &[u8]) -> Vec<u8> {
-    let mut image = vec![0xf4u8; 64 << 10];
-    image[0xc000..0xc000 + code.len()].copy_from_slice(code);
-    let rel = (0xc000i32 - (0xfff0 + 3)) as i16;
-    image[0xfff0] = 0xe9;
-    image[0xfff1..0xfff3].copy_from_slice(&rel.to_le_bytes());
-    image
 }
 
 #[test]
@@ -369,7 +265,7 @@ fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
     let dir = std::env::temp_dir().join(format!("topos-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bios.bin");
-    std::fs::write(&path, bios(&code)).unwrap();
+    std::fs::write(&path, bios_at_reset(&code)).unwrap();
     let run = support::topos_run(&["--bios", path.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
@@ -378,14 +274,45 @@ fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
 
 // ----- 5. every vCPU halted ------------------------------------------------------------------
 
-/// Calls `check_halted` until it stops the VM, bounded.
+/// The scheduler state of a thread of this process (`R`, `S`, ...).
+fn thread_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Waits until every vCPU thread sleeps in `KVM_RUN` (running as far as
+/// its control knows, asleep as far as the scheduler knows): these guests
+/// make no exits, so that is the kernel's `hlt` (or a wait for SIPI).
+///
+/// The tests wait for this before they ask the vCPUs anything: a check
+/// pauses every vCPU, and PVM emulates ring-0 code slowly enough that
+/// checks in a tight loop can keep a vCPU from ever reaching its `hlt`.
+fn wait_asleep_in_kvm_run(vm: &Vm) {
+    for v in vm.vcpus() {
+        wait_until("the vCPU thread sleeps in KVM_RUN", || {
+            v.activity() == Activity::Running && v.thread_id().and_then(thread_state) == Some('S')
+        });
+    }
+}
+
+/// Each vCPU's liveness, asked once every vCPU sleeps in `KVM_RUN`.
+fn liveness_asleep(vm: &Vm) -> Vec<Option<Liveness>> {
+    wait_asleep_in_kvm_run(vm);
+    vm.liveness()
+}
+
+/// Calls `check_halted`, each time once every vCPU sleeps in `KVM_RUN`,
+/// until it stops the VM, bounded.
 fn check_until_halted(vm: &Vm) {
-    wait_until("every vCPU is halted for good", || vm.check_halted());
+    wait_until("every vCPU is halted for good", || {
+        wait_asleep_in_kvm_run(vm);
+        vm.check_halted()
+    });
 }
 
 #[test]
 fn every_kvm_vcpu_halted_with_interrupts_off_stops_the_vm_when_checked() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     m.load(
         CODE,
         &asm(|a| {
@@ -395,7 +322,7 @@ fn every_kvm_vcpu_halted_with_interrupts_off_stops_the_vm_when_checked() {
             a.hlt()
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0), m.vcpu(1, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0), vcpu(&m, 1, CODE, 0)]);
     check_until_halted(&vm);
     let reason = wait_bounded(vm);
     assert_eq!(reason, StopReason::AllHalted);
@@ -405,7 +332,7 @@ fn every_kvm_vcpu_halted_with_interrupts_off_stops_the_vm_when_checked() {
 
 #[test]
 fn a_bsp_halted_with_interrupts_off_and_aps_never_started_stop_the_vm_when_checked() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     m.load(
         CODE,
         &asm(|a| {
@@ -415,9 +342,9 @@ fn a_bsp_halted_with_interrupts_off_and_aps_never_started_stop_the_vm_when_check
     );
     // vCPU 1 is left as KVM makes an AP: waiting for INIT/SIPI.
     let ap = m.kvm.create_vcpu(1).unwrap();
-    let vm = m.start(vec![m.vcpu(0, CODE, 0), ap]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0), ap]);
     wait_until("every vCPU is halted for good", || {
-        let l = vm.liveness();
+        let l = liveness_asleep(&vm);
         assert_eq!(m.latch.reason(), None, "{l:?}");
         l == vec![Some(Liveness::Dead), Some(Liveness::Dead)]
     });
@@ -427,7 +354,7 @@ fn a_bsp_halted_with_interrupts_off_and_aps_never_started_stop_the_vm_when_check
 
 #[test]
 fn a_vcpu_that_can_still_be_woken_keeps_the_vm_running() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     // vCPU 0: cli; hlt. vCPU 1: sti; hlt (an interrupt may come).
     // vCPU 2: arms LINT0 of its local APIC as NMI (the PIT's NMI watchdog
     // delivers through it), then cli; hlt.
@@ -456,10 +383,10 @@ fn a_vcpu_that_can_still_be_woken_keeps_the_vm_running() {
             a.hlt()
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0), m.vcpu(1, CODE + 0x100, 0), m.vcpu(2, CODE + 0x200, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0), vcpu(&m, 1, CODE + 0x100, 0), vcpu(&m, 2, CODE + 0x200, 0)]);
     let expected = vec![Some(Liveness::Dead), Some(Liveness::Waiting), Some(Liveness::Waiting)];
     wait_until("every vCPU has reached its hlt", || {
-        let l = vm.liveness();
+        let l = liveness_asleep(&vm);
         assert_eq!(m.latch.reason(), None, "{l:?}");
         l == expected
     });
@@ -491,7 +418,7 @@ impl MemoryRegionOps for PanickingOps {
 
 #[test]
 fn a_panic_in_device_code_on_a_vcpu_thread_stops_the_vm_with_the_panic() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     let region = m.topo.new_io("fragile", PanickingOps, OpsConfig::default(), 0x1000).unwrap();
     m.spaces.system.add_subregion(MMIO, &region).unwrap();
     // vCPU 0 writes to the device; vCPU 1 counts for ever and must be
@@ -503,16 +430,8 @@ fn a_panic_in_device_code_on_a_vcpu_thread_stops_the_vm_with_the_panic() {
             a.hlt()
         }),
     );
-    m.load(
-        CODE + 0x100,
-        &asm(|a| {
-            let mut top = a.create_label();
-            a.set_label(&mut top)?;
-            a.inc(dword_ptr(RESULT as u32))?;
-            a.jmp(top)
-        }),
-    );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0), m.vcpu(1, CODE + 0x100, 0)]);
+    m.load(CODE + 0x100, &asm(count_forever));
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0), vcpu(&m, 1, CODE + 0x100, 0)]);
     let reason = wait_bounded(vm);
     let StopReason::Failed { vcpu: 0, why, registers } = &reason else { panic!("{reason:?}") };
     assert_eq!(why, "the vCPU thread panicked: device model bug on write of 0x1234");
@@ -538,7 +457,7 @@ impl Device for Fragile {
 
 #[test]
 fn a_panicking_device_actor_is_marked_failed_and_the_guest_goes_on() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     let spawned = Spawned::new("fragile", Fragile, vec![], &m.rt);
     let handle = spawned.handle();
     let region = m.topo.new_io_arc("fragile", spawned.ops(0), OpsConfig::default(), 0x1000).unwrap();
@@ -553,7 +472,7 @@ fn a_panicking_device_actor_is_marked_failed_and_the_guest_goes_on() {
             a.mov(eax, dword_ptr(MMIO as u32))
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
     assert_eq!(wait_bounded(vm), StopReason::DebugExit(0x21));
     assert!(handle.is_failed());
     assert_eq!(m.read_u32(RESULT + 4), 42, "before the panic");
@@ -564,16 +483,8 @@ fn a_panicking_device_actor_is_marked_failed_and_the_guest_goes_on() {
 
 #[test]
 fn dropping_a_running_vm_stops_and_joins_its_vcpu_threads() {
-    let Some(m) = machine() else { return };
-    m.load(
-        CODE,
-        &asm(|a| {
-            let mut top = a.create_label();
-            a.set_label(&mut top)?;
-            a.inc(dword_ptr(RESULT as u32))?;
-            a.jmp(top)
-        }),
-    );
+    let Some(m) = kvm_machine() else { return };
+    m.load(CODE, &asm(count_forever));
     m.load(
         CODE + 0x100,
         &asm(|a| {
@@ -581,7 +492,7 @@ fn dropping_a_running_vm_stops_and_joins_its_vcpu_threads() {
             a.hlt()
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0), m.vcpu(1, CODE + 0x100, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0), vcpu(&m, 1, CODE + 0x100, 0)]);
     wait_until("vCPU 0 runs", || m.read_u32(RESULT) > 0);
     let handles: Vec<_> = vm.vcpus().to_vec();
     bounded("dropping the Vm", move || drop(vm));
@@ -594,15 +505,9 @@ fn dropping_a_running_vm_stops_and_joins_its_vcpu_threads() {
     assert_eq!(m.read_u32(RESULT), frozen, "guest code ran after the drop");
 }
 
-/// The scheduler state of a thread of this process (`R`, `S`, ...).
-fn thread_state(tid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
-}
-
 #[test]
 fn stop_returns_promptly_while_a_vcpu_is_blocked_in_the_kernel_in_hlt() {
-    let Some(m) = machine() else { return };
+    let Some(m) = kvm_machine() else { return };
     m.load(
         CODE,
         &asm(|a| {
@@ -610,16 +515,13 @@ fn stop_returns_promptly_while_a_vcpu_is_blocked_in_the_kernel_in_hlt() {
             a.hlt()
         }),
     );
-    let vm = m.start(vec![m.vcpu(0, CODE, 0)]);
+    let vm = m.start(vec![vcpu(&m, 0, CODE, 0)]);
     // It reached its hlt (with interrupts on)...
-    wait_until("the vCPU halts", || vm.liveness() == vec![Some(Liveness::Waiting)]);
+    wait_until("the vCPU halts", || liveness_asleep(&vm) == vec![Some(Liveness::Waiting)]);
     // ...and, back in KVM_RUN after the check, sleeps in the kernel (the
     // in-kernel LAPIC handles the halt).
+    wait_asleep_in_kvm_run(&vm);
     let v = vm.vcpus()[0].clone();
-    let tid = v.thread_id().expect("a running vCPU has a thread");
-    wait_until("the vCPU thread sleeps in KVM_RUN", || {
-        v.activity() == Activity::Running && thread_state(tid) == Some('S')
-    });
     let (reason, took) = bounded("Vm::stop", move || vm.stop());
     assert_eq!(reason, StopReason::Requested);
     assert_eq!(v.activity(), Activity::Exited);

@@ -16,18 +16,12 @@ use topos_vcpu::vm::StopReason;
 /// A 64 KiB BIOS: at the reset vector a jump to code that prints `text` on
 /// COM1 and writes `exit` to `isa-debug-exit`, then halts.
 fn bios(text: &[u8], exit: u8) -> Vec<u8> {
-    let mut image = vec![0xf4u8; 64 << 10];
     let mut code = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for &b in text {
         code.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
     }
     code.extend_from_slice(&[0xb0, exit, 0xe6, 0xf4, 0xf4]); // mov al, exit; out 0xf4, al; hlt
-    image[0xc000..0xc000 + code.len()].copy_from_slice(&code);
-    // At 0xfff0 (IP 0xfff0, CS base 0xffff0000): jmp near 0xc000.
-    let rel = (0xc000i32 - (0xfff0 + 3)) as i16;
-    image[0xfff0] = 0xe9;
-    image[0xfff1..0xfff3].copy_from_slice(&rel.to_le_bytes());
-    image
+    support::bios_at_reset(&code)
 }
 
 #[test]

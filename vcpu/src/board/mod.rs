@@ -240,7 +240,8 @@ impl PcBoard {
             let map = memory_map::build(topo, spaces, config.ram_size, &config.bios, flash_bios)?;
             let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
 
-            let com1 = Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
+            let com1 =
+                Serial16550::plug(SerialConfig::new(config.serial), ctx("serial0").with_irq(irq(uart::COM1_IRQ)))?;
             com1.map(uart::PORTS, &spaces.io, uart::COM1_BASE)?;
             let exit = DebugExit::plug(DebugExitConfig { iosize: 4, sink: wiring.exit }, ctx("isa-debug-exit"))?;
             exit.map(debug_exit::PORTS, &spaces.io, debug_exit::CONVENTIONAL_IOBASE)?;
@@ -296,7 +297,8 @@ impl PcBoard {
                         once(&mut flash, "pflash")?;
                         let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
                         let size = geometry.size();
-                        let p = PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
+                        let p =
+                            PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;
                         p.map(pflash::FLASH, &spaces.system, PFLASH_DEVICE_END - size)?;
                         devices.pflash = Some(p.handle);
                     }
