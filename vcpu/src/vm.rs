@@ -226,8 +226,9 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     latch: Arc<StopLatch>,
     /// Serializes [`pause`](Vm::pause), [`resume`](Vm::resume) and
-    /// [`check_halted`](Vm::check_halted).
-    ops: Mutex<()>,
+    /// [`check_halted`](Vm::check_halted); true while paused by
+    /// [`pause`](Vm::pause).
+    ops: Mutex<bool>,
 }
 
 impl Vm {
@@ -292,10 +293,10 @@ impl Vm {
                 v.control.stop();
             }
         }
-        Ok(Vm { vcpus, threads, latch, ops: Mutex::new(()) })
+        Ok(Vm { vcpus, threads, latch, ops: Mutex::new(false) })
     }
 
-    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn ops(&self) -> std::sync::MutexGuard<'_, bool> {
         self.ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -306,7 +307,8 @@ impl Vm {
 
     /// Pauses every vCPU; returns once all are out of guest code.
     pub fn pause(&self) {
-        let _ops = self.ops();
+        let mut paused = self.ops();
+        *paused = true;
         for v in &self.vcpus {
             v.control.request_pause();
         }
@@ -317,7 +319,8 @@ impl Vm {
 
     /// Resumes every vCPU.
     pub fn resume(&self) {
-        let _ops = self.ops();
+        let mut paused = self.ops();
+        *paused = false;
         for v in &self.vcpus {
             v.resume();
         }
@@ -333,8 +336,9 @@ impl Vm {
     /// this is for those that do not (KVM with the in-kernel irqchip: see
     /// the [module documentation](self)). It pauses every vCPU, asks each
     /// for its [`Liveness`] as it parks, decides, and resumes those it
-    /// paused. A vCPU that was already paused (through its
-    /// [`VcpuHandle`]) cannot answer, which makes the answer `false`.
+    /// paused. While the VM is paused ([`pause`](Vm::pause)) nothing is
+    /// asked and the answer is `false`; a vCPU paused through its
+    /// [`VcpuHandle`] cannot answer, which makes it `false` too.
     pub fn check_halted(&self) -> bool {
         let answers = self.probe(true);
         !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead))
@@ -342,15 +346,15 @@ impl Vm {
 
     /// Each vCPU's [`Liveness`], asked as in
     /// [`check_halted`](Self::check_halted) (but never stopping the VM);
-    /// `None` for a vCPU that could not answer (already paused, or gone).
+    /// `None` for a vCPU that could not answer (paused, or gone).
     pub fn liveness(&self) -> Vec<Option<Liveness>> {
         self.probe(false)
     }
 
     fn probe(&self, stop_if_dead: bool) -> Vec<Option<Liveness>> {
         use crate::sync::Ordering;
-        let _ops = self.ops();
-        if self.latch.reason().is_some() {
+        let paused = self.ops();
+        if *paused || self.latch.reason().is_some() {
             return vec![None; self.vcpus.len()];
         }
         // An answer left from an earlier check stays valid while its vCPU

@@ -619,6 +619,22 @@ fn a_scripted_vcpu_halted_with_interrupts_on_waits_for_a_kick_and_keeps_the_vm_r
 }
 
 #[test]
+fn a_halt_check_on_a_paused_vm_asks_nothing_and_leaves_it_paused() {
+    let (a, runs) = Scripted::boxed(0, |_| RunExit::Kicked);
+    let (vm, latch, _topo) = start_scripted(vec![a]);
+    wait_until("the vCPU runs", || runs.load(Ordering::SeqCst) > 0);
+    vm.pause();
+    assert_eq!(vm.liveness(), vec![None]);
+    assert!(!vm.check_halted());
+    assert_eq!(vm.vcpus()[0].activity(), Activity::Paused, "the check resumed a paused VM");
+    vm.resume();
+    let before = runs.load(Ordering::SeqCst);
+    wait_until("the resumed vCPU runs", || runs.load(Ordering::SeqCst) > before);
+    assert_eq!(latch.reason(), None);
+    assert_eq!(vm.stop(), StopReason::Requested);
+}
+
+#[test]
 fn a_scripted_vcpu_woken_by_another_before_that_one_halts_keeps_the_vm_running() {
     // vCPU 1 wakes vCPU 0 (an INIT IPI, say) and then halts for good;
     // vCPU 0, once woken, halts with interrupts on. All halted would be
