@@ -33,8 +33,11 @@
 //!   reflects its level in status bit 3 and masks it while command bit 10
 //!   is set. Routing pins to interrupt controller inputs is the board's
 //!   business: it gives [`PciHost::plug_model`] the line to drive.
-//! * Only function 0 of each slot is populated (single-function devices),
-//!   and no capabilities are offered (the capability pointer reads 0).
+//! * A slot holds function 0 and, if the board places them
+//!   ([`PciPlacement::function`]), functions 1 to 7; a function 0 whose
+//!   identity says [`multifunction`](PciConfig::multifunction) sets bit 7
+//!   of its header type, which tells enumerators to look at the others. No
+//!   capabilities are offered (the capability pointer reads 0).
 //!
 //! # Remapping outside the bridge's turn
 //!
@@ -246,6 +249,8 @@ pub struct BarSpec {
 pub struct PciConfig {
     /// Vendor ID.
     pub vendor_id: u16,
+    /// Function 0 of a slot with other functions (header type bit 7).
+    pub multifunction: bool,
     /// Device ID.
     pub device_id: u16,
     /// Revision ID.
@@ -272,6 +277,7 @@ impl PciConfig {
         PciConfig {
             vendor_id,
             device_id,
+            multifunction: false,
             revision: 0,
             class,
             prog_if: 0,
@@ -411,6 +417,8 @@ impl InterruptSink for IntxRouter {
 /// address space.
 struct PciPlug {
     slot: u8,
+    /// Slot and function: the index of the function's configuration space.
+    devfn: usize,
     name: String,
     topo: Topology,
     bus_master: Option<Arc<AddressSpace>>,
@@ -610,6 +618,9 @@ impl Function {
         put(&mut config, PCI_SUBSYSTEM_VENDOR_ID as usize, &c.subsystem_vendor_id.to_le_bytes());
         put(&mut config, PCI_SUBSYSTEM_ID as usize, &c.subsystem_id.to_le_bytes());
         config[PCI_INTERRUPT_PIN as usize] = c.interrupt_pin;
+        if c.multifunction {
+            config[PCI_HEADER_TYPE as usize] = 0x80;
+        }
         put(&mut wmask, PCI_COMMAND as usize, &COMMAND_WMASK.to_le_bytes());
         put(&mut w1cmask, PCI_STATUS as usize, &STATUS_W1C.to_le_bytes());
         wmask[PCI_CACHE_LINE_SIZE as usize] = 0xff;
@@ -847,8 +858,10 @@ impl DeviceModel for PciHostBridge {
 /// [`PciHost::plug_model`]).
 #[derive(Debug, Clone)]
 pub struct PciPlacement {
-    /// The slot, 0 to 31 (function 0).
+    /// The slot, 0 to 31.
     pub slot: u8,
+    /// The function in the slot, 0 to 7.
+    pub function: u8,
     /// The board's line for the slot's interrupt pin, if it wires one.
     pub intx: Option<IrqLine>,
     /// The function's header; `None` takes the model's own. Its BARs, if it
@@ -859,7 +872,13 @@ pub struct PciPlacement {
 impl PciPlacement {
     /// Slot `slot`, no interrupt wired, the model's own identity.
     pub fn slot(slot: u8) -> PciPlacement {
-        PciPlacement { slot, intx: None, identity: None }
+        PciPlacement { slot, function: 0, intx: None, identity: None }
+    }
+
+    /// Function `function` (0 to 7) of slot `slot`, no interrupt wired,
+    /// the model's own identity.
+    pub fn function(slot: u8, function: u8) -> PciPlacement {
+        PciPlacement { slot, function, intx: None, identity: None }
     }
 
     /// Wires the function's INTx to `line`.
@@ -938,7 +957,7 @@ impl PciHost {
     /// as BARs. The function starts with its command register clear: nothing
     /// mapped, no DMA. Returns the device's handle.
     pub fn plug_model<M: DeviceModel>(&self, at: PciPlacement, config: M::Config, ctx: PlugCtx) -> Result<M::Handle> {
-        let plug = self.plug(at.slot, &ctx.name, at.intx)?;
+        let plug = self.plug(at.slot, at.function, &ctx.name, at.intx)?;
         let mut ctx = ctx.with_bus_master(plug.bus_master());
         ctx.irqs = vec![plug.irq_line()];
         let plugged = M::plug(config, ctx)?;
@@ -957,11 +976,12 @@ impl PciHost {
     /// address space (disabled until the guest sets the bus-master bit) and
     /// its INTx path to `intx` (the board's line for the slot's pin, if it
     /// wires one).
-    fn plug(&self, slot: u8, name: &str, intx: Option<IrqLine>) -> Result<PciPlug> {
-        if slot >= PCI_SLOT_MAX {
+    fn plug(&self, slot: u8, function: u8, name: &str, intx: Option<IrqLine>) -> Result<PciPlug> {
+        if slot >= PCI_SLOT_MAX || function >= 8 {
             return Err(Error::NoSuchSlot(slot));
         }
-        if self.bridge.with(move |b, _| b.occupied(slot))? {
+        let devfn = usize::from(slot) << 3 | usize::from(function);
+        if self.bridge.with(move |b, _| b.functions[devfn].is_some())? {
             return Err(Error::SlotInUse(slot));
         }
         let container = self.topo.new_container("bus master container", SIZE_MAX)?;
@@ -973,6 +993,7 @@ impl PciHost {
         })??;
         Ok(PciPlug {
             slot,
+            devfn,
             name: name.to_string(),
             topo: self.topo.clone(),
             bus_master: Some(Arc::new(bm)),
@@ -984,10 +1005,10 @@ impl PciHost {
     /// Publishes the function reserved by `plug` with its BAR regions.
     fn attach(&self, mut plug: PciPlug, function: PciFunction) -> Result<()> {
         function.config.validate(&function.bar_regions)?;
-        let slot = plug.slot;
+        let (slot, devfn) = (plug.slot, plug.devfn);
         let f = Function::new(&mut plug, function, self.pci_mem.clone(), self.io.clone());
         let refused = self.bridge.with(move |b, _| {
-            let entry = &mut b.functions[usize::from(slot) << 3];
+            let entry = &mut b.functions[devfn];
             if entry.is_some() {
                 return Some(f);
             }

@@ -836,3 +836,24 @@ fn the_framebuffer_and_the_doorbell_plug_as_pci_functions_with_a_board_given_ide
     assert_eq!(bell.notifiers().len(), 1);
     assert!(b.healthy() && !bell.handle().is_failed());
 }
+
+#[test]
+fn a_multifunction_slot_shows_its_functions_and_header_type_bit_7() {
+    let b = board();
+    // A two-function device in slot 9, like the PIIX3 (ISA bridge + IDE).
+    let mut f0 = PciConfig::new(0x8086, 0x7000, 0x0601);
+    f0.multifunction = true;
+    let f1 = PciConfig::new(0x8086, 0x7010, 0x0101);
+    b.host.plug_model::<Probe>(PciPlacement::slot(9).with_identity(f0), vec![], b.board.ctx("f0")).unwrap();
+    b.host.plug_model::<Probe>(PciPlacement::function(9, 1).with_identity(f1), vec![], b.board.ctx("f1")).unwrap();
+    let io = b.io();
+    assert_eq!(cfg_read_at(io, 0, 9, 0, 0, 4), 0x7000_8086);
+    assert_eq!(cfg_read_at(io, 0, 9, 0, 0x0e, 1), 0x80, "function 0 says multi-function");
+    assert_eq!(cfg_read_at(io, 0, 9, 1, 0, 4), 0x7010_8086);
+    assert_eq!(cfg_read_at(io, 0, 9, 1, 0x0e, 1), 0x00);
+    assert_eq!(cfg_read_at(io, 0, 9, 2, 0, 4), 0xffff_ffff, "an absent function");
+    // Single-function slots keep bit 7 clear; a taken function is refused.
+    assert_eq!(cfg_read_at(io, 0, EDU_SLOT, 0, 0x0e, 1), 0x00);
+    let again = PciPlacement::function(9, 1).with_identity(PciConfig::new(1, 2, 3));
+    assert!(b.host.plug_model::<Probe>(again, vec![], b.board.ctx("dup")).is_err());
+}

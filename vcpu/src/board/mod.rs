@@ -8,7 +8,7 @@
 //! | `isa-debug-exit` | ports `0xf4..0xf8` | `-device isa-debug-exit,iobase=0xf4,iosize=0x04` |
 //! | POST port | port `0x80`: writes ignored, reads `0xff` | `ioport80` |
 //! | `fw_cfg` | ports `0x510`, `0x511` | signature, ID, RAM size, CPU count |
-//! | PCI host bridge | ports `0xcf8`, `0xcfc` | i440FX at 00.0 (`8086:1237`, class 0600), PIIX3 at 01.0 (`8086:7000`, class 0601) |
+//! | PCI host bridge | ports `0xcf8`, `0xcfc` | i440FX at 00.0 (`8086:1237`, class 0600), PIIX3 at 01.0 (`8086:7000`, class 0601, multi-function), its IDE at 01.1 (`8086:7010`, 010180) and ACPI at 01.3 (`8086:7113`, 068000): configuration headers only, the chipset's registers and the IDE and ACPI functions themselves are not modelled |
 //! | `--device edu` | PCI slots 2, 3, ... in order, INTx on GSI 11 | `-device edu` |
 //! | `--device framebuffer` | video RAM at `0xfd000000` (4 MiB, dirty-logged), registers at `0xfe000000` | (none) |
 //! | `--device virtio-doorbell` | virtio-mmio registers at `0xfe001000`, IRQ 5 | (none on `pc`) |
@@ -156,8 +156,7 @@ impl MemoryRegionOps for PostPort {
 }
 
 /// A PCI function that is only a configuration header (the i440FX host
-/// bridge and the PIIX3 ISA bridge: their chipset registers are not
-/// modelled).
+/// bridge and the PIIX3's functions: their registers are not modelled).
 struct Identity;
 
 impl DeviceModel for Identity {
@@ -258,7 +257,13 @@ impl PcBoard {
             host.map(topos_devices::pci::CONFIG_DATA, &spaces.io, topos_devices::pci::CONFIG_DATA_PORT)?;
             let pci = host.handle;
             pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
-            pci.plug_model::<Identity>(PciPlacement::slot(1), PciConfig::new(0x8086, 0x7000, 0x0601), ctx("piix3"))?;
+            let mut piix3 = PciConfig::new(0x8086, 0x7000, 0x0601);
+        piix3.multifunction = true;
+        pci.plug_model::<Identity>(PciPlacement::slot(1), piix3, ctx("piix3"))?;
+        let mut ide = PciConfig::new(0x8086, 0x7010, 0x0101);
+        ide.prog_if = 0x80;
+        pci.plug_model::<Identity>(PciPlacement::function(1, 1), ide, ctx("piix3-ide"))?;
+        pci.plug_model::<Identity>(PciPlacement::function(1, 3), PciConfig::new(0x8086, 0x7113, 0x0680), ctx("piix4-pm"))?;
             let mut slot = FIRST_DEVICE_SLOT;
             let once = |seen: &mut bool, what: &str| {
                 if std::mem::replace(seen, true) {

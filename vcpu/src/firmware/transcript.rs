@@ -35,8 +35,8 @@
 //! ```
 //!
 //! topos's board (`topos run`, whose default devices are edu, framebuffer,
-//! virtio-doorbell and pflash) has no PIIX3 IDE or ACPI function, and where
-//! QEMU prints the three `skip:` lines it prints:
+//! virtio-doorbell and pflash) prints the same lines, PCI functions
+//! included; where QEMU prints the three `skip:` lines it prints:
 //!
 //! ```text
 //! pflash: cfi QRY, 1024 KiB, 16 blocks of 64 KiB
@@ -244,12 +244,10 @@ impl Machine {
 
     /// topos's `pc` board with `ram_mib` of RAM and its default devices
     /// (`topos run` without `--device`: edu, framebuffer, virtio-doorbell,
-    /// pflash): QEMU's PCI functions but the PIIX3's IDE and ACPI ones,
-    /// which the board does not model, and the three fixed-address devices.
+    /// pflash): QEMU's PCI functions and the three fixed-address devices.
     pub fn topos_pc(ncpus: u32, ram_mib: u64) -> Machine {
         let mut m = Machine::qemu_pc(ncpus);
         m.ram_mib = Some(ram_mib);
-        m.pci.retain(|f| f.function == 0);
         m.pflash = true;
         m.framebuffer = true;
         m.virtio_doorbell = true;
