@@ -258,12 +258,16 @@ impl PcBoard {
             let pci = host.handle;
             pci.plug_model::<Identity>(PciPlacement::slot(0), PciConfig::new(0x8086, 0x1237, 0x0600), ctx("i440fx"))?;
             let mut piix3 = PciConfig::new(0x8086, 0x7000, 0x0601);
-        piix3.multifunction = true;
-        pci.plug_model::<Identity>(PciPlacement::slot(1), piix3, ctx("piix3"))?;
-        let mut ide = PciConfig::new(0x8086, 0x7010, 0x0101);
-        ide.prog_if = 0x80;
-        pci.plug_model::<Identity>(PciPlacement::function(1, 1), ide, ctx("piix3-ide"))?;
-        pci.plug_model::<Identity>(PciPlacement::function(1, 3), PciConfig::new(0x8086, 0x7113, 0x0680), ctx("piix4-pm"))?;
+            piix3.multifunction = true;
+            pci.plug_model::<Identity>(PciPlacement::slot(1), piix3, ctx("piix3"))?;
+            let mut ide = PciConfig::new(0x8086, 0x7010, 0x0101);
+            ide.prog_if = 0x80;
+            pci.plug_model::<Identity>(PciPlacement::function(1, 1), ide, ctx("piix3-ide"))?;
+            pci.plug_model::<Identity>(
+                PciPlacement::function(1, 3),
+                PciConfig::new(0x8086, 0x7113, 0x0680),
+                ctx("piix4-pm"),
+            )?;
             let mut slot = FIRST_DEVICE_SLOT;
             let once = |seen: &mut bool, what: &str| {
                 if std::mem::replace(seen, true) {
