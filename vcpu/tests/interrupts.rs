@@ -1,0 +1,134 @@
+//! Device interrupts reach the guest (issue 8): the UART's line (IRQ 4)
+//! goes through `KVM_IRQ_LINE` into the in-kernel 8259 PIC and the guest
+//! takes the interrupt. The guest is a Multiboot kernel (assembled here
+//! with iced-x86) that loads a GDT and an IDT, programs the PICs (vectors
+//! 0x20.., only IRQ 4 unmasked), enables the UART's "transmitter empty"
+//! interrupt, which is pending at once, and halts with interrupts on; only
+//! the interrupt handler writes to `isa-debug-exit`. Skipped with a printed
+//! reason without `/dev/kvm`.
+
+mod support;
+
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
+use std::sync::mpsc;
+use std::time::Duration;
+use support::kvm_present;
+use topos_devices::uart::SerialSink;
+use topos_vcpu::board::multiboot::{Kernel, HEADER_MAGIC};
+use topos_vcpu::board::{PcConfig, PciModel};
+use topos_vcpu::machine::{Accel, Machine};
+use topos_vcpu::vm::StopReason;
+
+const BASE: u64 = 0x10_0000;
+const ENTRY: u64 = BASE + 0x40;
+const GDT: u64 = BASE + 0x800;
+const GDTR: u64 = BASE + 0x840;
+const IDTR: u64 = BASE + 0x880;
+const IDT: u64 = BASE + 0x900;
+const VECTORS: u64 = 0x30;
+/// IRQ 4 after the PIC is told to start at vector 0x20.
+const UART_VECTOR: u64 = 0x24;
+
+fn put(image: &mut [u8], addr: u64, bytes: &[u8]) {
+    let at = (addr - BASE) as usize;
+    image[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// The kernel: an a.out-kludge Multiboot image loaded at 1 MiB.
+fn kernel() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let mut handler = a.create_label();
+    let mut idle = a.create_label();
+    // Multiboot leaves ESP undefined: the interrupt needs a stack in RAM.
+    a.mov(esp, 0x9_0000u32)?;
+    a.lgdt(ptr(GDTR as u32))?;
+    a.lidt(ptr(IDTR as u32))?;
+    // 8259 PICs: ICW1..ICW4, vectors 0x20 and 0x28, cascade on IRQ 2,
+    // then only IRQ 4 unmasked.
+    for (port, value) in
+        [(0x20, 0x11), (0xa0, 0x11), (0x21, 0x20), (0xa1, 0x28), (0x21, 4), (0xa1, 2), (0x21, 1), (0xa1, 1)]
+    {
+        a.mov(al, value)?;
+        a.out(port, al)?;
+    }
+    a.mov(al, 0xef)?;
+    a.out(0x21, al)?;
+    a.mov(al, 0xff)?;
+    a.out(0xa1, al)?;
+    // COM1: IER = transmitter holding register empty (pending at once; MCR
+    // has OUT2 set since reset).
+    a.mov(dx, 0x3f9u32)?;
+    a.mov(al, 2)?;
+    a.out(dx, al)?;
+    a.sti()?;
+    a.set_label(&mut idle)?;
+    a.hlt()?;
+    a.jmp(idle)?;
+    // The handler: status (0x10 << 1) | 1.
+    a.set_label(&mut handler)?;
+    a.mov(al, 0x10)?;
+    a.out(0xf4, al)?;
+    a.cli()?;
+    a.hlt()?;
+    let code = a.assemble_options(ENTRY, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let handler_ip = code.label_ip(&handler)?;
+
+    let mut image = vec![0u8; (IDT - BASE + VECTORS * 8) as usize];
+    let flags = 1u32 << 16;
+    let mut header = Vec::new();
+    for v in [HEADER_MAGIC, flags, 0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags))] {
+        header.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [BASE as u32, BASE as u32, 0, 0, ENTRY as u32] {
+        header.extend_from_slice(&v.to_le_bytes());
+    }
+    put(&mut image, BASE, &header);
+    put(&mut image, ENTRY, code.inner.code_buffer.as_slice());
+    // GDT: null, null, code 0x10, data 0x18 (flat, accessed bits set).
+    let gdt: [u64; 4] = [0, 0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    put(&mut image, GDT, &gdt.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<_>>());
+    let mut gdtr = (31u16).to_le_bytes().to_vec();
+    gdtr.extend_from_slice(&(GDT as u32).to_le_bytes());
+    put(&mut image, GDTR, &gdtr);
+    let mut idtr = ((VECTORS * 8 - 1) as u16).to_le_bytes().to_vec();
+    idtr.extend_from_slice(&(IDT as u32).to_le_bytes());
+    put(&mut image, IDTR, &idtr);
+    // A 32-bit interrupt gate for the UART's vector.
+    let ip = handler_ip as u32;
+    let gate = u64::from(ip & 0xffff) | 0x10 << 16 | 0x8e00u64 << 32 | u64::from(ip >> 16) << 48;
+    put(&mut image, IDT + UART_VECTOR * 8, &gate.to_le_bytes());
+    Ok(image)
+}
+
+#[test]
+fn the_uarts_interrupt_reaches_the_guest_through_the_in_kernel_pic() {
+    if !kvm_present() {
+        return;
+    }
+    let config = PcConfig {
+        ram_size: 64 << 20,
+        cpus: 1,
+        bios: topos_vcpu::firmware::bios_image().unwrap(),
+        bios_in_flash: false,
+        devices: vec![PciModel::Edu],
+        serial: SerialSink::Null,
+        kernel: Some(Kernel { image: kernel().unwrap(), path: "irq-test".into(), append: String::new() }),
+    };
+    let machine = Machine::new(config, Accel::Kvm).unwrap();
+    let latch = machine.latch().clone();
+    let (tx, rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let _ = tx.send(machine.run());
+    });
+    let reason = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(r) => r.unwrap(),
+        Err(_) => {
+            latch.stop(StopReason::Requested);
+            let _ = runner.join();
+            panic!("no interrupt reached the guest within 30 s (it halts with interrupts on until one does)");
+        }
+    };
+    runner.join().unwrap();
+    assert_eq!(reason, StopReason::DebugExit(0x21), "only the interrupt handler writes to debug-exit");
+}
