@@ -9,6 +9,10 @@ use crate::vm::{StopLatch, StopReason, Vm};
 use std::sync::Arc;
 use topos_runtime::{Fault, FaultHook, Topology};
 
+/// How often a running machine checks whether every vCPU halted with
+/// interrupts off (see [`Machine::run`]).
+pub const HALT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Which accelerator runs the vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -108,7 +112,19 @@ impl Machine {
     }
 
     /// Runs until the guest stops the machine; returns why.
+    ///
+    /// KVM's in-kernel interrupt controllers handle `hlt` without telling
+    /// user space, so a guest whose vCPUs all halt with interrupts off
+    /// would sit for ever (as under QEMU). While it runs, the machine asks
+    /// every [`HALT_CHECK_INTERVAL`] whether that is the case
+    /// ([`Vm::check_halted`]: each vCPU is paused for about an exit's time
+    /// and answers from its kernel state), and stops it with
+    /// [`StopReason::AllHalted`] if so.
     pub fn run(&self) -> Result<StopReason> {
-        Ok(self.start()?.wait())
+        let vm = self.start()?;
+        while self.latch.wait_timeout(HALT_CHECK_INTERVAL).is_none() {
+            vm.check_halted();
+        }
+        Ok(vm.wait())
     }
 }

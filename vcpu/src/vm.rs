@@ -34,8 +34,10 @@
 //! thread blocks inside `KVM_RUN` and user space hears nothing, so no
 //! event says "every vCPU is halted" (QEMU, Firecracker and
 //! cloud-hypervisor leave such a guest sitting; cloud-hypervisor issue
-//! 6835). Polling on a timer would be guessing. Instead the check is made
-//! when asked ([`Vm::check_halted`]): every vCPU is paused, reports from
+//! 6835). The check is made when asked ([`Vm::check_halted`]; `topos run`'s
+//! [`Machine::run`](crate::machine::Machine::run) asks once a second, and
+//! the answer is exact whenever it is asked, not a guess from a timeout):
+//! every vCPU is paused, reports from
 //! the kernel's state whether it could still run
 //! ([`VcpuBackend::liveness`]), and the VM stops only if none can; if any
 //! can, the check resumes the vCPUs it paused and the guest does not
@@ -145,6 +147,16 @@ impl StopLatch {
             }
             r = self.latched.wait(r).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+    }
+
+    /// Waits for a reason at most `timeout`; `None` if there is none yet.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<StopReason> {
+        let r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (r, _) = self
+            .latched
+            .wait_timeout_while(r, timeout, |r| r.is_none())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.clone()
     }
 }
 

@@ -193,3 +193,20 @@ fn every_device_model_plugs_into_the_board_and_the_firmware_boots_from_a_flash()
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn topos_run_stops_a_guest_whose_vcpus_all_halted_with_interrupts_off() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("topos-pc-halted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bios.bin");
+    // cli; hlt; jmp $-1: the BSP halts for good; the APs never get a SIPI.
+    std::fs::write(&path, support::bios_at_reset(&[0xfa, 0xf4, 0xeb, 0xfd])).unwrap();
+    let run = support::run_with_watchdog(
+        Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--smp", "2", "--bios"]).arg(&path),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(run.status, Some(0), "every vCPU halted: a clean stop; stderr: {}", run.stderr);
+}
