@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use topos_runtime::{DirtyClient, HwAddr, MemoryRegion, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
+use topos_vcpu::kvm::memslots::enable_manual_dirty_log_protect;
 use topos_vcpu::kvm::MemslotMirror;
 
 /// Where the guest's code is.
@@ -76,7 +77,9 @@ impl Guest {
         let topo = Topology::new();
         let spaces = topo.standard_spaces().unwrap();
         let vm = Arc::new(kvm.create_vm().unwrap());
-        let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32));
+        // As `KvmVm` does: manual dirty-log protection where the kernel has it.
+        let manual = enable_manual_dirty_log_protect(kvm, &vm);
+        let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32).with_manual_protect(manual));
         topo.listener_register(mirror.clone(), 0, Some(&spaces.memory)).unwrap();
 
         let code_ram = topo.new_ram("code", 0x1000).unwrap();
@@ -301,4 +304,32 @@ fn guest_writes_through_kvm_reach_the_dirty_log() {
 
     vram.set_log(false, DirtyClient::Vga).unwrap();
     assert!(g.slot_at(DATA).is_some_and(|s| !s.log_dirty), "log_stop clears the flag");
+}
+
+/// `mov byte [0x8000], 1`, then `out 0x10, al; jmp $-2` for ever: one
+/// write, then reports (exits) that let the harness stop the vCPU.
+const WRITE_ONCE: &[u8] = &[0xc6, 0x06, 0x00, 0x80, 0x01, 0xe6, 0x10, 0xeb, 0xfc];
+
+#[test]
+fn a_harvest_clears_kvms_log_so_a_page_written_once_is_reported_once() {
+    let Some(kvm) = kvm() else { return };
+    let holder = Arc::new(std::sync::Mutex::new(None));
+    let holder2 = holder.clone();
+    let g = Guest::start(&kvm, WRITE_ONCE, move |topo, spaces| {
+        let r = topo.new_ram("vram", 0x4000).unwrap();
+        r.set_log(true, DirtyClient::Vga).unwrap();
+        spaces.system.add_subregion(DATA, &r).unwrap();
+        *holder2.lock().unwrap() = Some(r);
+    });
+    let vram = holder.lock().unwrap().clone().unwrap();
+    assert!(g.slot_at(DATA).is_some_and(|s| s.log_dirty));
+    // The first report comes after the write.
+    g.wait_for("a report after the write", |_| true);
+    g.topo.sync_dirty_bitmap(&vram).unwrap();
+    assert!(vram.get_dirty(0, 1, DirtyClient::Vga).unwrap(), "the written page is reported");
+    vram.reset_dirty(0, 0x4000, DirtyClient::Vga).unwrap();
+    // No write since: KVM's log was cleared by the harvest (with manual
+    // protection, by KVM_CLEAR_DIRTY_LOG), so nothing is reported again.
+    g.topo.sync_dirty_bitmap(&vram).unwrap();
+    assert!(!vram.get_dirty(0, 0x4000, DirtyClient::Vga).unwrap(), "a page reported twice for one write");
 }

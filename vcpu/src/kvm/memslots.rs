@@ -23,16 +23,47 @@
 //!
 //! Dirty logging: a slot carries `KVM_MEM_LOG_DIRTY_PAGES` while its region
 //! has clients logging (`effective_dirty_log_mask`), and `log_sync` folds
-//! `KVM_GET_DIRTY_LOG` into the region's bitmaps.
+//! `KVM_GET_DIRTY_LOG` into the region's bitmaps; where the kernel has
+//! manual protection, the harvested pages are then cleared with
+//! `KVM_CLEAR_DIRTY_LOG`.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{Kvm, VmFd};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use topos_runtime::{ListenerResult, MemoryListener, MemoryRegion, MemoryRegionSection};
 
 /// The host page size the slots are aligned to.
 const HOST_PAGE: u64 = 4096;
+
+/// The ioctl kvm-ioctls does not wrap.
+mod ioctl_numbers {
+    #![allow(missing_docs)]
+    use kvm_bindings::{kvm_clear_dirty_log, KVMIO};
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use ioctl_numbers::KVM_CLEAR_DIRTY_LOG;
+
+/// Turns on manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`)
+/// for `vm` if the kernel has it: `KVM_GET_DIRTY_LOG` then only reports,
+/// and the mirror re-protects exactly the pages it harvested with
+/// `KVM_CLEAR_DIRTY_LOG` instead of KVM write-protecting the whole slot at
+/// every harvest. Returns whether it is on.
+pub fn enable_manual_dirty_log_protect(kvm: &Kvm, vm: &VmFd) -> bool {
+    let supported = kvm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+    if supported as u32 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
+        return false;
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).is_ok()
+}
 
 /// Why a slot change failed (reported to the runtime as the listener's
 /// failure, which detaches the mirror and stops the VM).
@@ -60,6 +91,14 @@ pub enum MemslotError {
         slot: u32,
         /// The ioctl's error.
         source: kvm_ioctls::Error,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG` failed.
+    #[error("KVM_CLEAR_DIRTY_LOG for slot {slot}: {source}")]
+    ClearDirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl's error.
+        source: std::io::Error,
     },
     /// The runtime refused to take the dirty bits.
     #[error("dirty log of slot {slot}: {source}")]
@@ -119,6 +158,9 @@ struct Table {
 pub struct MemslotMirror {
     vm: Arc<VmFd>,
     table: Mutex<Table>,
+    /// Manual dirty-log protection is on: harvested pages are cleared (and
+    /// re-protected) with `KVM_CLEAR_DIRTY_LOG`.
+    manual_protect: bool,
 }
 
 impl std::fmt::Debug for MemslotMirror {
@@ -139,10 +181,15 @@ impl MemslotMirror {
     /// A mirror for `vm`, which offers `max_slots` memslots
     /// (`Kvm::get_nr_memslots`).
     pub fn new(vm: Arc<VmFd>, max_slots: u32) -> MemslotMirror {
-        MemslotMirror {
-            vm,
-            table: Mutex::new(Table { slots: BTreeMap::new(), free: Vec::new(), next: 0, max: max_slots }),
-        }
+        let table = Mutex::new(Table { slots: BTreeMap::new(), free: Vec::new(), next: 0, max: max_slots });
+        MemslotMirror { vm, table, manual_protect: false }
+    }
+
+    /// Says that `vm` has manual dirty-log protection on (see
+    /// [`enable_manual_dirty_log_protect`]).
+    pub fn with_manual_protect(mut self, on: bool) -> MemslotMirror {
+        self.manual_protect = on;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -264,10 +311,13 @@ impl MemslotMirror {
 
     /// Folds the slot's KVM dirty log into its region's bitmaps.
     fn sync(&self, slot: &Slot) -> Result<(), MemslotError> {
-        let bitmap = self
+        let mut bitmap = self
             .vm
             .get_dirty_log(slot.id, slot.size as usize)
             .map_err(|source| MemslotError::DirtyLog { slot: slot.id, source })?;
+        if self.manual_protect && bitmap.iter().any(|&w| w != 0) {
+            self.clear(slot, &mut bitmap)?;
+        }
         for (w, word) in bitmap.iter().enumerate() {
             let mut bits = *word;
             while bits != 0 {
@@ -277,6 +327,26 @@ impl MemslotMirror {
                     .set_dirty(slot.offset_in_region + page * HOST_PAGE, HOST_PAGE)
                     .map_err(|source| MemslotError::SetDirty { slot: slot.id, source })?;
             }
+        }
+        Ok(())
+    }
+
+    /// Clears (and re-protects) the pages of `bitmap` in KVM's log of the
+    /// slot, so the next harvest reports only pages written after this one.
+    fn clear(&self, slot: &Slot, bitmap: &mut [u64]) -> Result<(), MemslotError> {
+        let arg = kvm_clear_dirty_log {
+            slot: slot.id,
+            num_pages: (slot.size / HOST_PAGE) as u32,
+            first_page: 0,
+            __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 { dirty_bitmap: bitmap.as_mut_ptr().cast() },
+        };
+        // SAFETY: the VM descriptor is valid; `arg` describes the whole
+        // slot (first page 0, its page count) and points to a bitmap of
+        // one bit per page of it (what `KVM_GET_DIRTY_LOG` returned for
+        // the slot), which the kernel only reads; the result is checked.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&*self.vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(MemslotError::ClearDirtyLog { slot: slot.id, source: std::io::Error::last_os_error() });
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use super::coalesced::{CoalescedRing, CoalescedZones};
 use super::ioeventfds::{IoBus, IoeventfdMirror};
-use super::memslots::MemslotMirror;
+use super::memslots::{enable_manual_dirty_log_protect, MemslotMirror};
 use super::vcpu::KvmVcpu;
 use crate::error::{Error, Result};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -55,7 +55,8 @@ impl KvmVm {
         let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm.set_tss_address(TSS_ADDRESS).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
-        let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32));
+        let manual = enable_manual_dirty_log_protect(&kvm, &vm);
+        let mirror = Arc::new(MemslotMirror::new(vm.clone(), kvm.get_nr_memslots() as u32).with_manual_protect(manual));
         let mut listeners = vec![topo.listener_register(mirror.clone(), 0, Some(memory))?];
         for (space, bus) in [(memory, IoBus::Mmio), (io, IoBus::Pio)] {
             let fds = Arc::new(IoeventfdMirror::new(vm.clone(), bus));
