@@ -210,3 +210,37 @@ fn topos_run_stops_a_guest_whose_vcpus_all_halted_with_interrupts_off() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(run.status, Some(0), "every vCPU halted: a clean stop; stderr: {}", run.stderr);
 }
+
+/// A memory listener that fails every `region_add` (a memslot mirror whose
+/// ioctl failed, say).
+struct FailingListener;
+
+impl topos_runtime::MemoryListener for FailingListener {
+    fn region_add(&self, _section: &topos_runtime::MemoryRegionSection) -> topos_runtime::ListenerResult {
+        Err("this listener refuses every range".into())
+    }
+}
+
+#[test]
+fn a_failing_memory_listener_stops_the_machine_with_a_reason() {
+    if !kvm_present() {
+        return;
+    }
+    let config = PcConfig {
+        ram_size: 64 << 20,
+        cpus: 1,
+        // cli; jmp $: runs for ever unless stopped.
+        bios: support::bios_at_reset(&[0xfa, 0xeb, 0xfe]),
+        devices: vec![PciModel::Edu],
+        serial: SerialSink::Null,
+        kernel: None,
+        bios_in_flash: false,
+    };
+    let machine = Machine::new(config, Accel::Kvm).unwrap();
+    let vm = machine.start().unwrap();
+    let b = machine.board();
+    b.topo.listener_register(std::sync::Arc::new(FailingListener), 0, Some(&b.spaces.memory)).unwrap_err();
+    let reason = support::wait_bounded(vm);
+    assert!(matches!(&reason, StopReason::ListenerFailed(why) if why.contains("refuses")), "{reason:?}");
+    assert_eq!(reason.exit_status(), 3);
+}
