@@ -14,6 +14,8 @@
 
 #![cfg(target_arch = "x86_64")]
 
+mod support;
+
 use kvm_ioctls::{Kvm, VcpuExit};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -35,14 +37,9 @@ const READ_LOOP: &[u8] = &[0xa0, 0x00, 0x80, 0xe6, 0x10, 0xeb, 0xf9];
 /// `inc byte [0x8000]; mov al, [0x8000]; out 0x10, al; jmp $-11`
 const WRITE_LOOP: &[u8] = &[0xfe, 0x06, 0x00, 0x80, 0xa0, 0x00, 0x80, 0xe6, 0x10, 0xeb, 0xf5];
 
+/// `/dev/kvm`, or `None` after saying why the test skips.
 fn kvm() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
-            None
-        }
-    }
+    support::kvm_present().then(|| Kvm::new().expect("/dev/kvm opened a moment ago"))
 }
 
 /// A device that reads as a constant and counts writes.

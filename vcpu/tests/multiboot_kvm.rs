@@ -23,7 +23,9 @@ const FIRST_LINE: &str = "multiboot: magic ";
 /// What topos's board gives the kernel with `ram` bytes and `ncpus` CPUs.
 fn expected(kernel: &Path, ram: u64, ncpus: u32) -> Boot {
     let (below, above) = split_ram(ram);
-    let amd = kvm_ioctls::Kvm::new().map(|k| topos_vcpu::kvm::vm::cpu_is_amd(&k)).unwrap_or(false);
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let amd = topos_vcpu::kvm::vm::cpu_is_amd(&cpuid);
     let mmap = memory_map(below, above, MapOptions { kvm: true, amd });
     Boot {
         cmdline: format!("{} {APPEND}", kernel.display()),

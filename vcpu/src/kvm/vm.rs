@@ -8,9 +8,9 @@ use super::ioeventfds::{IoBus, IoeventfdMirror};
 use super::memslots::{enable_manual_dirty_log_protect, MemslotMirror};
 use super::vcpu::KvmVcpu;
 use crate::error::{Error, Result};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use topos_devices::InterruptSink;
 use topos_runtime::{AddressSpace, FlushHook, ListenerId, Topology};
 
@@ -23,12 +23,16 @@ const TSS_ADDRESS: usize = IDENTITY_MAP_ADDRESS as usize + 0x1000;
 
 /// A KVM VM mirroring a topology's memory address space.
 pub struct KvmVm {
-    kvm: Kvm,
     vm: Arc<VmFd>,
     mirror: Arc<MemslotMirror>,
-    /// Set once the in-kernel irqchip and PIT exist (made with the first
+    /// The CPUID the host supports, read once; each vCPU gets a copy with
+    /// its APIC ID.
+    supported_cpuid: CpuId,
+    /// Whether the kernel has coalesced MMIO.
+    coalesced: bool,
+    /// Whether the in-kernel irqchip and PIT exist (made with the first
     /// vCPU).
-    irqchip: OnceLock<()>,
+    irqchip: Mutex<bool>,
     /// The coalesced-MMIO ring, mapped with the first vCPU.
     ring: OnceLock<Arc<CoalescedRing>>,
     /// Drains the ring for the runtime (held here: the topology holds it
@@ -62,14 +66,18 @@ impl KvmVm {
             let fds = Arc::new(IoeventfdMirror::new(vm.clone(), bus));
             listeners.push(topo.listener_register(fds, 0, Some(space))?);
         }
-        if kvm.check_extension(Cap::CoalescedMmio) {
+        let coalesced = kvm.check_extension(Cap::CoalescedMmio);
+        if coalesced {
             listeners.push(topo.listener_register(Arc::new(CoalescedZones::new(vm.clone())), 0, Some(memory))?);
         }
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(KvmVm {
-            kvm,
             vm,
             mirror,
-            irqchip: OnceLock::new(),
+            supported_cpuid,
+            coalesced,
+            irqchip: Mutex::new(false),
             ring: OnceLock::new(),
             flush_hook: OnceLock::new(),
             memory: memory.clone(),
@@ -95,14 +103,14 @@ impl KvmVm {
     /// slots go in before it; device interrupt lines only move once the
     /// guest runs.
     fn ensure_irqchip(&self) -> Result<()> {
-        let mut done = Ok(());
-        self.irqchip.get_or_init(|| {
-            done = self.vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP")).and_then(|()| {
-                let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-                self.vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))
-            });
-        });
-        done
+        let mut created = self.irqchip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*created {
+            self.vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            self.vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+            *created = true;
+        }
+        Ok(())
     }
 
     /// Creates vCPU `index` (its APIC ID), with the host's supported CPUID
@@ -110,8 +118,7 @@ impl KvmVm {
     pub fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
         self.ensure_irqchip()?;
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-        let mut cpuid =
-            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = self.supported_cpuid.clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
                 // Initial APIC ID in EBX[31:24].
@@ -122,7 +129,7 @@ impl KvmVm {
             }
         }
         fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        if self.ring.get().is_none() && self.kvm.check_extension(Cap::CoalescedMmio) {
+        if self.coalesced && self.ring.get().is_none() {
             let ring =
                 Arc::new(CoalescedRing::map(&fd).map_err(|e| Error::Config(format!("coalesced MMIO ring: {e}")))?);
             let (r, memory) = (ring.clone(), self.memory.clone());
@@ -140,7 +147,7 @@ impl KvmVm {
 
     /// Whether the vCPUs' CPUID says AMD (see [`cpu_is_amd`]).
     pub fn cpu_is_amd(&self) -> bool {
-        cpu_is_amd(&self.kvm)
+        cpu_is_amd(&self.supported_cpuid)
     }
 
     /// An interrupt sink driving the in-kernel PICs and IOAPIC
@@ -150,10 +157,9 @@ impl KvmVm {
     }
 }
 
-/// Whether KVM's supported CPUID (what topos's vCPUs report) names AMD
-/// (`AuthenticAMD` or `HygonGenuine` in leaf 0), as the host's does.
-pub fn cpu_is_amd(kvm: &Kvm) -> bool {
-    let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) else { return false };
+/// Whether `cpuid` (KVM's supported CPUID: what topos's vCPUs report) names
+/// AMD (`AuthenticAMD` or `HygonGenuine` in leaf 0), as the host's does.
+pub fn cpu_is_amd(cpuid: &CpuId) -> bool {
     cpuid.as_slice().iter().find(|e| e.function == 0).is_some_and(|e| {
         let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
         vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
