@@ -185,7 +185,25 @@ impl Cpu {
         // `run_ops` needs the core mutably and the block shared: they are
         // different fields.
         let Cpu { core, cache } = self;
-        run_ops(core, &cache.block(slot).ops, budget, cache)
+        let cs_base = core.s.seg[SegReg::Cs as usize].base;
+        loop {
+            core.flushed = false;
+            run_ops(core, &cache.block(slot).ops, budget, cache)?;
+            // A block that jumps back to its own start (a loop) runs again
+            // at once when nothing the run loop looks at changed.
+            let cs = &core.s.seg[SegReg::Cs as usize];
+            let same = core.s.eip == key.eip && cs.base == cs_base && cs.is_32() == (bits == 32) && !core.flushed;
+            if !same
+                || *budget == 0
+                || core.s.halted
+                || core.attention.load(Ordering::Relaxed)
+                || core.apic.as_ref().is_some_and(|a| a.attention())
+                || !core.io.memory_ref().is_current()
+                || cache.code_written()
+            {
+                return Ok(());
+            }
+        }
     }
 
     fn run_ops(&mut self, ops: &[super::exec::Op], budget: &mut u64) -> Result<(), Exit> {
