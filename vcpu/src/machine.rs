@@ -4,7 +4,7 @@
 use crate::board::multiboot::MapOptions;
 use crate::board::{BoardWiring, PcBoard, PcConfig};
 use crate::error::{Error, Result};
-use crate::interp::{InterpVcpu, Segment};
+use crate::interp::{CoalescedMmio, InterpVcpu, Segment};
 use crate::kvm::KvmVm;
 use crate::vm::{StopLatch, StopReason, Vm};
 use std::sync::Arc;
@@ -51,9 +51,7 @@ impl Accel {
 /// Whether the host CPU advertises VMX or SVM.
 pub fn host_has_hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
-        s.lines()
-            .filter(|l| l.starts_with("flags"))
-            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        s.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
     })
 }
 
@@ -73,7 +71,7 @@ impl std::str::FromStr for Accel {
 /// The accelerator a machine was built on.
 enum Backend {
     Kvm(KvmVm),
-    Interp,
+    Interp { coalesced: CoalescedMmio },
 }
 
 /// A machine ready to run.
@@ -113,7 +111,8 @@ impl Machine {
                     exit,
                     memory_map: MapOptions { kvm: false, amd: false },
                 };
-                (Backend::Interp, wiring)
+                let coalesced = CoalescedMmio::install(&topo, &spaces.memory);
+                (Backend::Interp { coalesced }, wiring)
             }
             _ => {
                 let kvm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space)?;
@@ -134,7 +133,7 @@ impl Machine {
     pub fn accel(&self) -> Accel {
         match self.backend {
             Backend::Kvm(_) => Accel::Kvm,
-            Backend::Interp => Accel::Interp,
+            Backend::Interp { .. } => Accel::Interp,
         }
     }
 
@@ -168,9 +167,10 @@ impl Machine {
                     }
                     backends.push(Box::new(vcpu));
                 }
-                Backend::Interp => {
+                Backend::Interp { coalesced } => {
                     let spaces = &self.board.spaces;
                     let mut vcpu = InterpVcpu::new(&spaces.memory, &spaces.io_space, i, cpus, None);
+                    vcpu.cpu().set_coalesced_buffer(coalesced.buffer());
                     if let (0, Some(entry)) = (i, self.board.entry) {
                         // As the KVM backend and QEMU's multiboot loader
                         // leave it: CS 0x10, data 0x18.

@@ -10,14 +10,15 @@
 //! ([`Accessor::is_current`](topos_runtime::Accessor::is_current)) and
 //! flushes on a change, as it does on CR0/CR3/CR4 writes and `invlpg`.
 
+use super::apic::Apic;
+use super::coalesced::CoalescedBuffer;
 use super::event::{gp, ss, Event, Step};
 use super::paging::Access;
 use super::state::{attr, flag, CpuState, SegReg};
 use crate::backend::{Space, VcpuIo};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use super::apic::Apic;
-use topos_runtime::{MemTxResult, PageTarget, RamPage};
+use topos_runtime::{MemTxResult, MemoryRegionSection, PageTarget, RamPage};
 
 const TLB_BITS: u32 = 8;
 const TLB_SIZE: usize = 1 << TLB_BITS;
@@ -40,11 +41,13 @@ struct TlbEntry {
     /// The physical page.
     phys: u64,
     target: Target,
+    /// The coalesced ranges (physical, end exclusive) within an MMIO page.
+    coalesced: Option<Arc<[(u64, u64)]>>,
 }
 
 impl Default for TlbEntry {
     fn default() -> TlbEntry {
-        TlbEntry { read_tag: INVALID, write_tag: INVALID, phys: 0, target: Target::Mmio(0) }
+        TlbEntry { read_tag: INVALID, write_tag: INVALID, phys: 0, target: Target::Mmio(0), coalesced: None }
     }
 }
 
@@ -86,6 +89,8 @@ pub(crate) struct Core {
     apic_page: Option<u64>,
     /// Set when a TLB flush happened (the code cache follows).
     pub(crate) flushed: bool,
+    /// Where writes to coalesced MMIO ranges are buffered, if anywhere.
+    pub(crate) coalesced: Option<Arc<CoalescedBuffer>>,
 }
 
 impl Core {
@@ -109,6 +114,7 @@ impl Core {
             user: 0,
             prot: false,
             flushed: true,
+            coalesced: None,
         };
         c.mode_changed();
         c
@@ -171,6 +177,7 @@ impl Core {
         let walk = self.walk(la, access, user != 0)?;
         let page = walk.phys & !0xfff;
         let idx = (la >> 12) as usize & (TLB_SIZE - 1);
+        let mut coalesced = None;
         let target = if Some(page) == self.apic_page {
             Target::Apic
         } else {
@@ -182,6 +189,12 @@ impl Core {
             }
             match t.target() {
                 PageTarget::Ram(p) => Target::Ram(p.clone()),
+                PageTarget::Mmio(section) => {
+                    if self.coalesced.is_some() {
+                        coalesced = coalesced_ranges(section, page);
+                    }
+                    Target::Mmio(page)
+                }
                 _ => Target::Mmio(page),
             }
         };
@@ -191,6 +204,7 @@ impl Core {
         e.write_tag = if walk.writable { tag } else { INVALID };
         e.phys = page;
         e.target = target;
+        e.coalesced = coalesced;
         Ok(idx)
     }
 
@@ -274,6 +288,7 @@ impl Core {
             Target::Ram(p) => Ok(p.load(off, size)),
             Target::Mmio(page) => {
                 let addr = page | off as u64;
+                self.flush_coalesced();
                 let mut b = [0u8; 8];
                 if self.io.mmio_read(addr, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
                     return Err(Event::AccessFault);
@@ -334,6 +349,14 @@ impl Core {
             }
         };
         let addr = phys.unwrap_or(self.tlb[idx].phys | off as u64);
+        if let (Some(ranges), Some(buf)) = (&self.tlb[idx].coalesced, &self.coalesced) {
+            let end = addr + size as u64;
+            if ranges.iter().any(|&(s, e)| s <= addr && end <= e) {
+                buf.push(addr, value, size);
+                return Ok(());
+            }
+        }
+        self.flush_coalesced();
         let b = value.to_le_bytes();
         if self.io.mmio_write(addr, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -500,8 +523,20 @@ impl Core {
         Ok(self.read_seg(SegReg::Ss as usize, off, size)? as u32)
     }
 
+    /// Replays this vCPU's buffered coalesced writes (before an access
+    /// that is dispatched, and when the vCPU leaves the run loop).
+    #[inline]
+    pub(crate) fn flush_coalesced(&self) {
+        if let Some(b) = &self.coalesced {
+            if b.pending() {
+                b.flush();
+            }
+        }
+    }
+
     /// A port read.
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Step<u32> {
+        self.flush_coalesced();
         let mut b = [0u8; 4];
         if self.io.pio_read(port, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -511,6 +546,7 @@ impl Core {
 
     /// A port write.
     pub(crate) fn port_out(&mut self, port: u16, value: u32, size: usize) -> Step {
+        self.flush_coalesced();
         let b = value.to_le_bytes();
         if self.io.pio_write(port, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -528,4 +564,26 @@ impl Core {
     pub(crate) fn tsc(&self) -> u64 {
         (self.tsc_origin.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
     }
+}
+
+/// The coalesced ranges of an MMIO page's region that fall in the page,
+/// as physical ranges (end exclusive).
+fn coalesced_ranges(section: &MemoryRegionSection, page: u64) -> Option<Arc<[(u64, u64)]>> {
+    let mr = section.mr.as_ref()?;
+    let ranges = mr.coalesced_ranges();
+    if ranges.is_empty() {
+        return None;
+    }
+    let start = section.offset_within_region;
+    let phys_of = |off: u64| section.offset_within_address_space.wrapping_add(off.wrapping_sub(start));
+    let page_end = page + 0x1000;
+    let out: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter_map(|&(off, size)| {
+            let s = phys_of(off).max(page);
+            let e = (u128::from(phys_of(off)) + size).min(u128::from(page_end)) as u64;
+            (s < e).then_some((s, e))
+        })
+        .collect();
+    (!out.is_empty()).then(|| out.into())
 }

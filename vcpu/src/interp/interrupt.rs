@@ -139,8 +139,8 @@ impl Core {
             return Err(gp(ext));
         }
         let sel_err = u32::from(sel & 0xfffc) + ext;
-        let desc = self.read_descriptor(sel, |_| Event::Exception { vector: 13, code: None })
-            .map_err(|_| gp(sel_err))?;
+        let desc =
+            self.read_descriptor(sel, |_| Event::Exception { vector: 13, code: None }).map_err(|_| gp(sel_err))?;
         let cs = Segment::from_descriptor(sel, desc);
         let a = cs.attrs;
         if a & attr::S == 0 || a & attr::CODE == 0 || cs.dpl() > cpl {
@@ -221,8 +221,11 @@ impl Core {
         let tr = self.s.tr;
         let tss_err = ts(u32::from(tr.selector & 0xfffc) + ext);
         let is32 = matches!(tr.attrs & 0xf, 0x9 | 0xb);
-        let (esp_off, ss_off, esp_size) =
-            if is32 { (4 + u32::from(dpl) * 8, 8 + u32::from(dpl) * 8, 4) } else { (2 + u32::from(dpl) * 4, 4 + u32::from(dpl) * 4, 2) };
+        let (esp_off, ss_off, esp_size) = if is32 {
+            (4 + u32::from(dpl) * 8, 8 + u32::from(dpl) * 8, 4)
+        } else {
+            (2 + u32::from(dpl) * 4, 4 + u32::from(dpl) * 4, 2)
+        };
         if ss_off + 1 > tr.limit || !tr.is_usable() {
             return Err(tss_err);
         }
@@ -232,7 +235,8 @@ impl Core {
         if sel & !3 == 0 {
             return Err(ts(ext));
         }
-        let desc = self.read_descriptor(sel, |_| Event::Exception { vector: 10, code: None }).map_err(|_| ts(sel_err))?;
+        let desc =
+            self.read_descriptor(sel, |_| Event::Exception { vector: 10, code: None }).map_err(|_| ts(sel_err))?;
         let s = Segment::from_descriptor(sel, desc);
         let a = s.attrs;
         let writable_data = a & attr::S != 0 && a & attr::CODE == 0 && a & attr::RW != 0;

@@ -115,8 +115,7 @@ impl Core {
         if pte & P == 0 {
             return Err(self.page_fault(la, access, user, 0));
         }
-        let writable =
-            self.check(la, access, user, pde & pte & US != 0, pde & pte & RW != 0, false)?;
+        let writable = self.check(la, access, user, pde & pte & US != 0, pde & pte & RW != 0, false)?;
         self.pt_set(pde_addr, pde, A);
         let set = if access == Access::Write { A | D } else { A };
         self.pt_set(pte_addr, pte, set);

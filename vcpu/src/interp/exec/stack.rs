@@ -131,8 +131,16 @@ pub(crate) fn popa(c: &mut Core, op: &Op) -> Step {
 
 /// The `r`-th register after `base` (AX..DI or EAX..EDI).
 fn gpr_view(base: Register, r: usize) -> Register {
-    const R16: [Register; 8] =
-        [Register::AX, Register::CX, Register::DX, Register::BX, Register::SP, Register::BP, Register::SI, Register::DI];
+    const R16: [Register; 8] = [
+        Register::AX,
+        Register::CX,
+        Register::DX,
+        Register::BX,
+        Register::SP,
+        Register::BP,
+        Register::SI,
+        Register::DI,
+    ];
     const R32: [Register; 8] = [
         Register::EAX,
         Register::ECX,
