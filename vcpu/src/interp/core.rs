@@ -85,6 +85,10 @@ pub(crate) struct Core {
     user: u32,
     /// Protected mode (CR0.PE and not virtual-8086).
     prot: bool,
+    /// Misaligned data accesses raise `#AC` (CPL 3, CR0.AM, EFLAGS.AC).
+    align_check: bool,
+    /// NMIs are blocked until the next `iret` (one is being handled).
+    pub(crate) nmi_blocked: bool,
     /// The APIC page when the APIC is enabled.
     apic_page: Option<u64>,
     /// Set when a TLB flush happened (the code cache follows).
@@ -113,6 +117,8 @@ impl Core {
             tlb_generation: u64::MAX,
             user: 0,
             prot: false,
+            align_check: false,
+            nmi_blocked: false,
             flushed: true,
             coalesced: None,
         };
@@ -128,6 +134,8 @@ impl Core {
         if user != self.user {
             self.user = user;
         }
+        self.align_check =
+            user == 1 && self.s.cr0 & super::state::cr0::AM != 0 && self.s.flags.base() & flag::AC != 0;
     }
 
     /// Makes the next accesses supervisor accesses until the next
@@ -446,7 +454,11 @@ impl Core {
         } else if last > u64::from(s.limit) {
             return Err(fault());
         }
-        Ok(s.base.wrapping_add(off))
+        let la = s.base.wrapping_add(off);
+        if self.align_check && size.is_power_of_two() && la & (size - 1) != 0 {
+            return Err(Event::exception(super::event::vector::AC, Some(0)));
+        }
+        Ok(la)
     }
 
     /// Reads `size` bytes at `seg:off`.

@@ -258,8 +258,9 @@ impl Cpu {
             return None;
         }
         let apic = core.apic.as_mut()?;
-        if apic.take_nmi() {
+        if !core.nmi_blocked && apic.take_nmi() {
             core.s.halted = false;
+            core.nmi_blocked = true;
             if let Err(e) = core.deliver(2, None, Source::External) {
                 return handle_event(core, e).err();
             }

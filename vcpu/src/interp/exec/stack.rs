@@ -188,6 +188,8 @@ pub(crate) fn popf(c: &mut Core, op: &Op) -> Step {
     }
     let new = (old & !changeable) | (v & changeable);
     c.s.set_eflags(new);
+    // EFLAGS.AC decides alignment checks.
+    c.mode_changed();
     Ok(())
 }
 
