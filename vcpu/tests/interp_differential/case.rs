@@ -3,7 +3,7 @@
 //! registers and window, and its listing for failure reports.
 
 use super::flags::COMPARED;
-use super::gen::{generate, Options};
+use super::gen::{generate, terminator, Generated, Options};
 use super::layout::{CODE, CODE_MAX};
 use super::outcome::State;
 use super::registry::Profile;
@@ -35,6 +35,8 @@ pub struct Case {
     pub undefined: u32,
     /// Whether it ends with an exception instead of reaching its `out`.
     pub faults: bool,
+    /// What it was assembled from.
+    generated: Generated,
 }
 
 /// `insns` assembled for `bitness` at `ip`, with each instruction's offset.
@@ -53,11 +55,16 @@ fn assemble(insns: &[Instruction], bitness: u32, ip: u32) -> (Vec<u8>, Vec<u32>)
 impl Case {
     /// Case `seed` of `profile` (see [`generate`]).
     pub fn new(profile: Profile, seed: u64, options: Options) -> Case {
-        let g = generate(profile, seed, options);
+        Case::assemble(profile, seed, options, generate(profile, seed, options))
+    }
+
+    fn assemble(profile: Profile, seed: u64, options: Options, g: Generated) -> Case {
         let origin = if profile == Profile::Real { 0 } else { CODE as u32 };
-        let (code, offsets) = assemble(&g.insns, profile.bitness(), origin);
+        let mut insns = g.insns.clone();
+        insns.extend(terminator());
+        let (code, offsets) = assemble(&insns, profile.bitness(), origin);
         let (code64, offsets64) =
-            if profile == Profile::Native { assemble(&g.insns, 64, CODE as u32) } else { (vec![], vec![]) };
+            if profile == Profile::Native { assemble(&insns, 64, CODE as u32) } else { (vec![], vec![]) };
         Case {
             profile,
             seed,
@@ -67,15 +74,70 @@ impl Case {
             code64,
             offsets64,
             start: g.start,
-            window: g.window,
+            window: g.window.clone(),
             undefined: g.undefined,
             faults: g.faults,
+            generated: g,
         }
+    }
+
+    /// How many instructions come before the final `out`.
+    pub fn len(&self) -> usize {
+        self.generated.insns.len()
+    }
+
+    /// The case cut after its first `n` instructions (then `out`, `hlt`).
+    pub fn prefix(&self, n: usize) -> Case {
+        let g = &self.generated;
+        let cut = Generated {
+            insns: g.insns[..n].to_vec(),
+            undefined_after: g.undefined_after[..n].to_vec(),
+            start: g.start,
+            window: g.window.clone(),
+            undefined: if n == 0 { 0 } else { g.undefined_after[n - 1] },
+            faults: g.faults && n == g.insns.len(),
+        };
+        Case::assemble(self.profile, self.seed, self.options, cut)
+    }
+
+    /// Instruction `i`'s kind: its iced-x86 code (mnemonic and operand
+    /// form), with its prefixes.
+    pub fn instruction_kind(&self, i: usize) -> String {
+        let insn = &self.generated.insns[i];
+        let mut s = format!("{:?}", insn.code());
+        if insn.has_lock_prefix() {
+            s.insert_str(0, "lock ");
+        }
+        if insn.has_rep_prefix() {
+            s.insert_str(0, "rep ");
+        }
+        if insn.has_repne_prefix() {
+            s.insert_str(0, "repne ");
+        }
+        s
+    }
+
+    /// Instruction `i`, disassembled.
+    pub fn instruction(&self, i: usize) -> String {
+        let start = self.offsets[i] as usize;
+        let end = self.offsets[i + 1] as usize;
+        Self::disassemble(&self.code[start..end], self.profile.bitness(), self.origin() + start as u32)
+            .trim()
+            .to_string()
     }
 
     /// The offset in CS of the first instruction.
     pub fn origin(&self) -> u32 {
         self.start.eip
+    }
+
+    /// CS's base while it runs.
+    pub fn code_base(&self) -> u32 {
+        if self.profile == Profile::Real {
+            CODE as u32
+        } else {
+            0
+        }
     }
 
     /// The EIP of the final `out` (the `hlt` follows it).

@@ -11,10 +11,15 @@
 //!
 //! PVM's emulation of ring 0 and real mode fails (an emulation-failure
 //! exit) on `daa`, `aaa`, `aas`, `enter` with a nesting level, `int3`,
-//! `int n` and `into` in protected mode and `ud2` in real mode; with
-//! [`Options::pvm`] the generator leaves those out (it still emits `das`,
-//! `aam`, `aad`, `enter` with levels that mask to 0, and the other
-//! exceptions).
+//! `int n` and `into` in protected mode and `ud2` in real mode, and
+//! differs from the SDM in three places found by this test: `enter` with
+//! an operand-size prefix pushes the stack's width and sets all of EBP;
+//! `aam` and `aad` set SF from more than AL; an exception it raises in real
+//! mode (#DE) clears ESP[31:16]. With [`Options::pvm`] the generator leaves
+//! those out: no `daa`/`aaa`/`aas`, `enter` at the stack's width with levels
+//! that mask to 0, `aam`/`aad` with their flags not compared, ESP's upper
+//! half cleared before a real-mode #DE, and only the exceptions PVM
+//! delivers.
 //!
 //! The generator follows which arithmetic flags are architecturally
 //! undefined (see [`flags`](super::flags)); in *strict* mode it defines
@@ -127,8 +132,10 @@ fn mov_imm(reg: Register, value: u32) -> Instruction {
 
 /// A case's instructions and where it starts, before assembly.
 pub struct Generated {
-    /// The instructions, ending with `out 0xe0, al; hlt`.
+    /// The instructions, without the final `out 0xe0, al; hlt`.
     pub insns: Vec<Instruction>,
+    /// The arithmetic flags undefined after each instruction.
+    pub undefined_after: Vec<u32>,
     /// The registers at the start.
     pub start: State,
     /// The window at the start.
@@ -155,6 +162,8 @@ pub struct Gen {
     strict: bool,
     pvm: bool,
     insns: Vec<Instruction>,
+    /// The undefined flags after each instruction.
+    undefined_after: Vec<u32>,
     /// Arithmetic flags undefined now.
     undefined: u32,
     /// The direction flag now.
@@ -220,16 +229,24 @@ impl Gen {
         if self.strict && fx.uses & self.undefined != 0 {
             let n = self.rng.random_range(0..8);
             let imm = self.value(32) as u32;
-            self.insns.push(build(Code::Cmp_rm32_imm32, &[Opnd::Reg(gpr(32, n)), Opnd::Imm(imm)]));
             self.undefined = 0;
+            self.push(build(Code::Cmp_rm32_imm32, &[Opnd::Reg(gpr(32, n)), Opnd::Imm(imm)]));
         }
-        self.insns.push(insn);
         self.undefined = fx.apply(self.undefined);
+        self.push(insn);
     }
 
     /// Appends instructions that touch no flag.
     fn setup(&mut self, insns: Vec<Instruction>) {
-        self.insns.extend(insns);
+        for i in insns {
+            self.push(i);
+        }
+    }
+
+    /// Appends one instruction, noting the undefined flags after it.
+    fn push(&mut self, insn: Instruction) {
+        self.insns.push(insn);
+        self.undefined_after.push(self.undefined);
     }
 
     /// Registers instructions may name: all but ESP/SP in ring 0 and real
@@ -741,7 +758,13 @@ impl Gen {
             }
             // enter
             8 => {
-                let code = pick(self, &[Enterw_imm16_imm8, Enterd_imm16_imm8]);
+                // PVM pushes (and sets EBP at) the stack's width whatever
+                // the operand size.
+                let code = match (self.pvm, sixteen) {
+                    (true, true) => Enterw_imm16_imm8,
+                    (true, false) => Enterd_imm16_imm8,
+                    _ => pick(self, &[Enterw_imm16_imm8, Enterd_imm16_imm8]),
+                };
                 let w = Self::stack_bytes(code);
                 let size = if self.rng.random_bool(0.8) {
                     self.rng.random_range(0..0x40)
@@ -828,6 +851,9 @@ impl Gen {
             Some(i) => build(code, &[Opnd::Imm(i)]),
             None => Instruction::with(code),
         };
+        // PVM computes `aam`'s and `aad`'s SF (and so perhaps ZF and PF)
+        // from more than AL: compare only their result there.
+        let fx = if self.pvm && imm.is_some() { Effect::sets(0, ARITH) } else { fx };
         self.emit(insn, fx);
     }
 
@@ -919,27 +945,36 @@ impl Gen {
             (true, Profile::Real) => &[0, 1, 3, 4, 5],
             (true, _) => &[0, 1, 2],
         };
-        match choices[self.rng.random_range(0..choices.len())] {
+        let choice = choices[self.rng.random_range(0..choices.len())];
+        if self.pvm && self.profile == Profile::Real && choice < 2 {
+            // PVM clears ESP[31:16] when it delivers an exception it raised
+            // in real mode (not for `int n`); SP is what the CPU uses.
+            let and = build(Code::And_rm32_imm32, &[Opnd::Reg(Register::ESP), Opnd::Imm(0xffff)]);
+            self.emit(and, Effect::sets(ARITH & !AF, AF));
+        }
+        // The frame saves FLAGS: in strict mode they are all defined.
+        let fx = Effect::NONE.reading(ARITH);
+        match choice {
             0 => {
                 let r = self.reg(32, 1 << 0 | 1 << 2);
                 self.setup(vec![mov_imm(r, 0)]);
-                self.emit(build(Code::Div_rm32, &[Opnd::Reg(r)]), Effect::sets(0, ARITH));
+                self.emit(build(Code::Div_rm32, &[Opnd::Reg(r)]), fx);
             }
             1 => {
                 let r = self.reg(16, 1 << 0 | 1 << 2);
                 self.setup(vec![mov_imm(Register::DX, 0x8000), mov_imm(Register::AX, 0), mov_imm(r, 0xffff)]);
-                self.emit(build(Code::Idiv_rm16, &[Opnd::Reg(r)]), Effect::sets(0, ARITH));
+                self.emit(build(Code::Idiv_rm16, &[Opnd::Reg(r)]), fx);
             }
-            2 => self.emit(Instruction::with(Code::Ud2), Effect::NONE),
-            3 => self.emit(Instruction::with(Code::Int3), Effect::NONE),
+            2 => self.emit(Instruction::with(Code::Ud2), fx),
+            3 => self.emit(Instruction::with(Code::Int3), fx),
             4 => {
                 self.emit(build(Code::Pushd_imm32, &[Opnd::Imm(0x802)]), Effect::NONE);
                 self.emit(Instruction::with(Code::Popfd), Effect::sets(ARITH, 0));
-                self.emit(Instruction::with(Code::Into), Effect::NONE.reading(OF));
+                self.emit(Instruction::with(Code::Into), fx);
             }
             _ => {
                 let vector = [1u32, 5, 6, 7, 9, 16, 17, 18, 19, 31][self.rng.random_range(0..10)];
-                self.emit(build(Code::Int_imm8, &[Opnd::Imm(vector)]), Effect::NONE);
+                self.emit(build(Code::Int_imm8, &[Opnd::Imm(vector)]), fx);
             }
         }
     }
@@ -1004,7 +1039,18 @@ pub fn generate(profile: Profile, seed: u64, options: Options) -> Generated {
     }
     let window: Vec<u8> = le_bytes(&words);
     let Options { strict, pvm } = options;
-    let mut g = Gen { rng, profile, strict, pvm, insns: Vec::new(), undefined: 0, df: false, sp: 0, bp: None };
+    let mut g = Gen {
+        rng,
+        profile,
+        strict,
+        pvm,
+        insns: Vec::new(),
+        undefined_after: Vec::new(),
+        undefined: 0,
+        df: false,
+        sp: 0,
+        bp: None,
+    };
     let mut gpr = [0u32; 8];
     for v in &mut gpr {
         *v = g.value(32) as u32;
@@ -1032,8 +1078,18 @@ pub fn generate(profile: Profile, seed: u64, options: Options) -> Generated {
     if faults {
         g.fault();
     }
-    g.insns.push(build(Code::Out_imm8_AL, &[Opnd::Imm(0xe0), Opnd::Reg(Register::AL)]));
-    g.insns.push(Instruction::with(Code::Hlt));
     let eip = if profile == Profile::Real { 0 } else { super::layout::CODE as u32 };
-    Generated { insns: g.insns, start: State { gpr, eip, eflags }, window, undefined: g.undefined, faults }
+    Generated {
+        insns: g.insns,
+        undefined_after: g.undefined_after,
+        start: State { gpr, eip, eflags },
+        window,
+        undefined: g.undefined,
+        faults,
+    }
+}
+
+/// The instructions that end every case: `out 0xe0, al; hlt`.
+pub fn terminator() -> [Instruction; 2] {
+    [build(Code::Out_imm8_AL, &[Opnd::Imm(0xe0), Opnd::Reg(Register::AL)]), Instruction::with(Code::Hlt)]
 }

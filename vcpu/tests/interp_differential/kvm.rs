@@ -3,6 +3,7 @@
 //! case's `out` (or a fault stub's) exit to user space.
 
 use super::case::Case;
+use super::frame::{unwind, Frame};
 use super::layout::*;
 use super::outcome::{End, Outcome, State};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -272,30 +273,12 @@ impl KvmRunner {
 
     /// Replaces the stub's state by the one the fault's frame saved.
     fn unwind_fault(&self, env: Env, vector: u8, state: &mut State) -> End {
-        let has_code = env != Env::Real && matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30);
-        let sp = u64::from(state.gpr[4]);
-        // Flat segments everywhere but in real mode (SS = the window).
-        let (stack, width): (u64, u64) = match env {
-            Env::Real => (WINDOW + (sp & 0xffff), 2),
-            Env::Prot32 | Env::Pae3 | Env::Pae0 => (sp, 4),
-            Env::Compat3 | Env::Long3 => (sp, 8),
+        let frame = match env {
+            Env::Real => Frame::Real,
+            Env::Compat3 | Env::Long3 => Frame::Long,
+            Env::Pae3 => Frame::Ring3,
+            Env::Prot32 | Env::Pae0 => Frame::Prot32,
         };
-        let slots = if env.ring3() { 5 } else { 3 } + u64::from(has_code);
-        let bytes = self.read(stack, (slots * width) as usize);
-        let slot = |i: u64| {
-            let b = &bytes[(i * width) as usize..((i + 1) * width) as usize];
-            b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)) as u32
-        };
-        let first = u64::from(has_code);
-        let error_code = has_code.then(|| slot(0));
-        state.eip = slot(first);
-        state.eflags = slot(first + 2);
-        if env.ring3() {
-            state.gpr[4] = slot(first + 3);
-        } else {
-            let sp = state.gpr[4].wrapping_add((slots * width) as u32);
-            state.gpr[4] = if env == Env::Real { (state.gpr[4] & 0xffff_0000) | (sp & 0xffff) } else { sp };
-        }
-        End::Fault { vector, error_code }
+        unwind(frame, vector, state, |addr, len| self.read(addr, len))
     }
 }

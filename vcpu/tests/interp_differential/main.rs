@@ -58,7 +58,9 @@ mod support;
 mod addressing;
 mod case;
 mod flags;
+mod frame;
 mod gen;
+mod interp;
 mod kvm;
 mod layout;
 mod outcome;
@@ -66,6 +68,7 @@ mod registry;
 
 use case::Case;
 use gen::Options;
+use interp::InterpRunner;
 use kvm::{Env, KvmRunner};
 use outcome::{first_difference, flag_names, End, Outcome};
 use registry::Profile;
@@ -137,7 +140,53 @@ fn report(test: &str, case: &Case, names: (&str, &str), outs: (&Outcome, &Outcom
     )
 }
 
-/// What [`compare`] found.
+/// Finds the first instruction after which the runners disagree (running
+/// ever longer prefixes of `case`) and says what each made of it.
+fn locate(
+    case: &Case,
+    names: (&str, &str),
+    with_undefined: bool,
+    a: &mut impl FnMut(&Case) -> Outcome,
+    b: &mut impl FnMut(&Case) -> Outcome,
+) -> (String, String) {
+    let mut before: Option<(Outcome, Case)> = None;
+    for n in 0..=case.len() {
+        let p = case.prefix(n);
+        let (oa, ob) = (a(&p), b(&p));
+        let mask = p.flags_mask(with_undefined);
+        if let Some(diff) = first_difference(&oa, &ob, mask) {
+            let (culprit, prior) = match (n, &before) {
+                (0, _) | (_, None) => ("(the start state)".to_string(), String::new()),
+                (_, Some((o, c))) => (
+                    case.instruction(n - 1),
+                    format!("before it: {} (undefined [{}])\n", o.state, flag_names(c.undefined)),
+                ),
+            };
+            let text = format!(
+                "first divergence: after instruction {n}: {culprit}: {diff}\n{prior}\
+                 {:<7} {:?} {}\n{:<7} {:?} {}\n",
+                format!("{}:", names.0),
+                oa.end,
+                oa.state,
+                format!("{}:", names.1),
+                ob.end,
+                ob.state
+            );
+            let mut field = diff.split(':').next().unwrap_or_default().to_string();
+            if field == "eflags" {
+                let differ = (oa.state.eflags ^ ob.state.eflags) & mask;
+                let undefined = if differ & !p.undefined == 0 { " (undefined)" } else { "" };
+                field = format!("eflags [{}]{undefined}", flag_names(differ));
+            }
+            let key = if n == 0 { "(start)".to_string() } else { case.instruction_kind(n - 1) };
+            return (text, format!("{key} → {field}"));
+        }
+        before = Some((oa, p));
+    }
+    ("first divergence: none of the prefixes differs\n".into(), "(no prefix differs)".into())
+}
+
+/// What [`Comparison::run`] found.
 #[derive(Default)]
 struct Tally {
     cases: u64,
@@ -146,7 +195,14 @@ struct Tally {
     /// flags, and in which flags.
     undefined_only: u64,
     undefined_flags: BTreeMap<&'static str, u64>,
+    /// The first diverging instruction (mnemonic and operand form) and
+    /// field of the first [`LOCATED`] mismatches, with their seeds.
+    culprits: BTreeMap<String, Vec<u64>>,
 }
+
+/// How many mismatches of a comparison are traced to their first
+/// diverging instruction.
+const LOCATED: usize = 200;
 
 /// One comparison: cases of `profile` generated with `options`, run on two
 /// runners named `names`, compared on every EFLAGS bit or
@@ -172,7 +228,13 @@ impl Comparison {
             let mask = case.flags_mask(self.with_undefined);
             t.cases += 1;
             if first_difference(&oa, &ob, mask).is_some() {
-                t.mismatches.push(report(self.test, &case, self.names, (&oa, &ob), mask));
+                let mut r = report(self.test, &case, self.names, (&oa, &ob), mask);
+                if t.mismatches.len() < LOCATED {
+                    let (text, key) = locate(&case, self.names, self.with_undefined, &mut a, &mut b);
+                    r.push_str(&text);
+                    t.culprits.entry(key).or_default().push(seed);
+                }
+                t.mismatches.push(r);
             } else if (oa.state.eflags ^ ob.state.eflags) & case.undefined != 0 {
                 t.undefined_only += 1;
                 let differ = (oa.state.eflags ^ ob.state.eflags) & case.undefined;
@@ -199,10 +261,20 @@ impl Comparison {
     }
 }
 
-/// Fails with the first few mismatches of `t`.
+/// Fails with the first few mismatches of `t`, and a summary of where
+/// they start.
 fn assert_none(t: &Tally) {
     for m in t.mismatches.iter().take(5) {
         println!("{m}");
+    }
+    if !t.culprits.is_empty() {
+        println!("first diverging instruction → field: cases (seeds)");
+        let mut rows: Vec<_> = t.culprits.iter().collect();
+        rows.sort_by_key(|(_, seeds)| std::cmp::Reverse(seeds.len()));
+        for (key, seeds) in rows {
+            let shown: Vec<String> = seeds.iter().take(8).map(u64::to_string).collect();
+            println!("  {key}: {} ({})", seeds.len(), shown.join(", "));
+        }
     }
     assert!(
         t.mismatches.is_empty(),
@@ -210,6 +282,60 @@ fn assert_none(t: &Tally) {
         t.mismatches.len(),
         t.cases
     );
+}
+
+/// The interpreter against the host CPU: 64-bit-compatible sequences run
+/// natively in ring 3 under PVM, and in 32-bit protected mode on the
+/// interpreter; every flag is compared, undefined ones included.
+#[test]
+fn interpreter_matches_the_native_cpu() {
+    let Some(mut k) = kvm() else { return };
+    let mut i = InterpRunner::new();
+    let t = Comparison {
+        test: "interpreter_matches_the_native_cpu",
+        profile: Profile::Native,
+        options: Options { strict: false, pvm: true },
+        default_count: 3000,
+        names: ("kvm", "interp"),
+        with_undefined: true,
+    }
+    .run(|c| k.run_case(c, Env::Long3), |c| i.run_case(c));
+    assert_none(&t);
+}
+
+/// The interpreter against PVM's ring 0: the whole generated ISA in 32-bit
+/// protected mode, defined behaviour only.
+#[test]
+fn interpreter_matches_kvm_in_protected_mode() {
+    let Some(mut k) = kvm() else { return };
+    let mut i = InterpRunner::new();
+    let t = Comparison {
+        test: "interpreter_matches_kvm_in_protected_mode",
+        profile: Profile::Prot32,
+        options: Options { strict: true, pvm: true },
+        default_count: 3000,
+        names: ("kvm", "interp"),
+        with_undefined: false,
+    }
+    .run(|c| k.run_case(c, Env::Prot32), |c| i.run_case(c));
+    assert_none(&t);
+}
+
+/// The interpreter against PVM's real mode, defined behaviour only.
+#[test]
+fn interpreter_matches_kvm_in_real_mode() {
+    let Some(mut k) = kvm() else { return };
+    let mut i = InterpRunner::new();
+    let t = Comparison {
+        test: "interpreter_matches_kvm_in_real_mode",
+        profile: Profile::Real,
+        options: Options { strict: true, pvm: true },
+        default_count: 3000,
+        names: ("kvm", "interp"),
+        with_undefined: false,
+    }
+    .run(|c| k.run_case(c, Env::Real), |c| i.run_case(c));
+    assert_none(&t);
 }
 
 /// The harness checks itself against PVM: 64-bit-compatible sequences on
