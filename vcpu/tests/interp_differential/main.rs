@@ -48,7 +48,9 @@
 //!
 //! `TOPOS_DIFF_CASES=n` runs `n` cases per comparison (seeds `0..n`, or
 //! from `TOPOS_DIFF_FIRST`); `TOPOS_DIFF_SEED=s` runs case `s` only and
-//! prints it. A mismatch prints the seed, the command that reproduces it,
+//! prints it; `TOPOS_DIFF_LOCATE=n` traces the first `n` mismatches to
+//! their first diverging instruction (200 against KVM, 10 against QEMU);
+//! `TOPOS_DIFF_QEMU_LOG=file` has QEMU log what it runs there. A mismatch prints the seed, the command that reproduces it,
 //! the listing, both end states and the first differing field.
 //! Skipped, with the reason printed, without `/dev/kvm`.
 
@@ -64,6 +66,7 @@ mod interp;
 mod kvm;
 mod layout;
 mod outcome;
+mod qemu;
 mod registry;
 
 use case::Case;
@@ -146,16 +149,16 @@ fn locate(
     case: &Case,
     names: (&str, &str),
     with_undefined: bool,
-    a: &mut impl FnMut(&Case) -> Outcome,
-    b: &mut impl FnMut(&Case) -> Outcome,
+    a: &mut impl FnMut(&[Case]) -> Vec<Outcome>,
+    b: &mut impl FnMut(&[Case]) -> Vec<Outcome>,
 ) -> (String, String) {
-    let mut before: Option<(Outcome, Case)> = None;
-    for n in 0..=case.len() {
-        let p = case.prefix(n);
-        let (oa, ob) = (a(&p), b(&p));
+    let prefixes: Vec<Case> = (0..=case.len()).map(|n| case.prefix(n)).collect();
+    let (outs_a, outs_b) = (a(&prefixes), b(&prefixes));
+    let mut before: Option<(&Outcome, &Case)> = None;
+    for (n, ((p, oa), ob)) in prefixes.iter().zip(&outs_a).zip(&outs_b).enumerate() {
         let mask = p.flags_mask(with_undefined);
-        if let Some(diff) = first_difference(&oa, &ob, mask) {
-            let (culprit, prior) = match (n, &before) {
+        if let Some(diff) = first_difference(oa, ob, mask) {
+            let (culprit, prior) = match (n, before) {
                 (0, _) | (_, None) => ("(the start state)".to_string(), String::new()),
                 (_, Some((o, c))) => (
                     case.instruction(n - 1),
@@ -196,13 +199,9 @@ struct Tally {
     undefined_only: u64,
     undefined_flags: BTreeMap<&'static str, u64>,
     /// The first diverging instruction (mnemonic and operand form) and
-    /// field of the first [`LOCATED`] mismatches, with their seeds.
+    /// field of the first mismatches, with their seeds.
     culprits: BTreeMap<String, Vec<u64>>,
 }
-
-/// How many mismatches of a comparison are traced to their first
-/// diverging instruction.
-const LOCATED: usize = 200;
 
 /// One comparison: cases of `profile` generated with `options`, run on two
 /// runners named `names`, compared on every EFLAGS bit or
@@ -214,38 +213,28 @@ struct Comparison {
     default_count: u64,
     names: (&'static str, &'static str),
     with_undefined: bool,
+    /// How many mismatches are traced to their first diverging instruction.
+    locate: usize,
 }
 
 impl Comparison {
-    /// Runs the cases on `a` and `b` and compares them.
-    fn run(&self, mut a: impl FnMut(&Case) -> Outcome, mut b: impl FnMut(&Case) -> Outcome) -> Tally {
+    /// Runs the cases on `a` and `b` (each runs a batch) and compares them.
+    fn run(&self, mut a: impl FnMut(&[Case]) -> Vec<Outcome>, mut b: impl FnMut(&[Case]) -> Vec<Outcome>) -> Tally {
         let s = seeds(self.default_count);
         let started = Instant::now();
         let mut t = Tally::default();
-        for seed in s.first..s.first + s.count {
-            let case = Case::new(self.profile, seed, self.options);
-            let (oa, ob) = (a(&case), b(&case));
-            let mask = case.flags_mask(self.with_undefined);
-            t.cases += 1;
-            if first_difference(&oa, &ob, mask).is_some() {
-                let mut r = report(self.test, &case, self.names, (&oa, &ob), mask);
-                if t.mismatches.len() < LOCATED {
-                    let (text, key) = locate(&case, self.names, self.with_undefined, &mut a, &mut b);
-                    r.push_str(&text);
-                    t.culprits.entry(key).or_default().push(seed);
+        let mut seed = s.first;
+        while seed < s.first + s.count {
+            let chunk: Vec<Case> = (seed..(seed + CHUNK).min(s.first + s.count))
+                .map(|n| Case::new(self.profile, n, self.options))
+                .collect();
+            seed += chunk.len() as u64;
+            let (outs_a, outs_b) = (a(&chunk), b(&chunk));
+            for ((case, oa), ob) in chunk.iter().zip(&outs_a).zip(&outs_b) {
+                self.tally(&mut t, case, (oa, ob), &mut a, &mut b);
+                if s.verbose {
+                    println!("{}", report(self.test, case, self.names, (oa, ob), case.flags_mask(self.with_undefined)));
                 }
-                t.mismatches.push(r);
-            } else if (oa.state.eflags ^ ob.state.eflags) & case.undefined != 0 {
-                t.undefined_only += 1;
-                let differ = (oa.state.eflags ^ ob.state.eflags) & case.undefined;
-                for (bit, name) in [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (11, "OF")] {
-                    if differ & (1 << bit) != 0 {
-                        *t.undefined_flags.entry(name).or_default() += 1;
-                    }
-                }
-            }
-            if s.verbose {
-                println!("{}", report(self.test, &case, self.names, (&oa, &ob), mask));
             }
         }
         println!(
@@ -259,6 +248,45 @@ impl Comparison {
         );
         t
     }
+
+    /// Counts one case's comparison in `t`.
+    fn tally(
+        &self,
+        t: &mut Tally,
+        case: &Case,
+        (oa, ob): (&Outcome, &Outcome),
+        a: &mut impl FnMut(&[Case]) -> Vec<Outcome>,
+        b: &mut impl FnMut(&[Case]) -> Vec<Outcome>,
+    ) {
+        let mask = case.flags_mask(self.with_undefined);
+        t.cases += 1;
+        if first_difference(oa, ob, mask).is_some() {
+            let mut r = report(self.test, case, self.names, (oa, ob), mask);
+            let traced = env_u64("TOPOS_DIFF_LOCATE").map_or(self.locate, |n| n as usize);
+            if t.mismatches.len() < traced {
+                let (text, key) = locate(case, self.names, self.with_undefined, a, b);
+                r.push_str(&text);
+                t.culprits.entry(key).or_default().push(case.seed);
+            }
+            t.mismatches.push(r);
+        } else if (oa.state.eflags ^ ob.state.eflags) & case.undefined != 0 {
+            t.undefined_only += 1;
+            let differ = (oa.state.eflags ^ ob.state.eflags) & case.undefined;
+            for (bit, name) in [(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (11, "OF")] {
+                if differ & (1 << bit) != 0 {
+                    *t.undefined_flags.entry(name).or_default() += 1;
+                }
+            }
+        }
+    }
+}
+
+/// How many cases are generated and run at a time (one QEMU process each).
+const CHUNK: u64 = 250;
+
+/// Runs each case of a batch with `run`.
+fn each(mut run: impl FnMut(&Case) -> Outcome) -> impl FnMut(&[Case]) -> Vec<Outcome> {
+    move |cases| cases.iter().map(&mut run).collect()
 }
 
 /// Fails with the first few mismatches of `t`, and a summary of where
@@ -294,12 +322,13 @@ fn interpreter_matches_the_native_cpu() {
     let t = Comparison {
         test: "interpreter_matches_the_native_cpu",
         profile: Profile::Native,
-        options: Options { strict: false, pvm: true },
+        options: Options { strict: false, pvm: true, qemu: false },
         default_count: 3000,
         names: ("kvm", "interp"),
         with_undefined: true,
+        locate: 200,
     }
-    .run(|c| k.run_case(c, Env::Long3), |c| i.run_case(c));
+    .run(each(|c| k.run_case(c, Env::Long3)), each(|c| i.run_case(c)));
     assert_none(&t);
 }
 
@@ -312,12 +341,13 @@ fn interpreter_matches_kvm_in_protected_mode() {
     let t = Comparison {
         test: "interpreter_matches_kvm_in_protected_mode",
         profile: Profile::Prot32,
-        options: Options { strict: true, pvm: true },
+        options: Options { strict: true, pvm: true, qemu: false },
         default_count: 3000,
         names: ("kvm", "interp"),
         with_undefined: false,
+        locate: 200,
     }
-    .run(|c| k.run_case(c, Env::Prot32), |c| i.run_case(c));
+    .run(each(|c| k.run_case(c, Env::Prot32)), each(|c| i.run_case(c)));
     assert_none(&t);
 }
 
@@ -329,13 +359,44 @@ fn interpreter_matches_kvm_in_real_mode() {
     let t = Comparison {
         test: "interpreter_matches_kvm_in_real_mode",
         profile: Profile::Real,
-        options: Options { strict: true, pvm: true },
+        options: Options { strict: true, pvm: true, qemu: false },
         default_count: 3000,
         names: ("kvm", "interp"),
         with_undefined: false,
+        locate: 200,
     }
-    .run(|c| k.run_case(c, Env::Real), |c| i.run_case(c));
+    .run(each(|c| k.run_case(c, Env::Real)), each(|c| i.run_case(c)));
     assert_none(&t);
+}
+
+/// The interpreter against QEMU's TCG where PVM cannot judge: the whole
+/// generated ISA (`daa`, `aaa`, `aas`, `enter` with nesting levels and
+/// operand-size prefixes, `aam`/`aad` flags, `int n` and `into` in
+/// protected mode, `ud2` in real mode), defined behaviour only.
+fn against_qemu(test: &'static str, profile: Profile) {
+    let Some(mut q) = qemu::QemuRunner::new() else { return };
+    let mut i = InterpRunner::new();
+    let t = Comparison {
+        test,
+        profile,
+        options: Options { strict: true, pvm: false, qemu: true },
+        default_count: 1000,
+        names: ("qemu", "interp"),
+        with_undefined: false,
+        locate: 10,
+    }
+    .run(|cases| q.run(cases), each(|c| i.run_case(c)));
+    assert_none(&t);
+}
+
+#[test]
+fn interpreter_matches_qemu_in_protected_mode() {
+    against_qemu("interpreter_matches_qemu_in_protected_mode", Profile::Prot32);
+}
+
+#[test]
+fn interpreter_matches_qemu_in_real_mode() {
+    against_qemu("interpreter_matches_qemu_in_real_mode", Profile::Real);
 }
 
 /// The harness checks itself against PVM: 64-bit-compatible sequences on
@@ -348,12 +409,13 @@ fn pvm_ring0_matches_native() {
     let t = Comparison {
         test: "pvm_ring0_matches_native",
         profile: Profile::Native,
-        options: Options { strict: false, pvm: true },
+        options: Options { strict: false, pvm: true, qemu: false },
         default_count: 500,
         names: ("ring3", "ring0"),
         with_undefined: true,
+        locate: 200,
     }
-    .run(|c| k.borrow_mut().run_case(c, Env::Long3), |c| k.borrow_mut().run_case(c, Env::Prot32));
+    .run(each(|c| k.borrow_mut().run_case(c, Env::Long3)), each(|c| k.borrow_mut().run_case(c, Env::Prot32)));
     assert_none(&t);
 }
 
@@ -366,7 +428,7 @@ fn generated_cases_run_to_their_end_on_kvm() {
     let s = seeds(300);
     for (profile, env) in [(Profile::Native, Env::Long3), (Profile::Prot32, Env::Prot32), (Profile::Real, Env::Real)] {
         for seed in s.first..s.first + s.count {
-            let case = Case::new(profile, seed, Options { strict: true, pvm: true });
+            let case = Case::new(profile, seed, Options { strict: true, pvm: true, qemu: false });
             let out = k.run_case(&case, env);
             let ok = match out.end {
                 End::Terminated => !case.faults,
