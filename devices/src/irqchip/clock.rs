@@ -58,7 +58,12 @@ impl Clock {
     pub(crate) fn new(slots: usize) -> Clock {
         Clock {
             origin: Instant::now(),
-            state: Mutex::new(ClockState { deadlines: vec![None; slots], thread: None, spawned: false, shutdown: false }),
+            state: Mutex::new(ClockState {
+                deadlines: vec![None; slots],
+                thread: None,
+                spawned: false,
+                shutdown: false,
+            }),
             changed: Condvar::new(),
         }
     }
@@ -87,6 +92,12 @@ impl Clock {
             }
         }
         self.changed.notify_all();
+    }
+
+    /// Whether the deadline thread was started.
+    #[cfg(test)]
+    pub(crate) fn spawned(&self) -> bool {
+        self.state.lock().spawned
     }
 
     /// Stops the thread and waits for it to leave (unless called on it).

@@ -1,84 +1,5 @@
-//! The local APIC of one vCPU (xAPIC, memory-mapped; no x2APIC), split in
-//! two halves:
-//!
-//! * [`LocalApic`], owned by the vCPU thread: the registers only the CPU
-//!   itself reads or writes (ISR, TPR, SVR, LVT, ICR, ...), reached through
-//!   `&mut self` from the interpreter's accesses to the APIC page and from
-//!   its interrupt checks;
-//! * `LapicShared`, inside the [`Irqchip`]: what other threads touch —
-//!   the IRR and TMR (set by the IOAPIC, by other vCPUs' IPIs, by the
-//!   timer), the pending NMI, INIT, SIPI and ExtINT, the *attention* flag,
-//!   the waker, the APIC timer, and atomic mirrors of the routing state
-//!   (ID, logical destination, DFR, enable bits, TPR) that senders read to
-//!   pick their targets.
-//!
-//! ## Posting, attention and halts
-//!
-//! Any thread posts an event to a local APIC in three steps: it records
-//! the event (sets the IRR bit, or the NMI/INIT/SIPI/ExtINT bit), then
-//! sets the APIC's attention flag, then calls the vCPU's waker (which
-//! kicks its thread out of a halt). Every step is sequentially consistent.
-//!
-//! The vCPU thread polls [`LocalApic::attention`] once per block (one
-//! load). When it is set, the CPU core calls the `take_*` methods; each
-//! first clears the flag, then takes what it can, then sets the flag again
-//! if anything is still pending (an interrupt it could not take, an NMI
-//! besides an interrupt, ...). Because the clear comes before the look, a
-//! post that the look missed has its flag store after the clear: no event
-//! is ever left pending with the flag clear. Writes of the vCPU's own that
-//! can make a held interrupt deliverable (EOI, TPR, SVR, LINT0, the base
-//! MSR) set the flag too.
-//!
-//! Before halting, the vCPU thread reads its control's kick count, checks
-//! [`LocalApic::interrupt_pending`] (and NMI/INIT/SIPI), and only then
-//! waits, in a wait that returns at once if a kick came after the count
-//! was read (`Control::halt` in the vCPU crate). A post that the check
-//! missed kicks after the check, hence after the count was read: the halt
-//! ends. The loom model `loom-tests/tests/irqchip_post.rs` checks this
-//! with the real code, and `Irqchip::set_waker` closes the same race for
-//! events posted before a waker exists.
-//!
-//! ## Registers
-//!
-//! ID (writable, as KVM allows in xAPIC mode), version `0x00050014`
-//! (version 0x14, six LVT entries, as KVM reports), TPR, APR (computed as
-//! the SDM gives it), PPR, EOI, LDR, DFR, SVR (vector, APIC software
-//! enable, focus-check disable; clearing the enable masks every LVT entry
-//! and keeps them masked while disabled), ISR, TMR, IRR, ESR (no error is
-//! ever latched), ICR, the LVT entries (timer, thermal, performance,
-//! LINT0, LINT1, error) and the timer's initial count, current count and
-//! divide configuration. Reserved bits read as 0 and ignore writes;
-//! reserved registers read 0. Reads take the dword at a 16-byte boundary
-//! (the CPU core extracts smaller reads from it); writes must be 32-bit at
-//! a 16-byte boundary, others are ignored (as KVM does).
-//!
-//! ## IPIs
-//!
-//! A write of the ICR's low half sends: fixed, lowest priority, NMI, INIT,
-//! start-up, with the shorthands and destination modes of
-//! [`routing`](super::routing). An INIT "level de-assert" (level-triggered,
-//! level bit clear) does nothing, as on every processor since the Pentium
-//! 4. The delivery-status bit always reads idle: a message is delivered
-//! before the write returns.
-//!
-//! ## The timer
-//!
-//! One-shot and periodic modes (TSC-deadline is not offered), counting at
-//! the 1 GHz bus clock of QEMU and KVM divided by the divide configuration;
-//! the current count is computed from the host's monotonic clock, and
-//! expiries come from the [`Irqchip`]'s deadline thread, so a halted vCPU
-//! is woken. A periodic period is at least 200 µs (KVM's
-//! `min_timer_period_us`); expiries the host missed are not made up for.
-//!
-//! ## The 8259 through LINT0
-//!
-//! The boot processor's LINT0 is the PIC's INTR. At reset it is
-//! programmed ExtINT and unmasked (what firmware sets up for virtual-wire
-//! mode, and what KVM's reset gives the BSP). The PIC's interrupts reach
-//! the boot processor when LINT0 is unmasked ExtINT, or when its APIC is
-//! disabled, globally (MSR) or by software (SVR); the vector then comes
-//! from the PIC's INTA cycle. An ExtINT message from the IOAPIC does the
-//! same on any CPU. A PIC interrupt goes before the APIC's own, as on KVM.
+//! The local APIC of one vCPU: [`LocalApic`] (its documentation describes
+//! the model and the posting protocol) and its shared half.
 
 use super::clock::MIN_PERIOD_NS;
 use super::routing::{DeliveryMode, Destination, Message};
@@ -257,8 +178,7 @@ impl ApicTimer {
     }
 }
 
-/// The half of a local APIC other threads touch (see the [module](self)
-/// documentation).
+/// The half of a local APIC other threads touch (see [`LocalApic`]).
 pub(crate) struct LapicShared {
     /// Interrupt request register, 256 bits.
     irr: [AtomicU32; 8],
@@ -412,9 +332,94 @@ fn highest(bits: &[u32; 8]) -> Option<u8> {
     (0..8).rev().find_map(|w| (bits[w] != 0).then(|| (w * 32 + 31 - bits[w].leading_zeros() as usize) as u8))
 }
 
-/// The vCPU-owned half of a local APIC (see the [module](self)
-/// documentation). Obtained from [`Irqchip::take_lapic`]; keeps its
-/// [`Irqchip`] alive.
+/// The vCPU-owned half of a local APIC (xAPIC, memory-mapped; no x2APIC).
+/// Obtained from [`Irqchip::take_lapic`]; keeps its [`Irqchip`] alive.
+///
+/// A local APIC is split in two halves:
+///
+/// * [`LocalApic`], owned by the vCPU thread: the registers only the CPU
+///   itself reads or writes (ISR, TPR, SVR, LVT, ICR, ...), reached through
+///   `&mut self` from the interpreter's accesses to the APIC page and from
+///   its interrupt checks;
+/// * `LapicShared`, inside the [`Irqchip`]: what other threads touch —
+///   the IRR and TMR (set by the IOAPIC, by other vCPUs' IPIs, by the
+///   timer), the pending NMI, INIT, SIPI and ExtINT, the *attention* flag,
+///   the waker, the APIC timer, and atomic mirrors of the routing state
+///   (ID, logical destination, DFR, enable bits, TPR) that senders read to
+///   pick their targets.
+///
+/// ## Posting, attention and halts
+///
+/// Any thread posts an event to a local APIC in three steps: it records
+/// the event (sets the IRR bit, or the NMI/INIT/SIPI/ExtINT bit), then
+/// sets the APIC's attention flag, then calls the vCPU's waker (which
+/// kicks its thread out of a halt). Every step is sequentially consistent.
+///
+/// The vCPU thread polls [`LocalApic::attention`] once per block (one
+/// load). When it is set, the CPU core calls the `take_*` methods; each
+/// first clears the flag, then takes what it can, then sets the flag again
+/// if anything is still pending (an interrupt it could not take, an NMI
+/// besides an interrupt, ...). Because the clear comes before the look, a
+/// post that the look missed has its flag store after the clear: no event
+/// is ever left pending with the flag clear. Writes of the vCPU's own that
+/// can make a held interrupt deliverable (EOI, TPR, SVR, LINT0, the base
+/// MSR) set the flag too.
+///
+/// Before halting, the vCPU thread reads its control's kick count, checks
+/// [`LocalApic::interrupt_pending`] (and NMI/INIT/SIPI), and only then
+/// waits, in a wait that returns at once if a kick came after the count
+/// was read (`Control::halt` in the vCPU crate). A post that the check
+/// missed kicks after the check, hence after the count was read: the halt
+/// ends. The loom model `loom-tests/tests/irqchip_post.rs` checks this
+/// with the real code, and `Irqchip::set_waker` closes the same race for
+/// events posted before a waker exists.
+///
+/// ## Registers
+///
+/// ID (writable, as KVM allows in xAPIC mode), version `0x00050014`
+/// (version 0x14, six LVT entries, as KVM reports), TPR, APR (computed as
+/// the SDM gives it), PPR, EOI, LDR, DFR, SVR (vector, APIC software
+/// enable, focus-check disable; clearing the enable masks every LVT entry
+/// and keeps them masked while disabled), ISR, TMR, IRR, ESR (no error is
+/// ever latched), ICR, the LVT entries (timer, thermal, performance,
+/// LINT0, LINT1, error) and the timer's initial count, current count and
+/// divide configuration. Reserved bits read as 0 and ignore writes;
+/// reserved registers read 0. Reads take the dword at a 16-byte boundary
+/// (the CPU core extracts smaller reads from it); writes must be 32-bit at
+/// a 16-byte boundary, others are ignored (as KVM does).
+///
+/// ## IPIs
+///
+/// A write of the ICR's low half sends: fixed, lowest priority, NMI, INIT,
+/// start-up; to the destination in ICR bits 56-63 — physical (an APIC ID,
+/// `0xff` for all) or logical (flat or cluster model, as each target's
+/// DFR says) — or to a shorthand (self, all including self, all excluding
+/// self). Lowest priority goes to the target with the lowest TPR. An APIC
+/// disabled in its MSR receives nothing; a software-disabled one takes
+/// NMI, INIT and SIPI but drops fixed and lowest-priority interrupts (as
+/// KVM does). An INIT "level de-assert" (level-triggered, level bit clear)
+/// does nothing, as on every processor since the Pentium 4. SMI and ExtINT
+/// IPIs are dropped (traced). The delivery-status bit always reads idle: a
+/// message is delivered before the write returns.
+///
+/// ## The timer
+///
+/// One-shot and periodic modes (TSC-deadline is not offered), counting at
+/// the 1 GHz bus clock of QEMU and KVM divided by the divide configuration;
+/// the current count is computed from the host's monotonic clock, and
+/// expiries come from the [`Irqchip`]'s deadline thread, so a halted vCPU
+/// is woken. A periodic period is at least 200 µs (KVM's
+/// `min_timer_period_us`); expiries the host missed are not made up for.
+///
+/// ## The 8259 through LINT0
+///
+/// The boot processor's LINT0 is the PIC's INTR. At reset it is
+/// programmed ExtINT and unmasked (what firmware sets up for virtual-wire
+/// mode, and what KVM's reset gives the BSP). The PIC's interrupts reach
+/// the boot processor when LINT0 is unmasked ExtINT, or when its APIC is
+/// disabled, globally (MSR) or by software (SVR); the vector then comes
+/// from the PIC's INTA cycle. An ExtINT message from the IOAPIC does the
+/// same on any CPU. A PIC interrupt goes before the APIC's own, as on KVM.
 pub struct LocalApic {
     chip: Arc<Irqchip>,
     cpu: u32,
@@ -601,7 +606,7 @@ impl LocalApic {
         (u32::from(vector) & 0xf0 > self.ppr() & 0xf0).then_some(vector)
     }
 
-    /// Whether the PIC's INTR reaches this CPU (see the module
+    /// Whether the PIC's INTR reaches this CPU (see the type's
     /// documentation).
     fn accepts_pic(&self) -> bool {
         let lint0 = self.lvt[LVT_LINT0];
@@ -629,7 +634,7 @@ impl LocalApic {
         }
     }
 
-    /// Clears the attention flag before a look (see the module
+    /// Clears the attention flag before a look (see the type's
     /// documentation).
     fn begin_look(&self) {
         self.shared().attention.store(false, Ordering::SeqCst);
@@ -651,7 +656,7 @@ impl LocalApic {
     /// and no interrupt shadow is in effect.
     ///
     /// In order: an ExtINT message from the IOAPIC, or the PIC's INTR when
-    /// it reaches this CPU (see the module documentation), is acknowledged
+    /// it reaches this CPU (see the type's documentation), is acknowledged
     /// at the PIC (its INTA cycle gives the vector); otherwise the highest
     /// IRR vector whose priority class is above the PPR moves from the IRR
     /// to the ISR.
@@ -802,7 +807,9 @@ impl LocalApic {
             0x32..=0x37 => self.write_lvt((index - 0x32) as usize, value),
             0x38 => self.with_timer(|t, now| t.set_initial(value, now)),
             0x3e => self.with_timer(|t, now| t.set_divide(value, now)),
-            _ => tracing::debug!(cpu = self.cpu, offset, value, "local APIC: write to a read-only or reserved register"),
+            _ => {
+                tracing::debug!(cpu = self.cpu, offset, value, "local APIC: write to a read-only or reserved register")
+            }
         }
     }
 
@@ -860,7 +867,10 @@ impl LocalApic {
         let vector = low as u8;
         let level_triggered = low & (1 << 15) != 0;
         let assert = low & (1 << 14) != 0;
-        if level_triggered && !assert && matches!(mode, DeliveryMode::Init | DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
+        if level_triggered
+            && !assert
+            && matches!(mode, DeliveryMode::Init | DeliveryMode::Fixed | DeliveryMode::LowestPriority)
+        {
             // INIT level de-assert (and its like): no message.
             return;
         }

@@ -129,8 +129,7 @@ pub(crate) fn deliver(lapics: &[LapicShared], message: Message) {
             }
         }
         DeliveryMode::LowestPriority => {
-            let chosen =
-                targets.filter(|(_, l)| l.software_enabled()).min_by_key(|(i, l)| (l.routing_priority(), *i));
+            let chosen = targets.filter(|(_, l)| l.software_enabled()).min_by_key(|(i, l)| (l.routing_priority(), *i));
             match chosen {
                 Some((_, lapic)) => {
                     lapic.post_fixed(message.vector, message.level);
