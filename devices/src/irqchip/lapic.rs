@@ -4,7 +4,7 @@
 use super::clock::MIN_PERIOD_NS;
 use super::routing::{DeliveryMode, Destination, Message};
 use super::{Irqchip, Waker};
-use crate::sync::{Arc, AtomicBool, AtomicU32, Mutex, Ordering};
+use crate::sync::{fence, Arc, AtomicBool, AtomicU32, Mutex, Ordering};
 
 /// The version register: version 0x14, highest LVT entry 5.
 pub const APIC_VERSION: u32 = 0x0005_0014;
@@ -257,9 +257,12 @@ impl LapicShared {
         self.status.load(Ordering::Relaxed) & ST_SW_ENABLED != 0
     }
 
-    /// Sets the attention flag, then wakes the vCPU.
+    /// Sets the attention flag, then wakes the vCPU. Called after the
+    /// event is recorded; the fence pairs with the one in
+    /// [`LocalApic`]'s look (see the type's documentation).
     pub(crate) fn notify(&self) {
-        self.attention.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.attention.store(true, Ordering::Release);
         let waker = self.waker.lock().clone();
         if let Some(waker) = waker {
             waker();
@@ -269,7 +272,7 @@ impl LapicShared {
     /// Installs the vCPU's waker; calls it if something was posted before.
     pub(crate) fn set_waker(&self, waker: Waker) {
         *self.waker.lock() = Some(waker.clone());
-        if self.attention.load(Ordering::SeqCst) {
+        if self.attention.load(Ordering::Acquire) {
             waker();
         }
     }
@@ -284,22 +287,23 @@ impl LapicShared {
         }
         let (word, bit) = (usize::from(vector >> 5), 1u32 << (vector & 31));
         if level {
-            self.tmr[word].fetch_or(bit, Ordering::SeqCst);
+            self.tmr[word].fetch_or(bit, Ordering::Relaxed);
         } else {
-            self.tmr[word].fetch_and(!bit, Ordering::SeqCst);
+            self.tmr[word].fetch_and(!bit, Ordering::Relaxed);
         }
-        self.irr[word].fetch_or(bit, Ordering::SeqCst);
+        // Release: whoever sees the IRR bit sees the TMR bit.
+        self.irr[word].fetch_or(bit, Ordering::Release);
         self.notify();
     }
 
     pub(crate) fn post_nmi(&self) {
-        self.events.fetch_or(EV_NMI, Ordering::SeqCst);
+        self.events.fetch_or(EV_NMI, Ordering::AcqRel);
         self.notify();
     }
 
     /// INIT: pending, and a SIPI that came before it is void.
     pub(crate) fn post_init(&self) {
-        let _ = self.events.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+        let _ = self.events.fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
             Some((e | EV_INIT) & !(EV_SIPI | 0xff << SIPI_SHIFT))
         });
         self.notify();
@@ -307,21 +311,21 @@ impl LapicShared {
 
     /// A SIPI with `vector` (a later one replaces one not yet taken).
     pub(crate) fn post_startup(&self, vector: u8) {
-        let _ = self.events.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+        let _ = self.events.fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
             Some((e & !(0xff << SIPI_SHIFT)) | EV_SIPI | u32::from(vector) << SIPI_SHIFT)
         });
         self.notify();
     }
 
     pub(crate) fn post_extint(&self) {
-        self.events.fetch_or(EV_EXTINT, Ordering::SeqCst);
+        self.events.fetch_or(EV_EXTINT, Ordering::AcqRel);
         self.notify();
     }
 
     /// The highest vector in the IRR.
     fn highest_irr(&self) -> Option<u8> {
         (0..8).rev().find_map(|w| {
-            let bits = self.irr[w].load(Ordering::SeqCst);
+            let bits = self.irr[w].load(Ordering::Acquire);
             (bits != 0).then(|| (w * 32 + 31 - bits.leading_zeros() as usize) as u8)
         })
     }
@@ -351,19 +355,21 @@ fn highest(bits: &[u32; 8]) -> Option<u8> {
 /// ## Posting, attention and halts
 ///
 /// Any thread posts an event to a local APIC in three steps: it records
-/// the event (sets the IRR bit, or the NMI/INIT/SIPI/ExtINT bit), then
-/// sets the APIC's attention flag, then calls the vCPU's waker (which
-/// kicks its thread out of a halt). Every step is sequentially consistent.
+/// the event (sets the IRR bit with release ordering, or the
+/// NMI/INIT/SIPI/ExtINT bit), then — after a sequentially consistent fence
+/// — sets the APIC's attention flag, then calls the vCPU's waker (which
+/// kicks its thread out of a halt).
 ///
 /// The vCPU thread polls [`LocalApic::attention`] once per block (one
-/// load). When it is set, the CPU core calls the `take_*` methods; each
-/// first clears the flag, then takes what it can, then sets the flag again
-/// if anything is still pending (an interrupt it could not take, an NMI
-/// besides an interrupt, ...). Because the clear comes before the look, a
-/// post that the look missed has its flag store after the clear: no event
-/// is ever left pending with the flag clear. Writes of the vCPU's own that
-/// can make a held interrupt deliverable (EOI, TPR, SVR, LINT0, the base
-/// MSR) set the flag too.
+/// acquire load). When it is set, the CPU core calls the `take_*` methods;
+/// each first clears the flag and issues a sequentially consistent fence,
+/// then takes what it can, then sets the flag again if anything is still
+/// pending (an interrupt it could not take, an NMI besides an interrupt,
+/// ...). The two fences make this a store-fence-load handshake: either the
+/// look sees the event, or the poster's flag store is ordered after the
+/// clear — no event is ever left pending with the flag clear. Writes of the
+/// vCPU's own that can make a held interrupt deliverable (EOI, TPR, SVR,
+/// LINT0, the base MSR) set the flag too.
 ///
 /// Before halting, the vCPU thread reads its control's kick count, checks
 /// [`LocalApic::interrupt_pending`] (and NMI/INIT/SIPI), and only then
@@ -495,10 +501,10 @@ impl LocalApic {
         let now = self.chip.shared.clock.now();
         let sh = &self.chip.shared.lapics[self.cpu as usize];
         for w in 0..8 {
-            sh.irr[w].store(0, Ordering::SeqCst);
-            sh.tmr[w].store(0, Ordering::SeqCst);
+            sh.irr[w].store(0, Ordering::Relaxed);
+            sh.tmr[w].store(0, Ordering::Relaxed);
         }
-        sh.events.fetch_and(!(EV_NMI | EV_EXTINT), Ordering::SeqCst);
+        sh.events.fetch_and(!(EV_NMI | EV_EXTINT), Ordering::AcqRel);
         sh.ldr.store(0, Ordering::Relaxed);
         sh.dfr.store(0xffff_ffff, Ordering::Relaxed);
         sh.tpr.store(0, Ordering::Relaxed);
@@ -618,26 +624,27 @@ impl LocalApic {
 
     /// Whether the PIC requests an interrupt this CPU takes.
     fn pic_pending(&self) -> bool {
-        self.accepts_pic() && self.chip.shared.pic_intr.load(Ordering::SeqCst)
+        self.accepts_pic() && self.chip.shared.pic_intr.load(Ordering::Acquire)
     }
 
     /// Whether anything is left for the vCPU to look at.
     fn anything_pending(&self) -> bool {
-        self.shared().events.load(Ordering::SeqCst) & (EV_NMI | EV_INIT | EV_SIPI | EV_EXTINT) != 0
+        self.shared().events.load(Ordering::Acquire) & (EV_NMI | EV_INIT | EV_SIPI | EV_EXTINT) != 0
             || self.interrupt_pending()
     }
 
     /// Sets the attention flag if anything is pending.
     fn refresh_attention(&self) {
         if self.anything_pending() {
-            self.shared().attention.store(true, Ordering::SeqCst);
+            self.shared().attention.store(true, Ordering::Release);
         }
     }
 
     /// Clears the attention flag before a look (see the type's
     /// documentation).
     fn begin_look(&self) {
-        self.shared().attention.store(false, Ordering::SeqCst);
+        self.shared().attention.store(false, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
     }
 
     /// Cheap (one atomic load): whether something was posted that the core
@@ -648,7 +655,7 @@ impl LocalApic {
     /// is pending that the core has not taken (for instance an interrupt
     /// while the guest runs with `EFLAGS.IF` clear).
     pub fn attention(&self) -> bool {
-        self.shared().attention.load(Ordering::SeqCst)
+        self.shared().attention.load(Ordering::Acquire)
     }
 
     /// If a maskable interrupt is deliverable now, acknowledges it and
@@ -669,7 +676,7 @@ impl LocalApic {
 
     fn acknowledge(&mut self) -> Option<u8> {
         let sh = &self.chip.shared.lapics[self.cpu as usize];
-        if sh.events.fetch_and(!EV_EXTINT, Ordering::SeqCst) & EV_EXTINT != 0 {
+        if sh.events.fetch_and(!EV_EXTINT, Ordering::AcqRel) & EV_EXTINT != 0 {
             return Some(self.chip.shared.pic_acknowledge(false).unwrap_or(0));
         }
         if self.pic_pending() {
@@ -679,7 +686,7 @@ impl LocalApic {
         }
         let vector = self.deliverable_vector()?;
         let (word, bit) = (usize::from(vector >> 5), 1u32 << (vector & 31));
-        self.shared().irr[word].fetch_and(!bit, Ordering::SeqCst);
+        self.shared().irr[word].fetch_and(!bit, Ordering::AcqRel);
         self.isr[word] |= bit;
         Some(vector)
     }
@@ -688,7 +695,7 @@ impl LocalApic {
     /// let in (for the halt and liveness decisions), without acknowledging
     /// it.
     pub fn interrupt_pending(&self) -> bool {
-        self.shared().events.load(Ordering::SeqCst) & EV_EXTINT != 0
+        self.shared().events.load(Ordering::Acquire) & EV_EXTINT != 0
             || self.pic_pending()
             || self.deliverable_vector().is_some()
     }
@@ -696,7 +703,7 @@ impl LocalApic {
     /// Takes a pending NMI (several NMIs before one is taken are one).
     pub fn take_nmi(&mut self) -> bool {
         self.begin_look();
-        let had = self.shared().events.fetch_and(!EV_NMI, Ordering::SeqCst) & EV_NMI != 0;
+        let had = self.shared().events.fetch_and(!EV_NMI, Ordering::AcqRel) & EV_NMI != 0;
         self.refresh_attention();
         had
     }
@@ -709,7 +716,7 @@ impl LocalApic {
         let taken = self
             .shared()
             .events
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
                 if e & EV_INIT != 0 {
                     Some(e & !EV_INIT)
                 } else if e & EV_SIPI != 0 {
@@ -752,8 +759,8 @@ impl LocalApic {
             0x0e => self.dfr | 0x0fff_ffff,
             0x0f => self.svr,
             0x10..=0x17 => self.isr[(index & 7) as usize],
-            0x18..=0x1f => sh.tmr[(index & 7) as usize].load(Ordering::SeqCst),
-            0x20..=0x27 => sh.irr[(index & 7) as usize].load(Ordering::SeqCst),
+            0x18..=0x1f => sh.tmr[(index & 7) as usize].load(Ordering::Acquire),
+            0x20..=0x27 => sh.irr[(index & 7) as usize].load(Ordering::Acquire),
             0x28 => self.esr,
             0x30 => self.icr,
             0x31 => self.icr2,
@@ -853,7 +860,7 @@ impl LocalApic {
         if let Some(vector) = highest(&self.isr) {
             let (word, bit) = (usize::from(vector >> 5), 1u32 << (vector & 31));
             self.isr[word] &= !bit;
-            if self.shared().tmr[word].load(Ordering::SeqCst) & bit != 0 {
+            if self.shared().tmr[word].load(Ordering::Acquire) & bit != 0 {
                 self.chip.shared.ioapic_eoi(vector);
             }
         }

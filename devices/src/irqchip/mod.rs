@@ -288,7 +288,7 @@ impl Shared {
             let mut pic = self.pic.lock();
             let r = f(&mut pic);
             let out = pic.output();
-            let was = self.pic_intr.swap(out, Ordering::SeqCst);
+            let was = self.pic_intr.swap(out, Ordering::AcqRel);
             (r, out && !was)
         };
         if rose {
