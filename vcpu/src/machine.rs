@@ -74,6 +74,7 @@ impl Machine {
         let l = latch.clone();
         let wiring = BoardWiring {
             interrupts: kvm.interrupt_sink(),
+            irqchip: None,
             exit: Box::new(move |status: i32| l.stop(StopReason::DebugExit(status))),
             memory_map: MapOptions { kvm: true, amd: kvm.cpu_is_amd() },
         };
