@@ -146,7 +146,12 @@ fn run(shared: Arc<Shared>) {
         }
         drop(st);
         for slot in due.drain(..) {
-            shared.fire(slot, now);
+            // A bug in a source must not stop every timer of the VM: the
+            // locks ignore poisoning, and the other sources keep firing.
+            let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.fire(slot, now)));
+            if fired.is_err() {
+                tracing::error!(slot, "interrupt controllers: a timer source panicked while firing");
+            }
         }
         st = clock.state.lock();
     }
