@@ -38,6 +38,13 @@ fn class(v: u8) -> Class {
     }
 }
 
+/// Whether an exception raised by the CPU with vector `v` is a fault (the
+/// rest it raises are the traps `#DB` from `int1`, and the aborts `#DF`
+/// and `#MC`).
+fn is_fault(v: u8) -> bool {
+    !matches!(v, 1 | 8 | 18)
+}
+
 impl Core {
     /// Delivers an event, applying the double-fault rules to faults raised
     /// while delivering it. `Err(Event::Shutdown)` is a triple fault.
@@ -139,8 +146,8 @@ impl Core {
             return Err(gp(ext));
         }
         let sel_err = u32::from(sel & 0xfffc) + ext;
-        let desc = self.read_descriptor(sel, |_| Event::Exception { vector: 13, code: None })
-            .map_err(|_| gp(sel_err))?;
+        let desc =
+            self.read_descriptor(sel, |_| Event::Exception { vector: 13, code: None }).map_err(|_| gp(sel_err))?;
         let cs = Segment::from_descriptor(sel, desc);
         let a = cs.attrs;
         if a & attr::S == 0 || a & attr::CODE == 0 || cs.dpl() > cpl {
@@ -150,7 +157,11 @@ impl Core {
             return Err(np(sel_err));
         }
         let n = if is32 { 4 } else { 2 };
-        let flags = self.s.flags.get();
+        // A fault's EFLAGS image has RF set, so that the return reruns the
+        // instruction without a new instruction breakpoint (SDM vol. 3,
+        // 17.3.1.1); traps, aborts and interrupts push EFLAGS as it is.
+        let rf = if source == Source::Exception && is_fault(v) { flag::RF } else { 0 };
+        let flags = self.s.flags.get() | rf;
         let old_cs = self.s.seg[SegReg::Cs as usize];
         let old_ss = self.s.seg[SegReg::Ss as usize];
         let old_esp = self.s.gpr[4];
@@ -221,8 +232,11 @@ impl Core {
         let tr = self.s.tr;
         let tss_err = ts(u32::from(tr.selector & 0xfffc) + ext);
         let is32 = matches!(tr.attrs & 0xf, 0x9 | 0xb);
-        let (esp_off, ss_off, esp_size) =
-            if is32 { (4 + u32::from(dpl) * 8, 8 + u32::from(dpl) * 8, 4) } else { (2 + u32::from(dpl) * 4, 4 + u32::from(dpl) * 4, 2) };
+        let (esp_off, ss_off, esp_size) = if is32 {
+            (4 + u32::from(dpl) * 8, 8 + u32::from(dpl) * 8, 4)
+        } else {
+            (2 + u32::from(dpl) * 4, 4 + u32::from(dpl) * 4, 2)
+        };
         if ss_off + 1 > tr.limit || !tr.is_usable() {
             return Err(tss_err);
         }
@@ -232,7 +246,8 @@ impl Core {
         if sel & !3 == 0 {
             return Err(ts(ext));
         }
-        let desc = self.read_descriptor(sel, |_| Event::Exception { vector: 10, code: None }).map_err(|_| ts(sel_err))?;
+        let desc =
+            self.read_descriptor(sel, |_| Event::Exception { vector: 10, code: None }).map_err(|_| ts(sel_err))?;
         let s = Segment::from_descriptor(sel, desc);
         let a = s.attrs;
         let writable_data = a & attr::S != 0 && a & attr::CODE == 0 && a & attr::RW != 0;
