@@ -6,7 +6,7 @@
 
 use super::guest::{start, Expect, Mode, DATA};
 use iced_x86::code_asm::*;
-use topos_vcpu::interp::state::flag;
+use topos_vcpu::interp::state::{cr0, flag};
 
 /// `mod name { real, protected }`, each calling `name(mode)`.
 macro_rules! both_modes {
@@ -37,6 +37,10 @@ both_modes!(
     ud_invalid_opcode,
     ud_lock_on_a_register,
     ud_lock_on_a_move,
+    nm_x87_with_em,
+    nm_x87_with_ts,
+    nm_wait_with_mp_ts,
+    ud_x87_without_em,
     gp_data_beyond_limit,
     ss_stack_beyond_limit,
     gp_wrmsr_unknown,
@@ -225,6 +229,71 @@ fn ud_lock_on_a_move(mode: Mode) {
     });
     g.deliver().check(&before, Expect { vector: 6, code: None, eip: c.at("fault") });
     assert_eq!(g.read(DATA, 1), [0]);
+}
+
+fn with_cr0(
+    bits: u32,
+    f: impl FnOnce(&mut super::guest::Asm) -> Result<(), IcedError>,
+) -> impl FnOnce(&mut super::guest::Asm) -> Result<(), IcedError> {
+    move |a| {
+        a.mov(eax, cr0)?;
+        a.or(eax, bits as i32)?;
+        a.mov(cr0, eax)?;
+        f(a)
+    }
+}
+
+fn nm_x87_with_em(mode: Mode) {
+    expect_fault(
+        mode,
+        7,
+        None,
+        with_cr0(cr0::EM, |a| {
+            a.mark("fault");
+            a.fld1()?;
+            a.hlt()
+        }),
+    );
+}
+
+fn nm_x87_with_ts(mode: Mode) {
+    expect_fault(
+        mode,
+        7,
+        None,
+        with_cr0(cr0::TS, |a| {
+            a.mark("fault");
+            a.db(&[0xd8, 0xc1])?; // fadd st, st(1)
+            a.hlt()
+        }),
+    );
+}
+
+fn nm_wait_with_mp_ts(mode: Mode) {
+    // `wait` ignores TS unless MP is set.
+    expect_fault(
+        mode,
+        7,
+        None,
+        with_cr0(cr0::TS, |a| {
+            a.wait()?;
+            a.mov(eax, cr0)?;
+            a.or(eax, cr0::MP as i32)?;
+            a.mov(cr0, eax)?;
+            a.mark("fault");
+            a.wait()?;
+            a.hlt()
+        }),
+    );
+}
+
+fn ud_x87_without_em(mode: Mode) {
+    // This CPU has no FPU: with EM and TS clear, an x87 instruction is #UD.
+    expect_fault(mode, 6, None, |a| {
+        a.mark("fault");
+        a.fld1()?;
+        a.hlt()
+    });
 }
 
 fn gp_data_beyond_limit(mode: Mode) {
