@@ -47,6 +47,7 @@ both_modes!(
     gp_rdmsr_unknown,
     gp_reserved_cr4_bit,
     gp_near_jump_beyond_limit,
+    gp_far_jump_beyond_limit,
     int_n_soft_interrupt,
 );
 
@@ -403,6 +404,24 @@ fn gp_near_jump_beyond_limit(mode: Mode) {
     g.write(inner, &code16.bytes);
     let before = g.run_to(code16.at("fault"));
     g.deliver().check(&before, Expect { vector: 13, code: Some(0), eip: code16.at("fault") });
+}
+
+fn gp_far_jump_beyond_limit(mode: Mode) {
+    match mode {
+        // jmp far 0:0x10000 (with an operand-size prefix).
+        Mode::Real => expect_fault(mode, 13, None, |a| {
+            a.mark("fault");
+            a.db(&[0x66, 0xea, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00])?;
+            a.hlt()
+        }),
+        // jmp far CODE16:0x10000.
+        Mode::Prot => expect_fault(mode, 13, Some(0), |a| {
+            a.mark("fault");
+            a.db(&[0xea, 0x00, 0x00, 0x01, 0x00])?;
+            a.dw(&[super::guest::sel::CODE16])?;
+            a.hlt()
+        }),
+    }
 }
 
 fn int_n_soft_interrupt(mode: Mode) {
