@@ -49,6 +49,17 @@ impl Core {
     /// Delivers an event, applying the double-fault rules to faults raised
     /// while delivering it. `Err(Event::Shutdown)` is a triple fault.
     pub(crate) fn deliver(&mut self, vector: u8, code: Option<u32>, source: Source) -> Step {
+        self.deliver_from(vector, code, source, None)
+    }
+
+    /// Delivers `int n` (`int3`, `into`) of the instruction at `at`, with
+    /// EIP already after it: a fault while delivering it is a fault of
+    /// the instruction (pushed with `at`).
+    pub(crate) fn deliver_software(&mut self, vector: u8, at: u32) -> Step {
+        self.deliver_from(vector, None, Source::Software, Some(at))
+    }
+
+    fn deliver_from(&mut self, vector: u8, code: Option<u32>, source: Source, mut at: Option<u32>) -> Step {
         let (mut v, mut code, mut source) = (vector, code, source);
         let mut nested = 0;
         loop {
@@ -56,6 +67,9 @@ impl Core {
                 Ok(()) => return Ok(()),
                 Err(Event::Exception { vector: v2, code: c2 }) => {
                     nested += 1;
+                    if let Some(at) = at.take() {
+                        self.s.eip = at;
+                    }
                     if v == vector::DF || nested > 3 {
                         return Err(Event::Shutdown);
                     }

@@ -9,4 +9,5 @@
 //! halt; the host reads what the CPU pushed.
 
 mod guest;
+mod protected;
 mod vectors;
