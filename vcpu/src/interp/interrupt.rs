@@ -126,7 +126,9 @@ impl Core {
     }
 
     fn deliver_protected(&mut self, v: u8, code: Option<u32>, source: Source) -> Step {
-        let ext = u32::from(source == Source::External);
+        // EXT: the event being delivered is not the program's own `int n`
+        // (an interrupt, or an exception — SDM vol. 3, 6.13).
+        let ext = u32::from(source != Source::Software);
         let idt_err = u32::from(v) * 8 + 2 + ext;
         if u32::from(v) * 8 + 7 > u32::from(self.s.idtr.limit) {
             return Err(gp(idt_err));

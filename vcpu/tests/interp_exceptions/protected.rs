@@ -204,6 +204,19 @@ fn np_int_through_an_absent_gate() {
 }
 
 #[test]
+fn np_exception_through_an_absent_gate_sets_ext() {
+    // #UD (benign) whose gate is absent: #NP delivered next, with EXT set
+    // (it happened while delivering an event the program did not ask for).
+    let (mut g, before, c) = start(Mode::Prot, |a| {
+        a.mark("fault");
+        a.ud2()?;
+        a.hlt()
+    });
+    g.set_gate(6, super::guest::gate(sel::CODE0, super::guest::HANDLERS, 0xe, 0, false));
+    g.deliver().check(&before, Expect { vector: 11, code: Some(6 * 8 + 2 + 1), eip: c.at("fault") });
+}
+
+#[test]
 fn np_gate_to_an_absent_code_segment() {
     let (mut g, before, c) = start(Mode::Prot, |a| {
         a.mark("fault");
@@ -302,4 +315,18 @@ fn ts_while_delivering_a_fault_is_a_double_fault() {
     assert_eq!(v, 8);
     assert_eq!(frame, [0, c.at("fault"), u32::from(sel::CODE3), before.eflags()], "#DF frame");
     assert_eq!(top, STACK3_TOP - 16);
+}
+
+#[test]
+fn ts_ext_bit_while_delivering_an_exception() {
+    // A ring-3 #UD (benign) whose delivery finds a null SS0: #TS(EXT).
+    let (mut g, before, c) = start3(|a| {
+        a.mark("fault");
+        a.ud2()?;
+        a.hlt()
+    });
+    g.write_u32(super::guest::TSS + 8, u32::from(sel::DATA3));
+    let (v, frame, _) = run_to_ring3_handler(&mut g, &[10]);
+    assert_eq!((v, frame[0]), (10, u32::from(sel::DATA3 & !3) | 1));
+    assert_eq!(frame[1..], [c.at("fault"), u32::from(sel::CODE3), before.eflags() | flag::RF]);
 }
