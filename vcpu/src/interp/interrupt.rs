@@ -70,12 +70,16 @@ impl Core {
                     if let Some(at) = at.take() {
                         self.s.eip = at;
                     }
-                    if v == vector::DF || nested > 3 {
+                    // Only exceptions count for the double-fault rules: a
+                    // fault while delivering `int 8` or an interrupt on
+                    // vector 13 is delivered as the first exception.
+                    let first = if source == Source::Exception { class(v) } else { Class::Benign };
+                    if (source == Source::Exception && v == vector::DF) || nested > 3 {
                         return Err(Event::Shutdown);
                     }
-                    let (a, b) = (class(v), class(v2));
-                    let double = (a == Class::Contributory && b == Class::Contributory)
-                        || (a == Class::PageFault && b != Class::Benign);
+                    let second = class(v2);
+                    let double = (first == Class::Contributory && second == Class::Contributory)
+                        || (first == Class::PageFault && second != Class::Benign);
                     if double {
                         v = vector::DF;
                         code = Some(0);

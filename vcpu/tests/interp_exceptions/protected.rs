@@ -330,3 +330,19 @@ fn ts_ext_bit_while_delivering_an_exception() {
     assert_eq!((v, frame[0]), (10, u32::from(sel::DATA3 & !3) | 1));
     assert_eq!(frame[1..], [c.at("fault"), u32::from(sel::CODE3), before.eflags() | flag::RF]);
 }
+
+#[test]
+fn np_int_on_an_exception_vector_is_delivered_serially() {
+    // `int 8` and `int 13` are software interrupts, not exceptions: a
+    // fault while delivering them is the first exception (no #DF, no
+    // shutdown for vector 8).
+    for v in [8u8, 13] {
+        let (mut g, before, c) = start(Mode::Prot, |a| {
+            a.mark("fault");
+            a.int(u32::from(v))?;
+            a.hlt()
+        });
+        g.set_gate(v, super::guest::gate(sel::CODE0, super::guest::HANDLERS, 0xe, 0, false));
+        g.deliver().check(&before, Expect { vector: 11, code: Some(u32::from(v) * 8 + 2), eip: c.at("fault") });
+    }
+}
