@@ -82,6 +82,7 @@ impl Topology {
     /// Counts writes that hit a watched page, anywhere in the topology. A
     /// vCPU compares it with the value it last saw to learn, with one load,
     /// whether any of its [`CodeWatch`]es may have been written.
+    #[inline]
     pub fn code_write_epoch(&self) -> u64 {
         self.shared().code_write_epoch()
     }

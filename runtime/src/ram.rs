@@ -390,7 +390,7 @@ unsafe fn store_piece(dst: *mut u8, src: &[u8]) {
 /// `src` is valid for reads of `dst.len()` bytes that are only accessed
 /// atomically while this runs.
 #[inline(always)]
-unsafe fn load(src: *const u8, dst: &mut [u8]) {
+pub(crate) unsafe fn load(src: *const u8, dst: &mut [u8]) {
     let (n, a) = (dst.len(), src as usize);
     if n == 8 && a % 8 == 0 {
         // SAFETY: aligned (just checked), valid and atomic (the contract).
@@ -439,7 +439,7 @@ unsafe fn load_copy(src: *const u8, dst: &mut [u8]) {
 /// `dst` is valid for writes of `src.len()` bytes that are only accessed
 /// atomically while this runs.
 #[inline(always)]
-unsafe fn store(dst: *mut u8, src: &[u8]) {
+pub(crate) unsafe fn store(dst: *mut u8, src: &[u8]) {
     let (n, a) = (src.len(), dst as usize);
     if n == 8 && a % 8 == 0 {
         let mut w = [0u8; 8];

@@ -87,6 +87,7 @@ impl TopoShared {
         }
     }
 
+    #[inline]
     pub(crate) fn code_write_epoch(&self) -> u64 {
         self.code_epoch.load(Ordering::Acquire)
     }

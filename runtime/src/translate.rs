@@ -98,6 +98,40 @@ impl RamPage {
         self.offset
     }
 
+    /// Loads the `size`-byte (1, 2, 4 or 8) little-endian value at `offset`
+    /// in the page, as every RAM path does (an aligned access is one atomic
+    /// load; see `docs#guest-ram`). An access that does not fit in the page
+    /// reads 0 (the caller splits page-crossing accesses).
+    #[inline]
+    pub fn load(&self, offset: usize, size: usize) -> u64 {
+        if size > 8 || offset + size > PAGE_SIZE as usize {
+            return 0;
+        }
+        let mut b = [0u8; 8];
+        // SAFETY: the `size` bytes at `offset` lie in the page (checked just
+        // above), which the region held by `self` keeps alive; guest RAM is
+        // only ever accessed atomically.
+        unsafe { crate::ram::load(self.host.as_ptr().add(offset), &mut b[..size]) };
+        u64::from_le_bytes(b)
+    }
+
+    /// Stores the low `size` bytes (1, 2, 4 or 8) of `value` at `offset`, as
+    /// every RAM path does, and does the write's bookkeeping
+    /// ([`note_write`](Self::note_write)). Returns false, storing nothing,
+    /// if the page is not [writable](Self::is_writable) or the access does
+    /// not fit in the page.
+    #[inline]
+    pub fn store(&self, offset: usize, value: u64, size: usize) -> bool {
+        if !self.writable || size > 8 || offset + size > PAGE_SIZE as usize {
+            return false;
+        }
+        let b = value.to_le_bytes();
+        // SAFETY: as in `load`, for writes.
+        unsafe { crate::ram::store(self.host.as_ptr().add(offset), &b[..size]) };
+        self.note_write(offset as u64, size as u64);
+        true
+    }
+
     /// Does the bookkeeping of a write of `len` bytes at `offset` into the
     /// page made through the host pointer: dirty bits for the logging
     /// clients, and the self-modifying-code watch (see

@@ -234,6 +234,13 @@ impl VcpuIo {
         result
     }
 
+    /// Whether an access the VM's policy stops on is waiting for
+    /// [`take_fault`](Self::take_fault).
+    #[inline]
+    pub fn has_fault(&self) -> bool {
+        self.fault.is_some()
+    }
+
     /// The first access since the last call that the VM's policy stops on
     /// (an access to a reservation, by default). The access itself was
     /// answered as unassigned: the guest may be let go on, or not.
@@ -276,6 +283,11 @@ impl VcpuIo {
     /// The memory accessor (the interpreter reads and writes RAM through it).
     pub fn memory(&mut self) -> &mut Accessor {
         &mut self.memory
+    }
+
+    /// The memory accessor, shared.
+    pub fn memory_ref(&self) -> &Accessor {
+        &self.memory
     }
 
     /// What this vCPU dispatched so far, readable from other threads.

@@ -2,14 +2,15 @@
 //!
 //! vCPUs, boards and the `topos` command: vCPU threads behind a backend
 //! trait and their control protocol, the KVM backend, QEMU's `pc` board,
-//! the embedded firmware, and the machine `topos run` boots. The x86
-//! interpreter lands next, behind the same backend trait.
+//! the embedded firmware, the x86 interpreter, and the machine `topos run`
+//! boots.
 
 pub mod backend;
 pub mod board;
 pub mod control;
 pub mod error;
 pub mod firmware;
+pub mod interp;
 pub mod kvm;
 pub mod machine;
 pub mod stress;

@@ -4,6 +4,7 @@
 use crate::board::multiboot::MapOptions;
 use crate::board::{BoardWiring, PcBoard, PcConfig};
 use crate::error::{Error, Result};
+use crate::interp::{CoalescedMmio, InterpVcpu, Segment};
 use crate::kvm::KvmVm;
 use crate::vm::{StopLatch, StopReason, Vm};
 use std::sync::Arc;
@@ -16,12 +17,42 @@ pub const HALT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_s
 /// Which accelerator runs the vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
-    /// KVM if `/dev/kvm` can be opened (the interpreter once it exists).
+    /// KVM where it is hardware-accelerated (`/dev/kvm` opens and the host
+    /// CPU has `vmx` or `svm`), the interpreter otherwise: see
+    /// [`Accel::resolve`].
     Auto,
     /// KVM, or an error.
     Kvm,
-    /// The x86 interpreter (not yet available).
+    /// The x86 interpreter.
     Interp,
+}
+
+impl Accel {
+    /// What `Auto` means on this host: KVM when `/dev/kvm` can be opened
+    /// and the host CPU has hardware virtualization (`vmx` or `svm` in
+    /// `/proc/cpuinfo`); the interpreter otherwise — without `/dev/kvm`,
+    /// and under a software hypervisor such as PVM, which emulates ring-0
+    /// guest code in the kernel far slower than the interpreter runs it.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => {
+                let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                if kvm && host_has_hardware_virtualization() {
+                    Accel::Kvm
+                } else {
+                    Accel::Interp
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Whether the host CPU advertises VMX or SVM.
+pub fn host_has_hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
+        s.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    })
 }
 
 impl std::str::FromStr for Accel {
@@ -37,10 +68,16 @@ impl std::str::FromStr for Accel {
     }
 }
 
+/// The accelerator a machine was built on.
+enum Backend {
+    Kvm(KvmVm),
+    Interp { coalesced: CoalescedMmio },
+}
+
 /// A machine ready to run.
 pub struct Machine {
     board: PcBoard,
-    kvm: KvmVm,
+    backend: Backend,
     latch: Arc<StopLatch>,
     _fault_hook: FaultHook,
 }
@@ -52,14 +89,9 @@ impl std::fmt::Debug for Machine {
 }
 
 impl Machine {
-    /// Builds the board of `config` on `accel`.
+    /// Builds the board of `config` on `accel` ([`Accel::Auto`] is
+    /// [resolved](Accel::resolve) first).
     pub fn new(config: PcConfig, accel: Accel) -> Result<Machine> {
-        match accel {
-            Accel::Interp => {
-                return Err(Error::Config("the x86 interpreter is not available yet: use --accel kvm".into()))
-            }
-            Accel::Auto | Accel::Kvm => {}
-        }
         let topo = Topology::new();
         let spaces = topo.standard_spaces()?;
         let latch = Arc::new(StopLatch::default());
@@ -70,16 +102,41 @@ impl Machine {
             }
         });
         topo.set_fault_hook(Some(&fault_hook));
-        let kvm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space)?;
         let l = latch.clone();
-        let wiring = BoardWiring {
-            interrupts: kvm.interrupt_sink(),
-            irqchip: None,
-            exit: Box::new(move |status: i32| l.stop(StopReason::DebugExit(status))),
-            memory_map: MapOptions { kvm: true, amd: kvm.cpu_is_amd() },
+        let exit = Box::new(move |status: i32| l.stop(StopReason::DebugExit(status)));
+        let (backend, wiring) = match accel.resolve() {
+            Accel::Interp => {
+                let wiring = BoardWiring {
+                    interrupts: Arc::new(crate::board::NoInterrupts),
+                    irqchip: None,
+                    exit,
+                    memory_map: MapOptions { kvm: false, amd: false },
+                };
+                let coalesced = CoalescedMmio::install(&topo, &spaces.memory);
+                (Backend::Interp { coalesced }, wiring)
+            }
+            _ => {
+                let kvm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space)?;
+                let wiring = BoardWiring {
+                    interrupts: kvm.interrupt_sink(),
+                    irqchip: None,
+                    exit,
+                    memory_map: MapOptions { kvm: true, amd: kvm.cpu_is_amd() },
+                };
+                (Backend::Kvm(kvm), wiring)
+            }
         };
         let board = PcBoard::build(&topo, &spaces, config, wiring)?;
-        Ok(Machine { board, kvm, latch, _fault_hook: fault_hook })
+        Ok(Machine { board, backend, latch, _fault_hook: fault_hook })
+    }
+
+    /// The accelerator the machine runs on ([`Accel::Kvm`] or
+    /// [`Accel::Interp`]).
+    pub fn accel(&self) -> Accel {
+        match self.backend {
+            Backend::Kvm(_) => Accel::Kvm,
+            Backend::Interp { .. } => Accel::Interp,
+        }
     }
 
     /// The board.
@@ -102,12 +159,33 @@ impl Machine {
     /// `--kernel`'s entry; the APs waiting for INIT/SIPI).
     pub fn start(&self) -> Result<Vm> {
         let mut backends: Vec<Box<dyn crate::backend::VcpuBackend>> = Vec::new();
-        for i in 0..u32::from(self.board.cpus) {
-            let mut vcpu = self.kvm.create_vcpu(i)?;
-            if let (0, Some(entry)) = (i, self.board.entry) {
-                vcpu.enter_flat32(entry)?;
+        let cpus = u32::from(self.board.cpus);
+        for i in 0..cpus {
+            match &self.backend {
+                Backend::Kvm(kvm) => {
+                    let mut vcpu = kvm.create_vcpu(i)?;
+                    if let (0, Some(entry)) = (i, self.board.entry) {
+                        vcpu.enter_flat32(entry)?;
+                    }
+                    backends.push(Box::new(vcpu));
+                }
+                Backend::Interp { coalesced } => {
+                    let spaces = &self.board.spaces;
+                    let mut vcpu = InterpVcpu::new(&spaces.memory, &spaces.io_space, i, cpus, None);
+                    vcpu.cpu().set_coalesced_buffer(coalesced.buffer());
+                    if let (0, Some(entry)) = (i, self.board.entry) {
+                        // As the KVM backend and QEMU's multiboot loader
+                        // leave it: CS 0x10, data 0x18.
+                        let st = vcpu.cpu().state_mut();
+                        st.enter_flat32(entry.eip);
+                        let data = Segment::flat32(0x18, false);
+                        st.seg = [data, Segment::flat32(0x10, true), data, data, data, data];
+                        st.gpr[0] = entry.eax;
+                        st.gpr[3] = entry.ebx;
+                    }
+                    backends.push(Box::new(vcpu));
+                }
             }
-            backends.push(Box::new(vcpu));
         }
         Vm::start(backends, &self.board.spaces.memory, &self.board.spaces.io_space, self.latch.clone())
     }

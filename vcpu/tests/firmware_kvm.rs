@@ -28,7 +28,7 @@ fn the_embedded_firmware_passes_on_kvm_with_1_2_and_4_vcpus() {
         return;
     }
     for n in [1u32, 2, 4] {
-        let Run { status, stdout: out, stderr: err, .. } = topos_run(&["--smp", &n.to_string()]);
+        let Run { status, stdout: out, stderr: err, .. } = topos_run(&["--accel", "kvm", "--smp", &n.to_string()]);
         let want = transcript::expected_lines(&Machine::topos_pc(n, 256));
         if let Err(e) = transcript::check(&out, &want) {
             panic!("--smp {n}: {e}\nstdout:\n{out}\nstderr:\n{err}");
@@ -42,7 +42,7 @@ fn a_different_ram_size_reaches_the_firmware_through_fw_cfg() {
     if !kvm_present() {
         return;
     }
-    let Run { status, stdout: out, stderr: err, .. } = topos_run(&["-m", "64M"]);
+    let Run { status, stdout: out, stderr: err, .. } = topos_run(&["--accel", "kvm", "-m", "64M"]);
     let want = transcript::expected_lines(&Machine::topos_pc(1, 64));
     if let Err(e) = transcript::check(&out, &want) {
         panic!("{e}\nstdout:\n{out}\nstderr:\n{err}");

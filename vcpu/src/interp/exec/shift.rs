@@ -1,0 +1,222 @@
+//! Shifts and rotates (`shl`/`shr`/`sar`, `rol`/`ror`/`rcl`/`rcr`,
+//! `shld`/`shrd`), with the flags the CPU leaves.
+//!
+//! Flags the SDM leaves undefined (OF for counts above 1, AF for shifts)
+//! are computed as the host CPUs do for counts of 1 (OF) and cleared (AF);
+//! the differential test against KVM's ring-3 (native) execution checks
+//! them.
+
+use super::{mask, read_op, read_op_sized, write_op, Op};
+use crate::interp::core::Core;
+use crate::interp::event::Step;
+use crate::interp::flags::parity;
+use crate::interp::state::flag;
+
+/// The shift count: CL or an immediate (1 for the short forms), masked to
+/// five bits.
+#[inline]
+fn count(c: &mut Core, op: &Op, i: u32) -> Step<u32> {
+    if op.ins.op_count() <= i {
+        return Ok(1);
+    }
+    Ok(read_op_sized(c, op, i, 1)? & 0x1f)
+}
+
+/// Stores the result flags of a shift: SF, ZF, PF from `res`, CF and OF
+/// given, AF cleared.
+fn set_flags(c: &mut Core, size: u8, res: u32, cf: bool, of: bool) {
+    let w = u32::from(size) * 8;
+    let m = mask(size);
+    let mut f = c.s.flags.get() & !flag::ARITH;
+    if cf {
+        f |= flag::CF;
+    }
+    if of {
+        f |= flag::OF;
+    }
+    if res & m == 0 {
+        f |= flag::ZF;
+    }
+    if (res >> (w - 1)) & 1 != 0 {
+        f |= flag::SF;
+    }
+    if parity(res) {
+        f |= flag::PF;
+    }
+    c.s.flags.set(f);
+}
+
+/// Stores CF and OF only (rotates).
+fn set_cf_of(c: &mut Core, cf: bool, of: bool) {
+    let v = if cf { flag::CF } else { 0 } | if of { flag::OF } else { 0 };
+    c.s.flags.set_some(flag::CF | flag::OF, v);
+}
+
+pub(crate) fn shl(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let w = u32::from(op.size) * 8;
+    let m = mask(op.size);
+    let wide = u64::from(d) << n;
+    let res = (wide as u32) & m;
+    let cf = (wide >> w) & 1 != 0;
+    write_op(c, op, 0, res)?;
+    let of = ((res >> (w - 1)) & 1 != 0) != cf;
+    set_flags(c, op.size, res, cf, of);
+    Ok(())
+}
+
+pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    if n == 0 {
+        return Ok(());
+    }
+    let w = u32::from(op.size) * 8;
+    let res = if n >= 32 { 0 } else { d >> n };
+    let cf = n <= w && (u64::from(d) >> (n - 1)) & 1 != 0;
+    write_op(c, op, 0, res)?;
+    let of = (d >> (w - 1)) & 1 != 0;
+    set_flags(c, op.size, res, cf, of && n == 1);
+    Ok(())
+}
+
+pub(crate) fn sar(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let w = u32::from(op.size) * 8;
+    let sd = match op.size {
+        1 => d as u8 as i8 as i64,
+        2 => d as u16 as i16 as i64,
+        _ => d as i32 as i64,
+    };
+    let res = (sd >> n.min(63)) as u32 & mask(op.size);
+    let cf = (sd >> (n - 1).min(63)) & 1 != 0;
+    let _ = w;
+    write_op(c, op, 0, res)?;
+    set_flags(c, op.size, res, cf, false);
+    Ok(())
+}
+
+pub(crate) fn rol(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    if n == 0 {
+        return Ok(());
+    }
+    let w = u32::from(op.size) * 8;
+    let r = n % w;
+    let res = if r == 0 { d } else { ((d << r) | (d >> (w - r))) & mask(op.size) };
+    write_op(c, op, 0, res)?;
+    let cf = res & 1 != 0;
+    let of = ((res >> (w - 1)) & 1 != 0) != cf;
+    set_cf_of(c, cf, of);
+    Ok(())
+}
+
+pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    if n == 0 {
+        return Ok(());
+    }
+    let w = u32::from(op.size) * 8;
+    let r = n % w;
+    let res = if r == 0 { d } else { ((d >> r) | (d << (w - r))) & mask(op.size) };
+    write_op(c, op, 0, res)?;
+    let msb = (res >> (w - 1)) & 1 != 0;
+    let next = (res >> (w - 2)) & 1 != 0;
+    set_cf_of(c, msb, msb != next);
+    Ok(())
+}
+
+pub(crate) fn rcl(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    let w = u32::from(op.size) * 8;
+    let r = n % (w + 1);
+    if r == 0 {
+        return Ok(());
+    }
+    let cf_in = u64::from(c.s.flags.cf());
+    let full = (cf_in << w) | u64::from(d);
+    let span = w + 1;
+    let rotated = ((full << r) | (full >> (span - r))) & ((1u64 << span) - 1);
+    let res = (rotated as u32) & mask(op.size);
+    let cf = (rotated >> w) & 1 != 0;
+    write_op(c, op, 0, res)?;
+    let of = ((res >> (w - 1)) & 1 != 0) != cf;
+    set_cf_of(c, cf, of);
+    Ok(())
+}
+
+pub(crate) fn rcr(c: &mut Core, op: &Op) -> Step {
+    let n = count(c, op, 1)?;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    let w = u32::from(op.size) * 8;
+    let r = n % (w + 1);
+    if r == 0 {
+        return Ok(());
+    }
+    let cf_in = u64::from(c.s.flags.cf());
+    let full = (cf_in << w) | u64::from(d);
+    let span = w + 1;
+    let rotated = ((full >> r) | (full << (span - r))) & ((1u64 << span) - 1);
+    let res = (rotated as u32) & mask(op.size);
+    let cf = (rotated >> w) & 1 != 0;
+    write_op(c, op, 0, res)?;
+    let msb = (res >> (w - 1)) & 1 != 0;
+    let next = (res >> (w - 2)) & 1 != 0;
+    set_cf_of(c, cf, msb != next);
+    Ok(())
+}
+
+/// `shld`/`shrd`: the destination shifted with bits coming in from the
+/// source. For 16-bit operands with counts above 16 the result is
+/// undefined; the destination, source and destination again are shifted as
+/// one 48-bit value, as the CPUs do.
+fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
+    let n = count(c, op, 2)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let d = read_op(c, op, 0)? & mask(op.size);
+    let s = read_op(c, op, 1)? & mask(op.size);
+    let w = u32::from(op.size) * 8;
+    let (res, cf) = if w == 32 {
+        if left {
+            let wide = (u64::from(d) << 32) | u64::from(s);
+            ((wide << n >> 32) as u32, (u64::from(d) >> (32 - n)) & 1 != 0)
+        } else {
+            let wide = (u64::from(s) << 32) | u64::from(d);
+            ((wide >> n) as u32, (u64::from(d) >> (n - 1)) & 1 != 0)
+        }
+    } else if left {
+        let wide = (u64::from(d) << 32) | (u64::from(s) << 16) | u64::from(d);
+        let shifted = wide << n;
+        (((shifted >> 32) & 0xffff) as u32, (shifted >> 48) & 1 != 0)
+    } else {
+        let wide = (u64::from(d) << 32) | (u64::from(s) << 16) | u64::from(d);
+        let wide = (wide << 16) | u64::from(s);
+        let shifted = wide >> n;
+        ((shifted & 0xffff) as u32, (wide >> (n - 1)) & 1 != 0)
+    };
+    write_op(c, op, 0, res)?;
+    let of = ((res ^ d) >> (w - 1)) & 1 != 0;
+    set_flags(c, op.size, res, cf, of);
+    Ok(())
+}
+
+pub(crate) fn shld(c: &mut Core, op: &Op) -> Step {
+    double_shift(c, op, true)
+}
+
+pub(crate) fn shrd(c: &mut Core, op: &Op) -> Step {
+    double_shift(c, op, false)
+}
