@@ -4,8 +4,9 @@
 //! with iced-x86) that loads a GDT and an IDT, programs the PICs (vectors
 //! 0x20.., only IRQ 4 unmasked), enables the UART's "transmitter empty"
 //! interrupt, which is pending at once, and halts with interrupts on; only
-//! the interrupt handler writes to `isa-debug-exit`. Skipped with a printed
-//! reason without `/dev/kvm`.
+//! the interrupt handler writes to `isa-debug-exit`. On the interpreter
+//! the same kernel takes the interrupt from the user-space PIC. The KVM
+//! case is skipped with a printed reason without `/dev/kvm`.
 
 mod support;
 
@@ -106,6 +107,18 @@ fn the_uarts_interrupt_reaches_the_guest_through_the_in_kernel_pic() {
     if !kvm_present() {
         return;
     }
+    uart_interrupt_reaches_the_guest(Accel::Kvm);
+}
+
+/// On the interpreter the same line goes into the user-space 8259 (and the
+/// IOAPIC, masked here) and reaches the vCPU through its local APIC's
+/// LINT0 in virtual-wire mode.
+#[test]
+fn the_uarts_interrupt_reaches_the_guest_through_the_user_space_pic_on_the_interpreter() {
+    uart_interrupt_reaches_the_guest(Accel::Interp);
+}
+
+fn uart_interrupt_reaches_the_guest(accel: Accel) {
     let config = PcConfig {
         ram_size: 64 << 20,
         cpus: 1,
@@ -115,7 +128,7 @@ fn the_uarts_interrupt_reaches_the_guest_through_the_in_kernel_pic() {
         serial: SerialSink::Null,
         kernel: Some(Kernel { image: kernel().unwrap(), path: "irq-test".into(), append: String::new() }),
     };
-    let machine = Machine::new(config, Accel::Kvm).unwrap();
+    let machine = Machine::new(config, accel).unwrap();
     let latch = machine.latch().clone();
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::spawn(move || {
