@@ -214,7 +214,8 @@ fn boots_on_the_interpreter(format: KernelFormat, mem: &str, want: &str) {
     let kernel_path = dir.join("kernel");
     std::fs::write(&kernel_path, kernel(format)).expect("kernel written");
     let path = kernel_path.display().to_string();
-    let run = support::topos_run(&["--accel", "interp", "--kernel", &path, "--append", APPEND, "-m", mem, "--smp", "2"]);
+    let run =
+        support::topos_run(&["--accel", "interp", "--kernel", &path, "--append", APPEND, "-m", mem, "--smp", "2"]);
     let _ = std::fs::remove_dir_all(&dir);
     let context =
         format!("{format:?} -m {mem}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
