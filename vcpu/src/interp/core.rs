@@ -310,9 +310,10 @@ impl Core {
     fn write_slow(&mut self, la: u32, value: u64, size: usize, user: u32) -> Step {
         let off = (la & 0xfff) as usize;
         if off + size > 0x1000 {
-            // Both pages must be writable before any byte is written.
+            // Both pages must be writable before any byte is written; a
+            // fault on the second reports its first byte in CR2.
             self.entry(la, Access::Write, user)?;
-            self.entry(la.wrapping_add(size as u32 - 1), Access::Write, user)?;
+            self.entry(la.wrapping_add(size as u32 - 1) & !0xfff, Access::Write, user)?;
             for i in 0..size {
                 self.write_as(la.wrapping_add(i as u32), value >> (8 * i), 1, user)?;
             }

@@ -9,5 +9,6 @@
 //! halt; the host reads what the CPU pushed.
 
 mod guest;
+mod paging;
 mod protected;
 mod vectors;
