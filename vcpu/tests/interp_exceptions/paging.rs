@@ -25,7 +25,7 @@ const E_U: u32 = 4;
 const E_RSVD: u32 = 8;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Paging {
+pub(crate) enum Paging {
     /// 32-bit paging (CR4.PSE set, so 4 MiB pages work).
     Bits32,
     /// PAE paging.
@@ -34,7 +34,7 @@ enum Paging {
 
 /// Identity-maps the first 4 MiB with 4 KiB pages (present, writable,
 /// user) and turns paging on with WP.
-fn enable(g: &mut Guest, mode: Paging) {
+pub(crate) fn enable(g: &mut Guest, mode: Paging) {
     match mode {
         Paging::Bits32 => {
             let (pd, pt) = (PAGING, PAGING + 0x1000);
@@ -69,7 +69,7 @@ fn pte(mode: Paging, la: u32) -> u32 {
     }
 }
 
-fn set_pte(g: &Guest, mode: Paging, la: u32, entry: u64) {
+pub(crate) fn set_pte(g: &Guest, mode: Paging, la: u32, entry: u64) {
     match mode {
         Paging::Bits32 => g.write_u32(pte(mode, la), entry as u32),
         Paging::Pae => g.write_u64(pte(mode, la), entry),
