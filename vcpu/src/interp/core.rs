@@ -37,6 +37,8 @@ enum Target {
 struct TlbEntry {
     read_tag: u32,
     write_tag: u32,
+    /// The tag for instruction fetches (not set for a no-execute page).
+    fetch_tag: u32,
     /// The physical page.
     phys: u64,
     target: Target,
@@ -44,7 +46,7 @@ struct TlbEntry {
 
 impl Default for TlbEntry {
     fn default() -> TlbEntry {
-        TlbEntry { read_tag: INVALID, write_tag: INVALID, phys: 0, target: Target::Mmio(0) }
+        TlbEntry { read_tag: INVALID, write_tag: INVALID, fetch_tag: INVALID, phys: 0, target: Target::Mmio(0) }
     }
 }
 
@@ -189,6 +191,7 @@ impl Core {
         let e = &mut self.tlb[idx];
         e.read_tag = tag;
         e.write_tag = if walk.writable { tag } else { INVALID };
+        e.fetch_tag = if walk.executable { tag } else { INVALID };
         e.phys = page;
         e.target = target;
         Ok(idx)
@@ -200,7 +203,11 @@ impl Core {
         let idx = (la >> 12) as usize & (TLB_SIZE - 1);
         let tag = (la & !0xfff) | user;
         let e = &self.tlb[idx];
-        let hit = if access == Access::Write { e.write_tag == tag } else { e.read_tag == tag };
+        let hit = match access {
+            Access::Write => e.write_tag == tag,
+            Access::Read => e.read_tag == tag,
+            Access::Fetch => e.fetch_tag == tag,
+        };
         if hit {
             Ok(idx)
         } else {
@@ -250,7 +257,8 @@ impl Core {
         let off = (la & 0xfff) as usize;
         if off + size <= 0x1000 {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
-            if e.read_tag == (la & !0xfff) | user {
+            let tag = if access == Access::Fetch { e.fetch_tag } else { e.read_tag };
+            if tag == (la & !0xfff) | user {
                 if let Target::Ram(p) = &e.target {
                     return Ok(p.load(off, size));
                 }

@@ -350,3 +350,24 @@ fn a_fixed_entry_works_after_the_fault() {
     assert_eq!(g.run(10), topos_vcpu::interp::Exit::Halted);
     assert_eq!(g.read_u32(PAGE), 7, "the retried write went through");
 }
+
+#[test]
+fn fetch_from_a_no_execute_page_after_reading_it() {
+    // PAE with EFER.NXE (set directly: the library's state has it): a
+    // read of the page is fine, a fetch from it is #PF(P | I/D), even
+    // with the page already in the TLB for the read.
+    let code = super::guest::assemble(32, CODE, |a| {
+        a.mov(eax, dword_ptr(PAGE))?;
+        a.mov(eax, PAGE)?;
+        a.mark("fault");
+        a.jmp(eax)
+    });
+    let mut g = Guest::new(Mode::Prot, &code);
+    enable(&mut g, Paging::Pae);
+    set_pte(&g, Paging::Pae, PAGE, u64::from(PAGE) | P | RW | (1 << 63));
+    g.cpu.state_mut().efer |= 1 << 11;
+    let mut before = g.run_to(code.at("fault"));
+    assert_eq!(g.cpu.step(), topos_vcpu::interp::Exit::Limit);
+    before.eip = PAGE;
+    expect_pf(&mut g, &before, PAGE, E_P | 0x10, PAGE);
+}
