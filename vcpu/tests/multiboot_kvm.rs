@@ -50,7 +50,7 @@ fn boots_on_topos(format: KernelFormat, mem: &str, ram: u64) {
     }
     let (dir, path) = write_kernel(format, mem);
     let kernel = path.display().to_string();
-    let run = topos_run(&["--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
+    let run = topos_run(&["--accel", "kvm", "--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
     let _ = std::fs::remove_dir_all(&dir);
     let context = format!("{format:?} -m {mem}: {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
     assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");
@@ -88,7 +88,7 @@ fn topos_and_qemu_on_kvm_print_the_same_lines() {
     for (format, mem) in [(KernelFormat::Elf, "256M"), (KernelFormat::AoutKludge, "4G")] {
         let (dir, path) = write_kernel(format, &format!("cmp{mem}"));
         let kernel = path.display().to_string();
-        let ours = topos_run(&["--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
+        let ours = topos_run(&["--accel", "kvm", "--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
         let theirs = run_with_watchdog(
             Command::new(&qemu)
                 .args(["-machine", "pc", "-accel", "kvm", "-m", mem, "-smp", "2"])

@@ -10,14 +10,15 @@
 //! ([`Accessor::is_current`](topos_runtime::Accessor::is_current)) and
 //! flushes on a change, as it does on CR0/CR3/CR4 writes and `invlpg`.
 
+use super::apic::Apic;
+use super::coalesced::CoalescedBuffer;
 use super::event::{gp, ss, Event, Step};
 use super::paging::Access;
 use super::state::{attr, flag, CpuState, SegReg};
 use crate::backend::{Space, VcpuIo};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use super::apic::Apic;
-use topos_runtime::{MemTxResult, PageTarget, RamPage};
+use topos_runtime::{MemTxResult, MemoryRegionSection, PageTarget, RamPage};
 
 const TLB_BITS: u32 = 8;
 const TLB_SIZE: usize = 1 << TLB_BITS;
@@ -42,11 +43,20 @@ struct TlbEntry {
     /// The physical page.
     phys: u64,
     target: Target,
+    /// The coalesced ranges (physical, end exclusive) within an MMIO page.
+    coalesced: Option<Arc<[(u64, u64)]>>,
 }
 
 impl Default for TlbEntry {
     fn default() -> TlbEntry {
-        TlbEntry { read_tag: INVALID, write_tag: INVALID, fetch_tag: INVALID, phys: 0, target: Target::Mmio(0) }
+        TlbEntry {
+            read_tag: INVALID,
+            write_tag: INVALID,
+            fetch_tag: INVALID,
+            phys: 0,
+            target: Target::Mmio(0),
+            coalesced: None,
+        }
     }
 }
 
@@ -84,10 +94,16 @@ pub(crate) struct Core {
     user: u32,
     /// Protected mode (CR0.PE and not virtual-8086).
     prot: bool,
+    /// Misaligned data accesses raise `#AC` (CPL 3, CR0.AM, EFLAGS.AC).
+    align_check: bool,
+    /// NMIs are blocked until the next `iret` (one is being handled).
+    pub(crate) nmi_blocked: bool,
     /// The APIC page when the APIC is enabled.
     apic_page: Option<u64>,
     /// Set when a TLB flush happened (the code cache follows).
     pub(crate) flushed: bool,
+    /// Where writes to coalesced MMIO ranges are buffered, if anywhere.
+    pub(crate) coalesced: Option<Arc<CoalescedBuffer>>,
 }
 
 impl Core {
@@ -110,7 +126,10 @@ impl Core {
             tlb_generation: u64::MAX,
             user: 0,
             prot: false,
+            align_check: false,
+            nmi_blocked: false,
             flushed: true,
+            coalesced: None,
         };
         c.mode_changed();
         c
@@ -124,6 +143,7 @@ impl Core {
         if user != self.user {
             self.user = user;
         }
+        self.align_check = user == 1 && self.s.cr0 & super::state::cr0::AM != 0 && self.s.flags.base() & flag::AC != 0;
     }
 
     /// Makes the next accesses supervisor accesses until the next
@@ -173,6 +193,7 @@ impl Core {
         let walk = self.walk(la, access, user != 0)?;
         let page = walk.phys & !0xfff;
         let idx = (la >> 12) as usize & (TLB_SIZE - 1);
+        let mut coalesced = None;
         let target = if Some(page) == self.apic_page {
             Target::Apic
         } else {
@@ -184,6 +205,12 @@ impl Core {
             }
             match t.target() {
                 PageTarget::Ram(p) => Target::Ram(p.clone()),
+                PageTarget::Mmio(section) => {
+                    if self.coalesced.is_some() {
+                        coalesced = coalesced_ranges(section, page);
+                    }
+                    Target::Mmio(page)
+                }
                 _ => Target::Mmio(page),
             }
         };
@@ -194,6 +221,7 @@ impl Core {
         e.fetch_tag = if walk.executable { tag } else { INVALID };
         e.phys = page;
         e.target = target;
+        e.coalesced = coalesced;
         Ok(idx)
     }
 
@@ -282,6 +310,7 @@ impl Core {
             Target::Ram(p) => Ok(p.load(off, size)),
             Target::Mmio(page) => {
                 let addr = page | off as u64;
+                self.flush_coalesced();
                 let mut b = [0u8; 8];
                 if self.io.mmio_read(addr, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
                     return Err(Event::AccessFault);
@@ -343,6 +372,14 @@ impl Core {
             }
         };
         let addr = phys.unwrap_or(self.tlb[idx].phys | off as u64);
+        if let (Some(ranges), Some(buf)) = (&self.tlb[idx].coalesced, &self.coalesced) {
+            let end = addr + size as u64;
+            if ranges.iter().any(|&(s, e)| s <= addr && end <= e) {
+                buf.push(addr, value, size);
+                return Ok(());
+            }
+        }
+        self.flush_coalesced();
         let b = value.to_le_bytes();
         if self.io.mmio_write(addr, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -432,7 +469,11 @@ impl Core {
         } else if last > u64::from(s.limit) {
             return Err(fault());
         }
-        Ok(s.base.wrapping_add(off))
+        let la = s.base.wrapping_add(off);
+        if self.align_check && size.is_power_of_two() && la & (size - 1) != 0 {
+            return Err(Event::exception(super::event::vector::AC, Some(0)));
+        }
+        Ok(la)
     }
 
     /// Reads `size` bytes at `seg:off`.
@@ -509,8 +550,20 @@ impl Core {
         Ok(self.read_seg(SegReg::Ss as usize, off, size)? as u32)
     }
 
+    /// Replays this vCPU's buffered coalesced writes (before an access
+    /// that is dispatched, and when the vCPU leaves the run loop).
+    #[inline]
+    pub(crate) fn flush_coalesced(&self) {
+        if let Some(b) = &self.coalesced {
+            if b.pending() {
+                b.flush();
+            }
+        }
+    }
+
     /// A port read.
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Step<u32> {
+        self.flush_coalesced();
         let mut b = [0u8; 4];
         if self.io.pio_read(port, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -520,6 +573,7 @@ impl Core {
 
     /// A port write.
     pub(crate) fn port_out(&mut self, port: u16, value: u32, size: usize) -> Step {
+        self.flush_coalesced();
         let b = value.to_le_bytes();
         if self.io.pio_write(port, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -537,4 +591,26 @@ impl Core {
     pub(crate) fn tsc(&self) -> u64 {
         (self.tsc_origin.elapsed().as_nanos() as u64).wrapping_add(self.tsc_offset)
     }
+}
+
+/// The coalesced ranges of an MMIO page's region that fall in the page,
+/// as physical ranges (end exclusive).
+fn coalesced_ranges(section: &MemoryRegionSection, page: u64) -> Option<Arc<[(u64, u64)]>> {
+    let mr = section.mr.as_ref()?;
+    let ranges = mr.coalesced_ranges();
+    if ranges.is_empty() {
+        return None;
+    }
+    let start = section.offset_within_region;
+    let phys_of = |off: u64| section.offset_within_address_space.wrapping_add(off.wrapping_sub(start));
+    let page_end = page + 0x1000;
+    let out: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter_map(|&(off, size)| {
+            let s = phys_of(off).max(page);
+            let e = (u128::from(phys_of(off)) + size).min(u128::from(page_end)) as u64;
+            (s < e).then_some((s, e))
+        })
+        .collect();
+    (!out.is_empty()).then(|| out.into())
 }

@@ -118,6 +118,13 @@ impl Cpu {
         &mut self.core.io
     }
 
+    /// Buffers this CPU's writes to coalesced MMIO ranges in `buffer`
+    /// (see [`CoalescedMmio`](super::CoalescedMmio)).
+    pub fn set_coalesced_buffer(&mut self, buffer: Arc<super::coalesced::CoalescedBuffer>) {
+        self.core.coalesced = Some(buffer);
+        self.core.flush_tlb();
+    }
+
     /// Runs one instruction (or delivers one pending event).
     pub fn step(&mut self) -> Exit {
         self.run(1)
@@ -127,7 +134,10 @@ impl Cpu {
     pub fn run(&mut self, max_instructions: u64) -> Exit {
         self.core.mode_changed();
         let mut budget = max_instructions;
-        self.run_loop(&mut budget)
+        let exit = self.run_loop(&mut budget);
+        // As KVM drains its ring at every exit.
+        self.core.flush_coalesced();
+        exit
     }
 
     fn run_loop(&mut self, budget: &mut u64) -> Exit {
@@ -248,8 +258,9 @@ impl Cpu {
             return None;
         }
         let apic = core.apic.as_mut()?;
-        if apic.take_nmi() {
+        if !core.nmi_blocked && apic.take_nmi() {
             core.s.halted = false;
+            core.nmi_blocked = true;
             if let Err(e) = core.deliver(2, None, Source::External) {
                 return handle_event(core, e).err();
             }
@@ -290,7 +301,8 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
         core.next_eip = op.ins.next_ip32();
         match (op.exec)(core, op) {
             Ok(()) => {
-                core.s.eip = if core.s.seg[SegReg::Cs as usize].is_32() { core.next_eip } else { core.next_eip & 0xffff };
+                core.s.eip =
+                    if core.s.seg[SegReg::Cs as usize].is_32() { core.next_eip } else { core.next_eip & 0xffff };
                 core.retired += 1;
                 *budget -= 1;
             }

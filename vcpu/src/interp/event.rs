@@ -43,6 +43,8 @@ pub(crate) mod vector {
     pub(crate) const SS: u8 = 12;
     /// General protection.
     pub(crate) const GP: u8 = 13;
+    /// Alignment check.
+    pub(crate) const AC: u8 = 17;
 }
 
 impl Event {

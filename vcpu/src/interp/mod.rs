@@ -23,6 +23,7 @@
 //! | `block.rs` | decoding with iced-x86 into cached blocks, self-modifying code |
 //! | `exec/` | instruction semantics, one family per file |
 //! | `interrupt.rs` | IVT/IDT delivery, stack switches, double and triple faults |
+//! | `coalesced.rs` | coalesced MMIO: per-vCPU write buffers and their flush |
 //! | `cpu.rs` | [`Cpu`]: the run loop, interrupts from the local APIC |
 //! | `backend.rs` | [`InterpVcpu`]: the [`VcpuBackend`](crate::backend::VcpuBackend) |
 //! | [`cpuid`] | what `cpuid` reports |
@@ -46,6 +47,7 @@
 mod apic;
 mod backend;
 mod block;
+mod coalesced;
 mod core;
 mod cpu;
 pub mod cpuid;
@@ -59,5 +61,6 @@ pub mod state;
 
 pub use apic::{Apic, Startup};
 pub use backend::InterpVcpu;
+pub use coalesced::{CoalescedBuffer, CoalescedMmio};
 pub use cpu::{Cpu, Exit};
 pub use state::{CpuState, DescriptorTable, SegReg, Segment};

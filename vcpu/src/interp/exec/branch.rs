@@ -361,6 +361,9 @@ pub(crate) fn int1(c: &mut Core, _op: &Op) -> Step {
 }
 
 pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
+    // An `iret` ends NMI blocking (even one that faults later does not
+    // matter: the handler's `iret` is what unblocks on hardware too).
+    c.nmi_blocked = false;
     let n = if op.ins.code() == iced_x86::Code::Iretw { 2 } else { 4 };
     let off = c.peek(0, n)?;
     let sel = c.peek(n as u32, n)? as u16;

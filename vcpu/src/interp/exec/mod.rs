@@ -180,10 +180,7 @@ pub(crate) fn unimplemented(c: &mut Core, op: &Op) -> Step {
     use std::sync::Mutex;
     static SEEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let code = op.ins.code();
-    let first = SEEN
-        .lock()
-        .map(|mut g| g.get_or_insert_with(HashSet::new).insert(code as u16))
-        .unwrap_or(false);
+    let first = SEEN.lock().map(|mut g| g.get_or_insert_with(HashSet::new).insert(code as u16)).unwrap_or(false);
     if first {
         tracing::warn!(
             cpu = c.index,
@@ -220,7 +217,23 @@ fn lockable(m: Mnemonic) -> bool {
     use Mnemonic::*;
     matches!(
         m,
-        Add | Adc | And | Btc | Btr | Bts | Cmpxchg | Cmpxchg8b | Dec | Inc | Neg | Not | Or | Sbb | Sub | Xor | Xadd | Xchg
+        Add | Adc
+            | And
+            | Btc
+            | Btr
+            | Bts
+            | Cmpxchg
+            | Cmpxchg8b
+            | Dec
+            | Inc
+            | Neg
+            | Not
+            | Or
+            | Sbb
+            | Sub
+            | Xor
+            | Xadd
+            | Xchg
     )
 }
 
@@ -270,9 +283,8 @@ pub(crate) fn prepare(ins: Instruction) -> Op {
     if ins.is_string_instruction() {
         size = ins.memory_size().size().clamp(1, 4) as u8;
         seg = (ins.memory_segment() as usize).saturating_sub(71).min(5) as u8;
-        addr16 = (0..ins.op_count()).any(|i| {
-            matches!(ins.op_kind(i), OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI)
-        });
+        addr16 = (0..ins.op_count())
+            .any(|i| matches!(ins.op_kind(i), OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI));
     }
     {
         use iced_x86::Code::*;
@@ -338,8 +350,12 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
         Dec => go(alu::dec),
         Neg => go(alu::neg),
         Not => go(alu::not),
-        Mov if ins.op0_kind() == OpKind::Register && (ins.op0_register() as usize) >= 185 => end(system::mov_to_control),
-        Mov if ins.op1_kind() == OpKind::Register && (ins.op1_register() as usize) >= 185 => go(system::mov_from_control),
+        Mov if ins.op0_kind() == OpKind::Register && (ins.op0_register() as usize) >= 185 => {
+            end(system::mov_to_control)
+        }
+        Mov if ins.op1_kind() == OpKind::Register && (ins.op1_register() as usize) >= 185 => {
+            go(system::mov_from_control)
+        }
         Mov if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() => {
             (stack::mov_to_sreg, ins.op0_register() == Register::SS || ins.op0_register() == Register::CS)
         }
@@ -496,9 +512,8 @@ fn is_x87(ins: &Instruction) -> bool {
 
 /// Whether an instruction uses XMM/MMX registers (SSE, MMX).
 fn is_sse(ins: &Instruction) -> bool {
-    (0..ins.op_count()).any(|i| {
-        ins.op_kind(i) == OpKind::Register && (ins.op_register(i).is_xmm() || ins.op_register(i).is_mm())
-    })
+    (0..ins.op_count())
+        .any(|i| ins.op_kind(i) == OpKind::Register && (ins.op_register(i).is_xmm() || ins.op_register(i).is_mm()))
 }
 
 /// The `jcc`/`setcc`/`cmovcc` condition nibble of an instruction.

@@ -131,8 +131,16 @@ pub(crate) fn popa(c: &mut Core, op: &Op) -> Step {
 
 /// The `r`-th register after `base` (AX..DI or EAX..EDI).
 fn gpr_view(base: Register, r: usize) -> Register {
-    const R16: [Register; 8] =
-        [Register::AX, Register::CX, Register::DX, Register::BX, Register::SP, Register::BP, Register::SI, Register::DI];
+    const R16: [Register; 8] = [
+        Register::AX,
+        Register::CX,
+        Register::DX,
+        Register::BX,
+        Register::SP,
+        Register::BP,
+        Register::SI,
+        Register::DI,
+    ];
     const R32: [Register; 8] = [
         Register::EAX,
         Register::ECX,
@@ -180,6 +188,8 @@ pub(crate) fn popf(c: &mut Core, op: &Op) -> Step {
     }
     let new = (old & !changeable) | (v & changeable);
     c.s.set_eflags(new);
+    // EFLAGS.AC decides alignment checks.
+    c.mode_changed();
     Ok(())
 }
 

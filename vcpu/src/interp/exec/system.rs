@@ -511,4 +511,3 @@ pub(crate) fn fwait(c: &mut Core, _op: &Op) -> Step {
     }
     Ok(())
 }
-
