@@ -74,9 +74,12 @@ fn gp_from_ring3_pushes_its_error_code_on_the_inner_stack() {
     check_inner(&g, &before, Expect { vector: 13, code: Some(0), eip: c.at("fault") });
 }
 
+/// Emits one instruction.
+type Emit = Box<dyn Fn(&mut Asm) -> Result<(), IcedError>>;
+
 #[test]
 fn gp_privileged_instructions_at_ring3() {
-    let cases: [(&str, Box<dyn Fn(&mut Asm) -> Result<(), IcedError>>); 6] = [
+    let cases: [(&str, Emit); 6] = [
         ("hlt", Box::new(|a| a.hlt())),
         ("mov eax, cr0", Box::new(|a| a.mov(eax, cr0))),
         ("lidt", Box::new(|a| a.lidt(ptr(0xa000)))),
