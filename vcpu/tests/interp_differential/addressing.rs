@@ -88,12 +88,12 @@ impl Gen {
             return self.mem16(offset, avoid);
         }
         let base = if self.profile == Profile::Real { 0 } else { WINDOW as u32 };
-        self.mem32(base.wrapping_add(offset), bytes, avoid)
+        self.mem32(base.wrapping_add(offset), avoid)
     }
 
     /// A 32-bit-addressed operand at `target` (in 64-bit code, the same
     /// registers with an address-size prefix).
-    fn mem32(&mut self, target: u32, bytes: u32, avoid: u8) -> (MemoryOperand, Vec<Instruction>) {
+    fn mem32(&mut self, target: u32, avoid: u8) -> (MemoryOperand, Vec<Instruction>) {
         let seg = self.segment_override();
         let mut setup = Vec::new();
         let set = |setup: &mut Vec<Instruction>, n: usize, v: u32| {
@@ -105,15 +105,12 @@ impl Gen {
         // sets ESP like any other register.
         if form == 7 && self.profile != Profile::Real && avoid & (1 << 4) == 0 {
             let disp = i64::from(self.rng.random::<i8>());
-            let op = if self.profile == Profile::Native {
+            if self.profile == Profile::Native {
                 set(&mut setup, 4, target.wrapping_sub(disp as u32));
-                MemoryOperand::new(Register::ESP, Register::None, 1, disp, 1, false, seg)
-            } else {
-                // [esp + disp8], reaching just around the stack pointer.
-                let _ = bytes;
-                MemoryOperand::new(Register::ESP, Register::None, 1, disp, 1, false, seg)
-            };
-            return (op, setup);
+            }
+            // Otherwise [esp + disp8] reaches just around the stack pointer,
+            // which stays in the window's stack half.
+            return (MemoryOperand::new(Register::ESP, Register::None, 1, disp, 1, false, seg), setup);
         }
         let Some(b) = self.address_register(avoid) else {
             return (MemoryOperand::new(Register::None, Register::None, 1, i64::from(target), 4, false, seg), setup);

@@ -28,15 +28,15 @@ pub enum Env {
     /// 32-bit protected mode, ring 0, no paging, flat segments.
     Prot32,
     /// Ring 3, 32-bit code: compatibility mode under long mode (4-level
-    /// paging), flat segments, IOPL 3.
+    /// paging), flat segments (the rate probe: PVM emulates it).
     Compat3,
-    /// Ring 3, 32-bit code: protected mode with PAE paging, flat segments,
-    /// IOPL 3.
+    /// Ring 3, 32-bit code: protected mode with PAE paging, flat segments
+    /// (the rate probe: PVM cannot run it).
     Pae3,
-    /// Ring 0, 32-bit code: protected mode with PAE paging (for the rate
-    /// probe only).
+    /// Ring 0, 32-bit code: protected mode with PAE paging (the rate probe:
+    /// PVM cannot run it).
     Pae0,
-    /// Ring 3, 64-bit code under long mode (for the rate probe only).
+    /// Ring 3, 64-bit code under long mode: native under PVM.
     Long3,
 }
 
