@@ -55,7 +55,8 @@
 //! * Against KVM the generator leaves out what PVM's emulation cannot run
 //!   or gets wrong (see [`gen`]); against QEMU what QEMU 7.2 gets wrong
 //!   (the `f6 /1`, `f7 /1` `test` aliases, the `idiv` overflow, which kills
-//!   QEMU with SIGFPE, `cmpxchg8b`'s flags).
+//!   QEMU with SIGFPE, `cmpxchg8b`'s flags, RF in a protected-mode fault's
+//!   frame).
 //! * PVM's ring 0 agreed exactly with the native CPU (undefined flags
 //!   included) on every native sequence tried (3000): its emulation
 //!   computes flags as the host does.
