@@ -282,3 +282,10 @@ impl KvmRunner {
         unwind(frame, vector, state, |addr, len| self.read(addr, len))
     }
 }
+
+impl Drop for KvmRunner {
+    fn drop(&mut self) {
+        // The kick no longer has a thread to signal.
+        self.vcpu.on_thread_exit();
+    }
+}
