@@ -58,7 +58,7 @@
 //!   QEMU with SIGFPE, `cmpxchg8b`'s flags, RF in a protected-mode fault's
 //!   frame).
 //! * PVM's ring 0 agreed exactly with the native CPU (undefined flags
-//!   included) on every native sequence tried (3000): its emulation
+//!   included) on every native sequence tried (5000): its emulation
 //!   computes flags as the host does.
 //!
 //! # Running
