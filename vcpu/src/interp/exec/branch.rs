@@ -230,12 +230,13 @@ fn far_call(c: &mut Core, sel: u16, off: u32, n: usize) -> Step {
     if off > cs.limit {
         return Err(gp(0));
     }
+    // The descriptor is marked accessed as it loads, before the pushes.
+    c.set_accessed(sel, desc)?;
     let pushed = c.push(old_cs, n).and_then(|_| c.push(ret, n));
     if let Err(e) = pushed {
         c.s.gpr[4] = old_sp;
         return Err(e);
     }
-    c.set_accessed(sel, desc)?;
     c.set_cs(cs);
     c.next_eip = off;
     Ok(())
@@ -271,8 +272,8 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
         c.s.gpr[4] = if new_ss.is_32() { esp } else { (c.s.gpr[4] & 0xffff_0000) | (esp & 0xffff) };
         null_outer_data_segments(c);
     } else {
-        c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_accessed(sel, desc)?;
+        c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_cs(cs);
     }
     c.next_eip = off;
@@ -421,8 +422,8 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
         null_outer_data_segments(c);
         c.mode_changed();
     } else {
-        c.set_sp(c.sp_offset(3 * n as u32));
         c.set_accessed(sel, desc)?;
+        c.set_sp(c.sp_offset(3 * n as u32));
         c.s.set_eflags(flags);
         c.set_cs(cs);
     }
