@@ -104,6 +104,16 @@ impl Kind {
         }
     }
 
+    /// Its name in `TOPOS_BENCH_KINDS`.
+    pub fn knob(self) -> &'static str {
+        match self {
+            Kind::Loop => "loop",
+            Kind::PioWrite => "pio-write",
+            Kind::MmioWrite => "mmio-write",
+            Kind::MmioRead => "mmio-read",
+        }
+    }
+
     /// Whether the loop touches a device.
     pub fn is_access(self) -> bool {
         self != Kind::Loop

@@ -27,7 +27,9 @@
 //! Knobs: `TOPOS_BENCH_ROUNDS` (default 11), `TOPOS_BENCH_SCALE` (per cent
 //! of the default iteration counts, 100), `TOPOS_BENCH_VARIANTS` (a comma
 //! list of `interp,lib,tcg,kvm,bochs`; all by default — e.g. `interp` to
-//! profile the interpreter alone), `TOPOS_BENCH_INSTALL` (`0`: do not
+//! profile the interpreter alone), `TOPOS_BENCH_KINDS` (a comma list of
+//! `pio-write,mmio-write,mmio-read` for the `access` and `smp` sections),
+//! `TOPOS_BENCH_INSTALL` (`0`: do not
 //! `apt-get install` a missing QEMU or Bochs), `TOPOS_BENCH_GAP_MS` (pause
 //! before each run, 50). Run with `cargo bench -p topos-vcpu --bench interp`.
 
@@ -89,6 +91,7 @@ struct Bench {
     bochs: Option<bochs::Bochs>,
     kvm: bool,
     wanted: Vec<String>,
+    kinds: Vec<String>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -96,6 +99,11 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 impl Bench {
     fn wants(&self, b: Backend) -> bool {
         self.wanted.is_empty() || self.wanted.iter().any(|w| w == b.knob())
+    }
+
+    /// The device accesses of `all` that `TOPOS_BENCH_KINDS` names.
+    fn kinds(&self, all: &[Kind]) -> Vec<Kind> {
+        all.iter().copied().filter(|k| self.kinds.is_empty() || self.kinds.iter().any(|w| w == k.knob())).collect()
     }
 
     fn available(&self, b: Backend) -> bool {
@@ -213,7 +221,7 @@ fn loop_section(bench: &Bench) {
 
 fn access_section(bench: &Bench) {
     let backends: Vec<Backend> = [Backend::Interp, Backend::Tcg].into_iter().filter(|b| bench.available(*b)).collect();
-    let kinds = [Kind::PioWrite, Kind::MmioWrite, Kind::MmioRead];
+    let kinds = bench.kinds(&[Kind::PioWrite, Kind::MmioWrite, Kind::MmioRead]);
     println!("## device accesses, 1 vCPU: {} rounds, accesses/s", bench.rounds);
     println!();
     let variants: Vec<(Kind, Backend)> = kinds.iter().flat_map(|k| backends.iter().map(move |b| (*k, *b))).collect();
@@ -241,7 +249,7 @@ fn access_section(bench: &Bench) {
 
 fn smp_section(bench: &Bench) {
     let backends: Vec<Backend> = [Backend::Interp, Backend::Tcg].into_iter().filter(|b| bench.available(*b)).collect();
-    let kinds = [Kind::MmioWrite, Kind::MmioRead, Kind::PioWrite];
+    let kinds = bench.kinds(&[Kind::MmioWrite, Kind::MmioRead, Kind::PioWrite]);
     println!("## two vCPUs against one: {} rounds, aggregate accesses/s (each vCPU does the same count)", bench.rounds);
     println!();
     let control = Control::new(if bench.smoke { 0.01 } else { 0.3 });
@@ -332,9 +340,13 @@ fn main() {
     let smoke = !args.iter().any(|a| a == "--bench");
     let want = |s: &str| sections.is_empty() || sections.iter().any(|w| w == s);
     let install = !smoke && env_u32("TOPOS_BENCH_INSTALL", 1) != 0;
-    let wanted: Vec<String> = std::env::var("TOPOS_BENCH_VARIANTS")
-        .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
-        .unwrap_or_default();
+    let list = |name: &str| -> Vec<String> {
+        std::env::var(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    };
+    let wanted = list("TOPOS_BENCH_VARIANTS");
+    let kinds = list("TOPOS_BENCH_KINDS");
     let wants = |knob: &str| wanted.is_empty() || wanted.iter().any(|w| w == knob);
 
     println!("# The x86 interpreter against its baselines");
@@ -377,6 +389,7 @@ fn main() {
         bochs,
         kvm,
         wanted,
+        kinds,
     };
     println!();
     if bench.qemu.is_some() {
