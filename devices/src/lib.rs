@@ -18,6 +18,11 @@
 //! amount of work for others before handing the backlog to a drainer
 //! ([`ActorOptions`]).
 //!
+//! The interrupt controllers the x86 interpreter needs in user space (8259
+//! PICs, 8254 PIT, IOAPIC, local APICs) are in [`irqchip`]: they are not
+//! actors but state behind short locks, reached from vCPU threads and
+//! device threads alike, and they deliver to vCPUs by posting and waking.
+//!
 //! Every model is plugged the same way ([`plug`]): configuration in, its
 //! regions (unmapped) and a handle out; the board maps the regions — at
 //! fixed addresses in system memory or the I/O space, or as a PCI
@@ -37,6 +42,7 @@ mod error;
 pub mod framebuffer;
 pub mod fw_cfg;
 pub mod irq;
+pub mod irqchip;
 mod mailbox;
 pub mod pci;
 pub mod pflash;

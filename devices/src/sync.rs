@@ -18,16 +18,20 @@
 //! * [`Mutex`] and [`Condvar`] are the runtime's (`topos_runtime::locks`):
 //!   they never report poisoning, as handlers run under `catch_unwind` and
 //!   every critical section leaves its data consistent before it can panic.
+//! * [`spawn_thread`] starts a long-lived named thread (the interrupt
+//!   controllers' deadline thread, `irqchip/clock.rs`): a std thread
+//!   normally, a loom thread under loom; [`current_thread_id`] names the
+//!   calling thread in the same world.
 //!
 //! Reference counting stays std's under loom too: loom's `Arc` has no `Weak`
 //! and no unsized values, and the protocols under test are the atomics and
 //! locks around the counts, not the counts.
 
 #[cfg(not(topos_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 #[cfg(topos_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 pub(crate) use std::sync::{Arc, Weak};
 
@@ -129,4 +133,44 @@ pub(crate) fn spawn_blocking(pool: &BlockingPool, f: impl FnOnce() + Send + 'sta
 #[cfg(topos_loom)]
 pub(crate) fn spawn_blocking(_pool: &BlockingPool, f: impl FnOnce() + Send + 'static) {
     drop(loom::thread::spawn(f));
+}
+
+/// The handle of a thread started by [`spawn_thread`].
+#[cfg(not(topos_loom))]
+pub(crate) type JoinHandle = std::thread::JoinHandle<()>;
+
+/// The handle of a thread started by [`spawn_thread`].
+#[cfg(topos_loom)]
+pub(crate) type JoinHandle = loom::thread::JoinHandle<()>;
+
+/// The identity of a thread (loom's simulated thread under loom).
+#[cfg(not(topos_loom))]
+pub(crate) type ThreadId = std::thread::ThreadId;
+
+/// The identity of a thread (loom's simulated thread under loom).
+#[cfg(topos_loom)]
+pub(crate) type ThreadId = loom::thread::ThreadId;
+
+/// Starts a thread named `name` running `f`.
+#[cfg(not(topos_loom))]
+pub(crate) fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle> {
+    std::thread::Builder::new().name(name.to_string()).spawn(f)
+}
+
+/// Starts a loom thread running `f`.
+#[cfg(topos_loom)]
+pub(crate) fn spawn_thread(_name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle> {
+    Ok(loom::thread::spawn(f))
+}
+
+/// The identity of the calling thread.
+#[cfg(not(topos_loom))]
+pub(crate) fn current_thread_id() -> ThreadId {
+    std::thread::current().id()
+}
+
+/// The identity of the calling thread.
+#[cfg(topos_loom)]
+pub(crate) fn current_thread_id() -> ThreadId {
+    loom::thread::current().id()
 }

@@ -25,6 +25,7 @@
 //! | `device_mailbox` | a full mailbox makes senders wait for room, and they are woken |
 //! | `device_handoff` | a caller handles at most its budget of others' messages; the backlog is drained by a drainer |
 //! | `device_no_block` | two devices whose handlers read and call each other never deadlock |
+//! | `irqchip_post` | an interrupt, NMI, INIT/SIPI or PIC request posted to a local APIC (`topos_devices::irqchip`) while its vCPU looks at another or decides to halt is never lost; nor is one posted before the vCPU's waker is installed |
 //! | `vcpu_control` | a kick racing a vCPU's entry into guest code is never lost; a pause returns only once the vCPU is out of guest code, and it runs again after resume; stop ends it |
 //!
 //! ```sh

@@ -111,6 +111,17 @@ impl Condvar {
         }
     }
 
+    /// Waits until notified or until `timeout` has passed (under loom,
+    /// until notified: loom does not model time), recovering from
+    /// poisoning like [`Mutex::lock`]. Like any condition variable wait it
+    /// may return early: callers re-check their condition and the time.
+    pub fn wait_timeout<'a, T>(&self, guard: MutexGuard<'a, T>, timeout: std::time::Duration) -> MutexGuard<'a, T> {
+        match self.0.wait_timeout(guard, timeout) {
+            Ok((g, _)) => g,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
     /// Wakes every waiter.
     pub fn notify_all(&self) {
         self.0.notify_all();

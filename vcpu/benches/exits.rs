@@ -1059,6 +1059,7 @@ fn startup_section(starts: u32) {
                     let (l, f) = (latch.clone(), first_exit.clone());
                     let wiring = BoardWiring {
                         interrupts: kvm_vm.interrupt_sink(),
+                        irqchip: None,
                         exit: Box::new(move |status: i32| {
                             *f.lock().unwrap() = Some(t.elapsed());
                             l.stop(StopReason::DebugExit(status));

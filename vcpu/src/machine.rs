@@ -8,6 +8,7 @@ use crate::interp::{CoalescedMmio, InterpVcpu, Segment};
 use crate::kvm::KvmVm;
 use crate::vm::{StopLatch, StopReason, Vm};
 use std::sync::Arc;
+use topos_devices::irqchip::Irqchip;
 use topos_runtime::{Fault, FaultHook, Topology};
 
 /// How often a running machine checks whether every vCPU halted with
@@ -71,7 +72,7 @@ impl std::str::FromStr for Accel {
 /// The accelerator a machine was built on.
 enum Backend {
     Kvm(KvmVm),
-    Interp { coalesced: CoalescedMmio },
+    Interp { coalesced: CoalescedMmio, irqchip: Arc<Irqchip> },
 }
 
 /// A machine ready to run.
@@ -106,18 +107,21 @@ impl Machine {
         let exit = Box::new(move |status: i32| l.stop(StopReason::DebugExit(status)));
         let (backend, wiring) = match accel.resolve() {
             Accel::Interp => {
+                let irqchip = Irqchip::try_new(u32::from(config.cpus))?;
                 let wiring = BoardWiring {
-                    interrupts: Arc::new(crate::board::NoInterrupts),
+                    interrupts: irqchip.interrupt_sink(),
+                    irqchip: Some(irqchip.clone()),
                     exit,
                     memory_map: MapOptions { kvm: false, amd: false },
                 };
                 let coalesced = CoalescedMmio::install(&topo, &spaces.memory);
-                (Backend::Interp { coalesced }, wiring)
+                (Backend::Interp { coalesced, irqchip }, wiring)
             }
             _ => {
                 let kvm = KvmVm::new(&topo, &spaces.memory, &spaces.io_space)?;
                 let wiring = BoardWiring {
                     interrupts: kvm.interrupt_sink(),
+                    irqchip: None,
                     exit,
                     memory_map: MapOptions { kvm: true, amd: kvm.cpu_is_amd() },
                 };
@@ -167,9 +171,10 @@ impl Machine {
                     }
                     backends.push(Box::new(vcpu));
                 }
-                Backend::Interp { coalesced } => {
+                Backend::Interp { coalesced, irqchip } => {
                     let spaces = &self.board.spaces;
-                    let mut vcpu = InterpVcpu::new(&spaces.memory, &spaces.io_space, i, cpus, None);
+                    let apic = irqchip.take_lapic(i).map(|a| Box::new(a) as Box<dyn crate::interp::Apic>);
+                    let mut vcpu = InterpVcpu::new(&spaces.memory, &spaces.io_space, i, cpus, apic);
                     vcpu.cpu().set_coalesced_buffer(coalesced.buffer());
                     if let (0, Some(entry)) = (i, self.board.entry) {
                         // As the KVM backend and QEMU's multiboot loader
@@ -185,7 +190,15 @@ impl Machine {
                 }
             }
         }
-        Vm::start(backends, &self.board.spaces.memory, &self.board.spaces.io_space, self.latch.clone())
+        let vm = Vm::start(backends, &self.board.spaces.memory, &self.board.spaces.io_space, self.latch.clone())?;
+        if let Backend::Interp { irqchip, .. } = &self.backend {
+            // What the interrupt controllers post to a vCPU wakes it.
+            for h in vm.vcpus() {
+                let h = h.clone();
+                irqchip.set_waker(h.index(), Arc::new(move || h.kick()));
+            }
+        }
+        Ok(vm)
     }
 
     /// Runs until the guest stops the machine; returns why.

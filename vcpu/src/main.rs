@@ -180,6 +180,7 @@ fn mtree(args: &BoardArgs, flatview: bool, disabled: bool) -> Result<String, Str
     let spaces = topo.standard_spaces().map_err(|e| e.to_string())?;
     let wiring = BoardWiring {
         interrupts: Arc::new(NoInterrupts),
+        irqchip: None,
         exit: Box::new(|_status: i32| {}),
         memory_map: Default::default(),
     };

@@ -14,7 +14,7 @@
 //! | `--device virtio-doorbell` | virtio-mmio registers at `0xfe001000`, IRQ 5 | (none on `pc`) |
 //! | `--device pflash` | a 1 MiB CFI flash ending at `0xff000000` | |
 //! | `--pflash FILE` | the BIOS as a CFI flash ending at 4 GiB | `-drive if=pflash` |
-//! | local APICs, PICs, PIT, IOAPIC | the accelerator's (in-kernel on KVM) | `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2` |
+//! | local APICs, PICs, PIT, IOAPIC | on KVM, in the kernel (nothing mapped here); on the interpreter, user space ([`topos_devices::irqchip`], given as [`BoardWiring::irqchip`]): PICs at ports `0x20`, `0xa0`, ELCRs `0x4d0`-`0x4d1`, PIT `0x40`-`0x43` and port `0x61`, IOAPIC at `0xfec00000`; each vCPU reaches its local APIC page itself | `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`; TCG's `pic`, `pit`, `pcspk`, `elcr`, `ioapic`, `apic` |
 //! | a Multiboot kernel | see [`multiboot`] | `-kernel`, `-append` |
 //!
 //! Every device is plugged through the devices' plug contract; the board
@@ -30,6 +30,7 @@ use topos_devices::debug_exit::{self, DebugExit, DebugExitConfig, ExitSink};
 use topos_devices::edu::{Edu, EduOptions};
 use topos_devices::framebuffer::{self, FbConfig, FbMode, FbRegs, Framebuffer};
 use topos_devices::fw_cfg::{self, FwCfg, FwCfgConfig};
+use topos_devices::irqchip::Irqchip;
 use topos_devices::pci::{PciConfig, PciHost, PciHostBridge, PciHostConfig, PciPlacement};
 use topos_devices::pflash::{self, PflashCfi01, PflashConfig, PflashImage};
 use topos_devices::plug::{DeviceModel, DeviceRegion, PlugCtx, Plugged};
@@ -128,8 +129,15 @@ impl std::fmt::Debug for PcConfig {
 
 /// What the board connects to outside itself.
 pub struct BoardWiring {
-    /// Where device interrupt lines go (GSIs of the accelerator's irqchip).
+    /// Where device interrupt lines go (GSIs of the accelerator's irqchip;
+    /// with a user-space [`irqchip`](Self::irqchip), its
+    /// [`interrupt_sink`](Irqchip::interrupt_sink)).
     pub interrupts: Arc<dyn InterruptSink>,
+    /// The interrupt controllers, when they are in user space (the
+    /// interpreter): the board maps their ports and the IOAPIC's page in
+    /// its build transaction. `None` when the accelerator has them (KVM's
+    /// in-kernel irqchip): nothing is mapped for them.
+    pub irqchip: Option<Arc<Irqchip>>,
     /// Where the guest's `isa-debug-exit` writes go.
     pub exit: Box<dyn ExitSink>,
     /// What the accelerator adds to the memory map a `--kernel` sees.
@@ -188,6 +196,9 @@ pub struct PcBoard {
     pub entry: Option<multiboot::Flat32Entry>,
     /// The devices the board plugged, for the embedder to reach.
     pub devices: BoardDevices,
+    /// The user-space interrupt controllers the board mapped, if it was
+    /// given them ([`BoardWiring::irqchip`]).
+    pub irqchip: Option<Arc<Irqchip>>,
 }
 
 /// Handles to the board's devices (the `--device` ones that were given).
@@ -237,6 +248,9 @@ impl PcBoard {
                 None
             };
             let map = memory_map::build(topo, spaces, config.ram_size, &config.bios, flash_bios)?;
+            if let Some(irqchip) = &wiring.irqchip {
+                irqchip.map(topo, &spaces.io, &spaces.system)?;
+            }
             let irq = |gsi: u32| IrqLine::new(wiring.interrupts.clone(), gsi);
 
             let com1 =
@@ -322,11 +336,84 @@ impl PcBoard {
             };
             Ok((map, pci, entry, devices))
         })??;
-        Ok(PcBoard { topo: topo.clone(), spaces: spaces.clone(), map, pci, cpus, runtime, entry, devices })
+        Ok(PcBoard {
+            topo: topo.clone(),
+            spaces: spaces.clone(),
+            map,
+            pci,
+            cpus,
+            runtime,
+            entry,
+            devices,
+            irqchip: wiring.irqchip,
+        })
     }
 
     /// Guest RAM.
     pub fn ram(&self) -> &MemoryRegion {
         &self.map.ram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use topos_runtime::MtreeOptions;
+
+    fn build(irqchip: Option<Arc<Irqchip>>) -> PcBoard {
+        let topo = Topology::new();
+        let spaces = topo.standard_spaces().unwrap();
+        let interrupts: Arc<dyn InterruptSink> = match &irqchip {
+            Some(chip) => chip.interrupt_sink(),
+            None => Arc::new(NoInterrupts),
+        };
+        let config = PcConfig {
+            ram_size: 16 << 20,
+            cpus: 2,
+            bios: vec![0xf4; 64 << 10],
+            bios_in_flash: false,
+            devices: vec![PciModel::Edu],
+            serial: SerialSink::Null,
+            kernel: None,
+        };
+        let wiring =
+            BoardWiring { interrupts, irqchip, exit: Box::new(|_status: i32| {}), memory_map: Default::default() };
+        PcBoard::build(&topo, &spaces, config, wiring).unwrap()
+    }
+
+    const IRQCHIP_LINES: [&str; 7] = [
+        "0000000000000020-0000000000000021 (prio 0, i/o): pic",
+        "0000000000000040-0000000000000043 (prio 0, i/o): pit",
+        "0000000000000061-0000000000000061 (prio 0, i/o): pcspk",
+        "00000000000000a0-00000000000000a1 (prio 0, i/o): pic",
+        "00000000000004d0-00000000000004d0 (prio 0, i/o): elcr",
+        "00000000000004d1-00000000000004d1 (prio 0, i/o): elcr",
+        "00000000fec00000-00000000fec00fff (prio 0, i/o): ioapic",
+    ];
+
+    #[test]
+    fn a_user_space_irqchip_is_mapped_where_qemu_maps_it() {
+        let chip = Irqchip::new(2);
+        let board = build(Some(chip.clone()));
+        let mtree = board.topo.mtree(MtreeOptions::default()).unwrap();
+        for line in IRQCHIP_LINES {
+            assert!(mtree.contains(line), "{line} missing from\n{mtree}");
+        }
+        // The IOAPIC wins over the PCI hole below it, and answers.
+        let _ = board.spaces.memory.write_u64(topos_devices::irqchip::IOAPIC_BASE, 1, 4);
+        assert_eq!(board.spaces.memory.read_u64(topos_devices::irqchip::IOAPIC_BASE + 0x10, 4).0, 0x0017_0020);
+        // The PIC's mask register reads back through the I/O space.
+        let _ = board.spaces.io_space.write_u64(0x21, 0xb8, 1);
+        assert_eq!(board.spaces.io_space.read_u64(0x21, 1).0, 0xb8);
+        assert!(board.irqchip.is_some());
+    }
+
+    #[test]
+    fn with_the_accelerators_irqchip_nothing_is_mapped_for_it() {
+        let board = build(None);
+        let mtree = board.topo.mtree(MtreeOptions::default()).unwrap();
+        for line in IRQCHIP_LINES {
+            assert!(!mtree.contains(line), "{line} in\n{mtree}");
+        }
     }
 }

@@ -43,3 +43,47 @@ pub trait Apic: Send {
     /// Whether this is the bootstrap processor's APIC.
     fn is_bsp(&self) -> bool;
 }
+
+/// The user-space local APIC of `topos_devices::irqchip` as the
+/// interpreter's [`Apic`].
+impl Apic for topos_devices::irqchip::LocalApic {
+    fn page(&self) -> Option<u64> {
+        topos_devices::irqchip::LocalApic::page(self)
+    }
+    fn read(&mut self, offset: u32) -> u32 {
+        topos_devices::irqchip::LocalApic::read(self, offset)
+    }
+    fn write(&mut self, offset: u32, value: u32) {
+        topos_devices::irqchip::LocalApic::write(self, offset, value)
+    }
+    fn base_msr(&self) -> u64 {
+        topos_devices::irqchip::LocalApic::base_msr(self)
+    }
+    fn set_base_msr(&mut self, value: u64) -> bool {
+        topos_devices::irqchip::LocalApic::set_base_msr(self, value)
+    }
+    fn attention(&self) -> bool {
+        topos_devices::irqchip::LocalApic::attention(self)
+    }
+    fn take_interrupt(&mut self) -> Option<u8> {
+        topos_devices::irqchip::LocalApic::take_interrupt(self)
+    }
+    fn interrupt_pending(&self) -> bool {
+        topos_devices::irqchip::LocalApic::interrupt_pending(self)
+    }
+    fn take_nmi(&mut self) -> bool {
+        topos_devices::irqchip::LocalApic::take_nmi(self)
+    }
+    fn take_startup(&mut self) -> Option<Startup> {
+        topos_devices::irqchip::LocalApic::take_startup(self).map(|s| match s {
+            topos_devices::irqchip::Startup::Init => Startup::Init,
+            topos_devices::irqchip::Startup::Sipi(v) => Startup::Sipi(v),
+        })
+    }
+    fn reset(&mut self) {
+        topos_devices::irqchip::LocalApic::reset(self)
+    }
+    fn is_bsp(&self) -> bool {
+        topos_devices::irqchip::LocalApic::is_bsp(self)
+    }
+}

@@ -134,8 +134,7 @@ impl Core {
         if user != self.user {
             self.user = user;
         }
-        self.align_check =
-            user == 1 && self.s.cr0 & super::state::cr0::AM != 0 && self.s.flags.base() & flag::AC != 0;
+        self.align_check = user == 1 && self.s.cr0 & super::state::cr0::AM != 0 && self.s.flags.base() & flag::AC != 0;
     }
 
     /// Makes the next accesses supervisor accesses until the next

@@ -327,9 +327,10 @@ fn handle_event(core: &mut Core, e: Event) -> Result<(), Exit> {
     let r = match e {
         Event::Exception { vector, code } => core.deliver(vector, code, Source::Exception),
         Event::SoftInt(v) => {
+            let at = core.s.eip;
             core.s.eip = core.next_eip;
             core.retired += 1;
-            core.deliver(v, None, Source::Software)
+            core.deliver_software(v, at)
         }
         Event::Halt => {
             core.s.eip = core.next_eip;

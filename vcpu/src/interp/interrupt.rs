@@ -38,10 +38,28 @@ fn class(v: u8) -> Class {
     }
 }
 
+/// Whether an exception raised by the CPU with vector `v` is a fault (the
+/// rest it raises are the traps `#DB` from `int1`, and the aborts `#DF`
+/// and `#MC`).
+fn is_fault(v: u8) -> bool {
+    !matches!(v, 1 | 8 | 18)
+}
+
 impl Core {
     /// Delivers an event, applying the double-fault rules to faults raised
     /// while delivering it. `Err(Event::Shutdown)` is a triple fault.
     pub(crate) fn deliver(&mut self, vector: u8, code: Option<u32>, source: Source) -> Step {
+        self.deliver_from(vector, code, source, None)
+    }
+
+    /// Delivers `int n` (`int3`, `into`) of the instruction at `at`, with
+    /// EIP already after it: a fault while delivering it is a fault of
+    /// the instruction (pushed with `at`).
+    pub(crate) fn deliver_software(&mut self, vector: u8, at: u32) -> Step {
+        self.deliver_from(vector, None, Source::Software, Some(at))
+    }
+
+    fn deliver_from(&mut self, vector: u8, code: Option<u32>, source: Source, mut at: Option<u32>) -> Step {
         let (mut v, mut code, mut source) = (vector, code, source);
         let mut nested = 0;
         loop {
@@ -49,12 +67,19 @@ impl Core {
                 Ok(()) => return Ok(()),
                 Err(Event::Exception { vector: v2, code: c2 }) => {
                     nested += 1;
-                    if v == vector::DF || nested > 3 {
+                    if let Some(at) = at.take() {
+                        self.s.eip = at;
+                    }
+                    // Only exceptions count for the double-fault rules: a
+                    // fault while delivering `int 8` or an interrupt on
+                    // vector 13 is delivered as the first exception.
+                    let first = if source == Source::Exception { class(v) } else { Class::Benign };
+                    if (source == Source::Exception && v == vector::DF) || nested > 3 {
                         return Err(Event::Shutdown);
                     }
-                    let (a, b) = (class(v), class(v2));
-                    let double = (a == Class::Contributory && b == Class::Contributory)
-                        || (a == Class::PageFault && b != Class::Benign);
+                    let second = class(v2);
+                    let double = (first == Class::Contributory && second == Class::Contributory)
+                        || (first == Class::PageFault && second != Class::Benign);
                     if double {
                         v = vector::DF;
                         code = Some(0);
@@ -105,7 +130,9 @@ impl Core {
     }
 
     fn deliver_protected(&mut self, v: u8, code: Option<u32>, source: Source) -> Step {
-        let ext = u32::from(source == Source::External);
+        // EXT: the event being delivered is not the program's own `int n`
+        // (an interrupt, or an exception — SDM vol. 3, 6.13).
+        let ext = u32::from(source != Source::Software);
         let idt_err = u32::from(v) * 8 + 2 + ext;
         if u32::from(v) * 8 + 7 > u32::from(self.s.idtr.limit) {
             return Err(gp(idt_err));
@@ -150,7 +177,11 @@ impl Core {
             return Err(np(sel_err));
         }
         let n = if is32 { 4 } else { 2 };
-        let flags = self.s.flags.get();
+        // A fault's EFLAGS image has RF set, so that the return reruns the
+        // instruction without a new instruction breakpoint (SDM vol. 3,
+        // 17.3.1.1); traps, aborts and interrupts push EFLAGS as it is.
+        let rf = if source == Source::Exception && is_fault(v) { flag::RF } else { 0 };
+        let flags = self.s.flags.get() | rf;
         let old_cs = self.s.seg[SegReg::Cs as usize];
         let old_ss = self.s.seg[SegReg::Ss as usize];
         let old_esp = self.s.gpr[4];

@@ -3,6 +3,8 @@
 //! watchdog, a small KVM machine to run guest code on, and bounded waits.
 #![allow(dead_code)] // each test file uses a part
 
+pub mod firmware_checks;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -171,8 +171,18 @@ pub(crate) fn ret(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
+/// `#GP(0)` unless `off` is within CS's limit: a real-mode far transfer
+/// keeps the limit of the CS it leaves.
+fn real_limit(c: &Core, off: u32) -> Step {
+    if off > c.s.seg[SegReg::Cs as usize].limit {
+        return Err(gp(0));
+    }
+    Ok(())
+}
+
 fn far_jump(c: &mut Core, sel: u16, off: u32) -> Step {
     if !c.prot() {
+        real_limit(c, off)?;
         c.set_cs_real(sel);
         c.next_eip = off;
         return Ok(());
@@ -206,6 +216,7 @@ fn far_call(c: &mut Core, sel: u16, off: u32, n: usize) -> Step {
     let ret = c.next_eip;
     let old_sp = c.s.gpr[4];
     if !c.prot() {
+        real_limit(c, off)?;
         c.push(old_cs, n)?;
         if let Err(e) = c.push(ret, n) {
             c.s.gpr[4] = old_sp;
@@ -236,6 +247,7 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
     let off = c.peek(0, n)?;
     let sel = c.peek(n as u32, n)? as u16;
     if !c.prot() {
+        real_limit(c, off)?;
         c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_cs_real(sel);
         c.next_eip = off;
@@ -362,9 +374,7 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
             tracing::warn!(cpu = c.index, "iret in virtual-8086 mode: not modelled (#GP)");
             return Err(gp(0));
         }
-        if off > 0xffff && n == 2 {
-            return Err(gp(0));
-        }
+        real_limit(c, off)?;
         c.set_sp(c.sp_offset(3 * n as u32));
         c.set_cs_real(sel);
         let keep = if n == 2 { 0xffff_0000 } else { flag::VM | flag::VIF | flag::VIP };

@@ -501,10 +501,13 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
     }
 }
 
-/// Whether an instruction is an x87 escape (opcodes `d8`–`df`).
+/// Whether an instruction is an x87 escape (opcodes `d8`–`df`). iced-x86
+/// gives the register forms with a fixed second byte a two-byte opcode
+/// (`fld1` is `d9e8`): the escape is the first byte.
 fn is_x87(ins: &Instruction) -> bool {
     let oc = ins.code().op_code();
-    oc.table() == iced_x86::OpCodeTableKind::Normal && matches!(oc.op_code(), 0xd8..=0xdf)
+    let first = oc.op_code() >> (8 * (oc.op_code_len().max(1) - 1));
+    oc.table() == iced_x86::OpCodeTableKind::Normal && matches!(first, 0xd8..=0xdf)
 }
 
 /// Whether an instruction uses XMM/MMX registers (SSE, MMX).
