@@ -232,9 +232,13 @@ impl Cpu {
         if !apic.attention() {
             return None;
         }
-        if let Some(s) = apic.take_startup() {
+        // Every startup posted so far, in the APIC's order (an INIT and the
+        // SIPI right after it can both be waiting: handling only the INIT
+        // would park the AP with its SIPI still pending and no kick left).
+        while let Some(s) = core.apic.as_mut().and_then(|a| a.take_startup()) {
             match s {
                 Startup::Init => {
+                    let Some(apic) = core.apic.as_mut() else { break };
                     let bsp = apic.is_bsp();
                     apic.reset();
                     core.s = CpuState::reset();
