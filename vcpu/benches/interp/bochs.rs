@@ -6,7 +6,7 @@
 //! no `edu`).
 
 use super::guest::{self, Kind};
-use super::host::Scratch;
+use super::host::{self, Scratch};
 use super::stats::Run;
 use std::io::Read;
 use std::path::PathBuf;
@@ -54,8 +54,9 @@ impl Bochs {
         Bochs { path, scratch: Scratch::new("bochs") }
     }
 
-    /// One run of `iterations` of the loop.
-    pub fn run(&self, iterations: u32, timeout: Duration) -> Result<Run, String> {
+    /// One run of `iterations` of the loop, and the CPU time the whole
+    /// Bochs process used (start-up included), in seconds.
+    pub fn run(&self, iterations: u32, timeout: Duration) -> Result<(Run, f64), String> {
         let image = self.scratch.file("bios.bin", &guest::bios(Kind::Loop, iterations, 1));
         let log = self.scratch.dir.join("bochs.log");
         let rc = self.scratch.file("bochsrc", bochsrc(&image.to_string_lossy(), &log.to_string_lossy()).as_bytes());
@@ -104,8 +105,7 @@ impl Bochs {
             }
         };
         // Bochs sits in the guest's final `hlt`: end it.
-        let _ = child.kill();
-        let _ = child.wait();
+        let ended = host::kill_ended(&mut child);
         let errors = errors.join().unwrap();
         let result = result.map_err(|e| {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -114,6 +114,6 @@ impl Bochs {
             format!("{e}; its stderr ends:\n{}\nits log ends:\n{}", tail(&errors), tail(&log))
         });
         let elapsed = result?;
-        Ok(Run { iterations: u64::from(iterations), elapsed, cpu: None })
+        Ok((Run { iterations: u64::from(iterations), elapsed, cpu: None }, ended.cpu))
     }
 }

@@ -2,7 +2,8 @@
 //! emulator, a scratch directory for images and configurations.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// `program` on the `PATH`.
 pub fn which(program: &str) -> Option<PathBuf> {
@@ -65,4 +66,49 @@ impl Drop for Scratch {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// How a child process ended: its exit code (`None` if a signal ended it)
+/// and the CPU time (user + system, all its threads) it used, in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    pub code: Option<i32>,
+    pub cpu: f64,
+}
+
+/// Reaps `child` if it has ended (`block`: waits for it).
+fn reap(child: &Child, block: bool) -> Option<Ended> {
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data that `wait4` fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = if block { 0 } else { libc::WNOHANG };
+    // SAFETY: waits for (and reaps) our own child with valid out-pointers;
+    // the caller does not wait for it again.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, flags, &mut usage) };
+    if pid != child.id() as libc::pid_t {
+        return None;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Some(Ended { code, cpu: tv(usage.ru_utime) + tv(usage.ru_stime) })
+}
+
+/// Waits for `child` to end, at most `timeout` (then kills it: `Err`).
+pub fn wait_ended(child: &mut Child, timeout: Duration) -> Result<Ended, Ended> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(e) = reap(child, false) {
+            return Ok(e);
+        }
+        if Instant::now() > deadline {
+            return Err(kill_ended(child));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Kills `child` (which this bench started) and reaps it.
+pub fn kill_ended(child: &mut Child) -> Ended {
+    let _ = child.kill();
+    reap(child, true).unwrap_or(Ended { code: None, cpu: f64::NAN })
 }

@@ -139,10 +139,36 @@ impl Bench {
             Backend::Interp => topos::run(Accel::Interp, kind, n, cpus, TIMEOUT),
             Backend::Kvm => topos::run(Accel::Kvm, kind, n, cpus, TIMEOUT),
             Backend::Library => Ok(topos::library_loop(n)),
-            Backend::Tcg => self.qemu.as_ref().unwrap().run(kind, n, cpus, TIMEOUT),
-            Backend::Bochs => self.bochs.as_ref().unwrap().run(n, TIMEOUT),
+            Backend::Tcg => {
+                let qemu = self.qemu.as_ref().unwrap();
+                self.differential(cpus, || qemu.run(kind, 1, cpus, TIMEOUT), || qemu.run(kind, n, cpus, TIMEOUT))
+            }
+            Backend::Bochs => {
+                let bochs = self.bochs.as_ref().unwrap();
+                self.differential(cpus, || bochs.run(1, TIMEOUT), || bochs.run(n, TIMEOUT))
+            }
         };
         r.unwrap_or_else(|e| panic!("{} {kind:?} ({cpus} vCPUs): {e}", b.name()))
+    }
+
+    /// An emulator process's run with its CPU time for the guest's loop:
+    /// with one vCPU, the process's CPU time (all threads) minus that of
+    /// the same command with a 1-iteration guest run just before it, so
+    /// that start-up and teardown cancel out.
+    fn differential(
+        &self,
+        cpus: u32,
+        empty: impl FnOnce() -> Result<(Run, f64), String>,
+        full: impl FnOnce() -> Result<(Run, f64), String>,
+    ) -> Result<Run, String> {
+        if cpus != 1 {
+            return full().map(|(r, _)| r);
+        }
+        let (_, base) = empty()?;
+        settle();
+        let (mut run, cpu) = full()?;
+        run.cpu = Some(cpu - base);
+        Ok(run)
     }
 }
 
@@ -181,13 +207,36 @@ fn ratios(a: &[Run], b: &[Run]) -> Vec<f64> {
     a.iter().zip(b).map(|(a, b)| a.rate() / b.rate()).collect()
 }
 
+fn cpu(runs: &[Run]) -> Vec<f64> {
+    runs.iter().filter_map(Run::cpu_ns).collect()
+}
+
+/// Per-round ratios of the CPU cost `b ÷ a` (how many times less CPU `a`
+/// spends per iteration than `b`).
+fn cpu_ratios(a: &[Run], b: &[Run]) -> Vec<f64> {
+    a.iter().zip(b).filter_map(|(a, b)| Some(b.cpu_ns()? / a.cpu_ns()?)).collect()
+}
+
 fn cpu_ns(runs: &[Run]) -> String {
-    let v: Vec<f64> = runs.iter().filter_map(Run::cpu_ns).collect();
+    let v = cpu(runs);
     if v.is_empty() {
         "–".into()
     } else {
         format!("{:.2}", median(&v))
     }
+}
+
+/// `a` against `b`: the ratio of the medians and the per-round ratios, by
+/// wall clock (rates) and by CPU time (costs); "–" where there is none.
+fn versus(a: &[Run], b: &[Run]) -> [String; 4] {
+    let (ca, cb) = (cpu(a), cpu(b));
+    let by_cpu = if ca.is_empty() || cb.is_empty() { "–".into() } else { times(median(&cb) / median(&ca)) };
+    [
+        times(median(&rates(a)) / median(&rates(b))),
+        spread(&ratios(a, b), times),
+        by_cpu,
+        spread(&cpu_ratios(a, b), times),
+    ]
 }
 
 fn loop_section(bench: &Bench) {
@@ -199,17 +248,15 @@ fn loop_section(bench: &Bench) {
     println!();
     let runs = interleave(bench, &backends, |b| bench.run(b, Kind::Loop, 1), |r| eprintln!("loop round {r} done"));
     let reference = backends.iter().position(|b| *b == Backend::Interp);
-    println!("| backend | iterations per run | iterations/s: median [min, max] | interpreter ÷ it (ratio of medians) | per-round interpreter ÷ it: median [min, max] | vCPU-thread CPU ns per iteration |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| backend | iterations per run | iterations/s (wall): median [min, max] | CPU ns per iteration | interpreter ÷ it, wall (ratio of medians) | per round: median [min, max] | interpreter ÷ it, by CPU time | per round: median [min, max] |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (i, b) in backends.iter().enumerate() {
-        let (ratio, per_round) = match reference {
-            Some(r) if r != i => {
-                (times(median(&rates(&runs[r])) / median(&rates(&runs[i]))), spread(&ratios(&runs[r], &runs[i]), times))
-            }
-            _ => ("–".into(), "–".into()),
+        let [wall, wall_rounds, by_cpu, cpu_rounds] = match reference {
+            Some(r) if r != i => versus(&runs[r], &runs[i]),
+            _ => ["–".into(), "–".into(), "–".into(), "–".into()],
         };
         println!(
-            "| {} | {} | {} | {ratio} | {per_round} | {} |",
+            "| {} | {} | {} | {} | {wall} | {wall_rounds} | {by_cpu} | {cpu_rounds} |",
             b.name(),
             bench.iterations(*b, Kind::Loop),
             spread(&rates(&runs[i]), mega),
@@ -226,22 +273,23 @@ fn access_section(bench: &Bench) {
     println!();
     let variants: Vec<(Kind, Backend)> = kinds.iter().flat_map(|k| backends.iter().map(move |b| (*k, *b))).collect();
     let runs = interleave(bench, &variants, |(k, b)| bench.run(b, k, 1), |r| eprintln!("access round {r} done"));
-    println!("| access | accesses per run | interpreter: median [min, max] | QEMU TCG: median [min, max] | interpreter ÷ TCG (ratio of medians) | per-round: median [min, max] | interpreter CPU ns per access |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| access | accesses per run | interpreter (wall): median [min, max] | QEMU TCG (wall): median [min, max] | interpreter / TCG CPU ns per access | interpreter ÷ TCG, wall (ratio of medians) | per round: median [min, max] | interpreter ÷ TCG, by CPU time | per round: median [min, max] |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for kind in kinds {
         let of = |b: Backend| variants.iter().position(|v| *v == (kind, b)).map(|i| &runs[i][..]);
         let (interp, tcg) = (of(Backend::Interp), of(Backend::Tcg));
-        let (ratio, per_round) = match (interp, tcg) {
-            (Some(i), Some(t)) => (times(median(&rates(i)) / median(&rates(t))), spread(&ratios(i, t), times)),
-            _ => ("–".into(), "–".into()),
+        let [wall, wall_rounds, by_cpu, cpu_rounds] = match (interp, tcg) {
+            (Some(i), Some(t)) => versus(i, t),
+            _ => ["–".into(), "–".into(), "–".into(), "–".into()],
         };
         println!(
-            "| {} | {} | {} | {} | {ratio} | {per_round} | {} |",
+            "| {} | {} | {} | {} | {} / {} | {wall} | {wall_rounds} | {by_cpu} | {cpu_rounds} |",
             kind.name(),
             bench.iterations(Backend::Interp, kind),
             interp.map_or("–".into(), |r| spread(&rates(r), mega)),
             tcg.map_or("not measured".into(), |r| spread(&rates(r), mega)),
             interp.map_or("–".into(), cpu_ns),
+            tcg.map_or("–".into(), cpu_ns),
         );
     }
     println!();

@@ -5,12 +5,12 @@
 //! line carries the host's wall-clock time in µs and the vCPU's thread).
 
 use super::guest::{self, Kind};
-use super::host::Scratch;
+use super::host::{self, Scratch};
 use super::stats::Run;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Qemu {
     path: PathBuf,
@@ -31,8 +31,9 @@ impl Qemu {
         )
     }
 
-    /// One run of `iterations` of `kind` on `cpus` vCPUs.
-    pub fn run(&self, kind: Kind, iterations: u32, cpus: u32, timeout: Duration) -> Result<Run, String> {
+    /// One run of `iterations` of `kind` on `cpus` vCPUs, and the CPU time
+    /// the whole QEMU process used (start-up included), in seconds.
+    pub fn run(&self, kind: Kind, iterations: u32, cpus: u32, timeout: Duration) -> Result<(Run, f64), String> {
         let image = self.scratch.file("bios.bin", &guest::bios(kind, iterations, cpus));
         let mut child = Command::new(&self.path)
             .args(["-machine", "pc", "-accel", "tcg,thread=multi", "-smp", &cpus.to_string(), "-m", "128"])
@@ -53,22 +54,12 @@ impl Qemu {
             let _ = stderr.read_to_string(&mut text);
             text
         });
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("QEMU {kind:?} with {cpus} vCPUs: no exit within {timeout:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
+        let ended = host::wait_ended(&mut child, timeout)
+            .map_err(|_| format!("QEMU {kind:?} with {cpus} vCPUs: no exit within {timeout:?}"))?;
         let text = reader.join().unwrap();
-        if status.code() != Some(guest::STATUS_OK) {
-            let what = status.code().map_or("killed", guest::describe_status);
-            return Err(format!("QEMU {kind:?}: exit status {status} ({what}): {}", text.trim()));
+        if ended.code != Some(guest::STATUS_OK) {
+            let what = ended.code.map_or("killed", guest::describe_status);
+            return Err(format!("QEMU {kind:?}: exit status {:?} ({what}): {}", ended.code, text.trim()));
         }
         let mut marks = vec![(None, None); cpus as usize];
         for line in text.lines().filter(|l| l.contains(":fw_cfg_select ")) {
@@ -89,7 +80,7 @@ impl Qemu {
                 _ => Err(format!("QEMU {kind:?}: markers missing in its trace: {}", text.trim())),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Run::from_marks(&wall, u64::from(iterations), None))
+        Ok((Run::from_marks(&wall, u64::from(iterations), None), ended.cpu))
     }
 }
 
