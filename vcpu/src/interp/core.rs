@@ -311,11 +311,11 @@ impl Core {
             Target::Mmio(page) => {
                 let addr = page | off as u64;
                 self.flush_coalesced();
-                let mut b = [0u8; 8];
-                if self.io.mmio_read(addr, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+                let (v, r) = self.io.mmio_read_value(addr, size as u32);
+                if r == MemTxResult::ReservationAccess && self.io.has_fault() {
                     return Err(Event::AccessFault);
                 }
-                Ok(u64::from_le_bytes(b))
+                Ok(v)
             }
             Target::Apic => Ok(self.apic_read(off, size)),
         }
@@ -380,8 +380,7 @@ impl Core {
             }
         }
         self.flush_coalesced();
-        let b = value.to_le_bytes();
-        if self.io.mmio_write(addr, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        if self.io.mmio_write_value(addr, value, size as u32) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
         }
         Ok(())
@@ -564,18 +563,19 @@ impl Core {
     /// A port read.
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Step<u32> {
         self.flush_coalesced();
-        let mut b = [0u8; 4];
-        if self.io.pio_read(port, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        let (v, r) = self.io.pio_read_value(port, size as u32);
+        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
         }
-        Ok(u32::from_le_bytes(b))
+        Ok(v as u32)
     }
 
     /// A port write.
     pub(crate) fn port_out(&mut self, port: u16, value: u32, size: usize) -> Step {
         self.flush_coalesced();
-        let b = value.to_le_bytes();
-        if self.io.pio_write(port, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        if self.io.pio_write_value(port, u64::from(value), size as u32) == MemTxResult::ReservationAccess
+            && self.io.has_fault()
+        {
             return Err(Event::AccessFault);
         }
         Ok(())
