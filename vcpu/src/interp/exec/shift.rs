@@ -143,48 +143,40 @@ pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
-pub(crate) fn rcl(c: &mut Core, op: &Op) -> Step {
+/// `rcl`/`rcr`: the operand and CF rotated as one value of width + 1 bits.
+/// A count that is a multiple of that width rotates nothing but still sets
+/// OF (as AMD CPUs do; OF is undefined for counts above 1): CF xor the
+/// result's sign after `rcl`, the result's two top bits xored after `rcr`.
+fn rotate_through_carry(c: &mut Core, op: &Op, left: bool) -> Step {
     let n = count(c, op, 1)?;
     let d = read_op(c, op, 0)? & mask(op.size);
-    let w = u32::from(op.size) * 8;
     if n == 0 {
         return Ok(());
     }
-    // A count that is a multiple of the width plus one rotates nothing but
-    // still sets OF (as AMD CPUs do; it is undefined for counts above 1).
-    let r = n % (w + 1);
-    let cf_in = u64::from(c.s.flags.cf());
-    let full = (cf_in << w) | u64::from(d);
-    let span = w + 1;
-    let rotated = if r == 0 { full } else { ((full << r) | (full >> (span - r))) & ((1u64 << span) - 1) };
-    let res = (rotated as u32) & mask(op.size);
-    let cf = (rotated >> w) & 1 != 0;
-    write_op(c, op, 0, res)?;
-    let of = ((res >> (w - 1)) & 1 != 0) != cf;
-    set_cf_of(c, cf, of);
-    Ok(())
-}
-
-pub(crate) fn rcr(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
     let w = u32::from(op.size) * 8;
-    if n == 0 {
-        return Ok(());
-    }
-    // As for `rcl`.
-    let r = n % (w + 1);
-    let cf_in = u64::from(c.s.flags.cf());
-    let full = (cf_in << w) | u64::from(d);
     let span = w + 1;
-    let rotated = if r == 0 { full } else { ((full >> r) | (full << (span - r))) & ((1u64 << span) - 1) };
+    let r = n % span;
+    let full = (u64::from(c.s.flags.cf()) << w) | u64::from(d);
+    let rotated = match (r, left) {
+        (0, _) => full,
+        (r, true) => ((full << r) | (full >> (span - r))) & ((1u64 << span) - 1),
+        (r, false) => ((full >> r) | (full << (span - r))) & ((1u64 << span) - 1),
+    };
     let res = (rotated as u32) & mask(op.size);
     let cf = (rotated >> w) & 1 != 0;
     write_op(c, op, 0, res)?;
     let msb = (res >> (w - 1)) & 1 != 0;
-    let next = (res >> (w - 2)) & 1 != 0;
-    set_cf_of(c, cf, msb != next);
+    let of = if left { msb != cf } else { msb != ((res >> (w - 2)) & 1 != 0) };
+    set_cf_of(c, cf, of);
     Ok(())
+}
+
+pub(crate) fn rcl(c: &mut Core, op: &Op) -> Step {
+    rotate_through_carry(c, op, true)
+}
+
+pub(crate) fn rcr(c: &mut Core, op: &Op) -> Step {
+    rotate_through_carry(c, op, false)
 }
 
 /// `shld`/`shrd`: the destination shifted with bits coming in from the
