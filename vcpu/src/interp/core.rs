@@ -250,6 +250,19 @@ impl Core {
         Ok(self.tlb[idx].phys | u64::from(la & 0xfff))
     }
 
+    /// Translates the `size` bytes at `la` for writing at the current
+    /// privilege (both pages of an access that straddles two), without
+    /// writing: a read-modify-write does this before it reads, so that its
+    /// `#PF` reports a write, as the CPU's does.
+    pub(crate) fn probe_write(&mut self, la: u32, size: usize) -> Step {
+        self.entry(la, Access::Write, self.user)?;
+        let last = la.wrapping_add(size as u32 - 1);
+        if last & !0xfff != la & !0xfff {
+            self.entry(last & !0xfff, Access::Write, self.user)?;
+        }
+        Ok(())
+    }
+
     /// The RAM page code at `la` is fetched from, if it is RAM or ROM.
     pub(crate) fn code_page(&mut self, la: u32) -> Option<RamPage> {
         let idx = self.entry(la, Access::Fetch, self.user).ok()?;

@@ -138,6 +138,54 @@ fn not_present_read_and_write() {
     }
 }
 
+/// A read-modify-write of the dword at `PAGE + 8`.
+type Rmw = fn(&mut Asm) -> Result<(), IcedError>;
+
+const RMWS: [(&str, Rmw); 6] = [
+    ("add", |a| a.add(dword_ptr(PAGE + 8), eax)),
+    ("or imm", |a| a.or(dword_ptr(PAGE + 8), 1)),
+    ("inc", |a| a.inc(dword_ptr(PAGE + 8))),
+    ("xadd", |a| a.xadd(dword_ptr(PAGE + 8), eax)),
+    ("xchg", |a| a.xchg(dword_ptr(PAGE + 8), eax)),
+    ("lock add", |a| a.lock().add(dword_ptr(PAGE + 8), eax)),
+];
+
+#[test]
+fn read_modify_write_faults_as_a_write() {
+    // The CPU translates a read-modify-write's destination for writing
+    // before reading it: on a page that is not present, or supervisor-only
+    // from ring 3, its #PF reports W, as the host CPU's does (measured in
+    // ring 3 under PVM for add, or, xchg and lock add; QEMU's TCG reports
+    // a read). Found by the paging differential test against QEMU.
+    for mode in MODES {
+        for (name, rmw) in RMWS {
+            let (mut g, before, c) = paged(
+                mode,
+                false,
+                |g| set_pte(g, mode, PAGE, 0),
+                |a| {
+                    a.mark("fault");
+                    rmw(a)?;
+                    a.hlt()
+                },
+            );
+            println!("{name} ({mode:?})");
+            expect_pf(&mut g, &before, c.at("fault"), E_W, PAGE + 8);
+            let (mut g, before, c) = paged(
+                mode,
+                true,
+                |g| set_pte(g, mode, PAGE, u64::from(PAGE) | P | RW),
+                |a| {
+                    a.mark("fault");
+                    rmw(a)?;
+                    a.hlt()
+                },
+            );
+            expect_pf3(&mut g, &before, c.at("fault"), E_P | E_W | E_U, PAGE + 8);
+        }
+    }
+}
+
 #[test]
 fn write_to_read_only_with_and_without_wp() {
     for mode in MODES {

@@ -1,7 +1,7 @@
 //! Arithmetic, logic, moves, conversions, bit operations and the flag
 //! instructions.
 
-use super::{bits, dst_is_mem, ea, get_reg, mask, mem_la, read_op, read_op_sized, set_reg, write_op, Op};
+use super::{bits, dst_is_mem, ea, get_reg, mask, mem_la, read_dst, read_op, read_op_sized, set_reg, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::Step;
 use crate::interp::flags::{parity, FlagOp};
@@ -44,7 +44,7 @@ fn alu(c: &mut Core, op: &Op, k: Alu) -> Step {
         let la = mem_la(c, op, u32::from(op.size), true)?;
         c.atomic_lin(la, op.size as usize, |d| u64::from(compute(k, d as u32, src, cin, m)))? as u32
     } else {
-        let d = read_op(c, op, 0)?;
+        let d = if writes { read_dst(c, op)? } else { read_op(c, op, 0)? };
         if writes {
             write_op(c, op, 0, compute(k, d, src, cin, m))?;
         }
@@ -101,7 +101,7 @@ fn modify(c: &mut Core, op: &Op, f: impl Fn(u32) -> u32) -> Step<u32> {
         let la = mem_la(c, op, u32::from(op.size), true)?;
         Ok(c.atomic_lin(la, op.size as usize, |d| u64::from(f(d as u32) & m))? as u32)
     } else {
-        let d = read_op(c, op, 0)?;
+        let d = read_dst(c, op)?;
         write_op(c, op, 0, f(d) & m)?;
         Ok(d)
     }
@@ -201,7 +201,7 @@ pub(crate) fn xadd(c: &mut Core, op: &Op) -> Step {
         let la = mem_la(c, op, u32::from(op.size), true)?;
         c.atomic_lin(la, op.size as usize, |d| u64::from((d as u32).wrapping_add(src) & m))? as u32
     } else {
-        let dst = read_op(c, op, 0)? & m;
+        let dst = read_dst(c, op)? & m;
         if dst_is_mem(op) {
             write_op(c, op, 0, dst.wrapping_add(src) & m)?;
         }

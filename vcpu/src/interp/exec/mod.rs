@@ -144,6 +144,20 @@ pub(crate) fn read_op_sized(c: &mut Core, op: &Op, i: u32, size: u8) -> Step<u32
     }
 }
 
+/// Reads operand 0 of a read-modify-write: a memory destination is
+/// checked for writing (segment, then page) before it is read, as the CPU
+/// translates it for writing first — a `#PF` reports W even when the page
+/// is not present, and nothing is read from a page that cannot be written.
+#[inline(always)]
+pub(crate) fn read_dst(c: &mut Core, op: &Op) -> Step<u32> {
+    if !dst_is_mem(op) {
+        return read_op(c, op, 0);
+    }
+    let la = mem_la(c, op, u32::from(op.size), true)?;
+    c.probe_write(la, op.size as usize)?;
+    Ok(c.read_lin(la, op.size as usize)? as u32)
+}
+
 /// Writes operand `i` (a register or the memory operand).
 #[inline(always)]
 pub(crate) fn write_op(c: &mut Core, op: &Op, i: u32, v: u32) -> Step {
