@@ -45,6 +45,9 @@ struct TlbEntry {
     target: Target,
     /// The coalesced ranges (physical, end exclusive) within an MMIO page.
     coalesced: Option<Arc<[(u64, u64)]>>,
+    /// The offset bits of the page it was filled from (0xfff, or those of a
+    /// 4 MiB or 2 MiB page).
+    page_mask: u32,
 }
 
 impl Default for TlbEntry {
@@ -56,6 +59,7 @@ impl Default for TlbEntry {
             phys: 0,
             target: Target::Mmio(0),
             coalesced: None,
+            page_mask: 0xfff,
         }
     }
 }
@@ -102,6 +106,8 @@ pub(crate) struct Core {
     apic_page: Option<u64>,
     /// Set when a TLB flush happened (the code cache follows).
     pub(crate) flushed: bool,
+    /// Some entry was filled from a large page since the last flush.
+    large_cached: bool,
     /// Where writes to coalesced MMIO ranges are buffered, if anywhere.
     pub(crate) coalesced: Option<Arc<CoalescedBuffer>>,
 }
@@ -129,6 +135,7 @@ impl Core {
             align_check: false,
             nmi_blocked: false,
             flushed: true,
+            large_cached: false,
             coalesced: None,
         };
         c.mode_changed();
@@ -165,11 +172,22 @@ impl Core {
             *e = TlbEntry::default();
         }
         self.flushed = true;
+        self.large_cached = false;
     }
 
-    /// Drops the entry of one linear page (`invlpg`).
+    /// Drops the entries of the page `la` is in (`invlpg`): its own, and
+    /// when it is a 4 MiB or 2 MiB page cached as several 4 KiB entries,
+    /// all of them (SDM 4.10.2.3).
     pub(crate) fn flush_page(&mut self, la: u32) {
         self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)] = TlbEntry::default();
+        if self.large_cached {
+            for e in self.tlb.iter_mut() {
+                let large = !(e.page_mask | 0xfff);
+                if e.page_mask != 0xfff && e.read_tag & large == la & large {
+                    *e = TlbEntry::default();
+                }
+            }
+        }
     }
 
     /// Flushes the TLB if the memory view changed since it was filled.
@@ -222,6 +240,8 @@ impl Core {
         e.phys = page;
         e.target = target;
         e.coalesced = coalesced;
+        e.page_mask = walk.page_mask;
+        self.large_cached |= walk.page_mask != 0xfff;
         Ok(idx)
     }
 

@@ -39,6 +39,9 @@ pub(crate) struct Walk {
     pub(crate) writable: bool,
     /// Instructions may be fetched from the page (not NX with EFER.NXE).
     pub(crate) executable: bool,
+    /// The offset bits of the page mapped: 0xfff, or those of a 4 MiB or
+    /// 2 MiB page (whose TLB entries `invlpg` drops all at once).
+    pub(crate) page_mask: u32,
 }
 
 impl Core {
@@ -46,7 +49,7 @@ impl Core {
     /// implicit supervisor access such as a descriptor-table read).
     pub(crate) fn walk(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
         if self.s.cr0 & cr0::PG == 0 {
-            return Ok(Walk { phys: u64::from(la), writable: true, executable: true });
+            return Ok(Walk { phys: u64::from(la), writable: true, executable: true, page_mask: 0xfff });
         }
         if self.s.cr4 & cr4::PAE != 0 {
             self.walk_pae(la, access, user)
@@ -114,6 +117,7 @@ impl Core {
                 phys,
                 writable: writable && (access == Access::Write || pde & D != 0),
                 executable: true,
+                page_mask: 0x3f_ffff,
             });
         }
         let pte_addr = (pde & 0xffff_f000) | u64::from(((la >> 12) & 0x3ff) << 2);
@@ -126,7 +130,12 @@ impl Core {
         let set = if access == Access::Write { A | D } else { A };
         self.pt_set(pte_addr, pte, set);
         let phys = (pte & 0xffff_f000) | u64::from(la & 0xfff);
-        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable: true })
+        Ok(Walk {
+            phys,
+            writable: writable && (access == Access::Write || pte & D != 0),
+            executable: true,
+            page_mask: 0xfff,
+        })
     }
 
     fn walk_pae(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
@@ -157,7 +166,12 @@ impl Core {
             self.pt_set(pde_addr, pde, set);
             let phys = (pde & 0x000f_ffff_ffe0_0000) | u64::from(la & 0x1f_ffff);
             let executable = pde & NX == 0 || !self.nx_enabled();
-            return Ok(Walk { phys, writable: writable && (access == Access::Write || pde & D != 0), executable });
+            return Ok(Walk {
+                phys,
+                writable: writable && (access == Access::Write || pde & D != 0),
+                executable,
+                page_mask: 0x1f_ffff,
+            });
         }
         let pte_addr = (pde & ADDR) + u64::from((la >> 12) & 0x1ff) * 8;
         let pte = self.pt_read(pte_addr, 8);
@@ -174,6 +188,6 @@ impl Core {
         self.pt_set(pte_addr, pte, set);
         let phys = (pte & ADDR) | u64::from(la & 0xfff);
         let executable = !nx || !self.nx_enabled();
-        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable })
+        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable, page_mask: 0xfff })
     }
 }

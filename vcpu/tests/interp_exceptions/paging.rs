@@ -348,6 +348,36 @@ fn large_pages() {
 }
 
 #[test]
+fn invlpg_drops_every_piece_of_a_large_page() {
+    // Two 4 KiB pieces of a writable large page are written (the TLB holds
+    // both), its PDE is made read-only and one piece invalidated: the other
+    // must not keep its stale writable entry — `invlpg` drops every TLB
+    // entry of the large page (SDM 4.10.2.3). Found by the paging
+    // differential test against QEMU.
+    for mode in MODES {
+        let pde = match mode {
+            Paging::Bits32 => PAGING + 4,
+            Paging::Pae => PAGING + 0x1000 + 16,
+        };
+        let (mut g, before, c) = paged(
+            mode,
+            false,
+            |g| large_page(g, mode, P | RW | US),
+            |a| {
+                a.mov(dword_ptr(LARGE + DATA), eax)?;
+                a.mov(dword_ptr(LARGE + DATA + 0x1000), eax)?;
+                a.mov(dword_ptr(pde), (P | US | PS) as u32)?;
+                a.invlpg(ptr(LARGE + DATA))?;
+                a.mark("fault");
+                a.mov(dword_ptr(LARGE + DATA + 0x1000), eax)?;
+                a.hlt()
+            },
+        );
+        expect_pf(&mut g, &before, c.at("fault"), E_P | E_W, LARGE + DATA + 0x1000);
+    }
+}
+
+#[test]
 fn pae_reserved_bits() {
     // Bit 63 (NX) is reserved without EFER.NXE; bit 51 is beyond
     // MAXPHYADDR... the interpreter's is 52, so use NX and a large page's
