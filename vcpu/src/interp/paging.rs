@@ -23,6 +23,15 @@ const D: u64 = 1 << 6;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 
+/// The physical-address width (MAXPHYADDR): `cpuid` has no leaf
+/// 0x8000_0008, so it is 36 with PAE (SDM 4.1.4). Address bits from it up
+/// are reserved in PAE entries, and above PSE-36's four in a 4 MiB PDE.
+const MAXPHYADDR: u32 = 36;
+/// Bits MAXPHYADDR-62 of a PAE entry.
+const PAE_RESERVED: u64 = ((1 << 63) - 1) & !((1 << MAXPHYADDR) - 1);
+/// Bits 17-21 of a 4 MiB PDE: above the PSE-36 address bits 13-16.
+const PSE_RESERVED: u64 = 0x3e_0000;
+
 /// `#PF` error-code bits.
 mod pf {
     pub(super) const PRESENT: u32 = 1 << 0;
@@ -107,6 +116,9 @@ impl Core {
             return Err(self.page_fault(la, access, user, 0));
         }
         if pde & PS != 0 && self.s.cr4 & cr4::PSE != 0 {
+            if pde & PSE_RESERVED != 0 {
+                return Err(self.page_fault(la, access, user, pf::PRESENT | pf::RSVD));
+            }
             let writable = self.check(la, access, user, pde & US != 0, pde & RW != 0, false)?;
             let set = if access == Access::Write { A | D } else { A };
             self.pt_set(pde_addr, pde, set);
@@ -140,13 +152,13 @@ impl Core {
 
     fn walk_pae(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
         const ADDR: u64 = 0x000f_ffff_ffff_f000;
-        let rsvd_high: u64 = if self.nx_enabled() { 0x7ff0_0000_0000_0000 } else { 0xfff0_0000_0000_0000 };
+        let rsvd_high: u64 = if self.nx_enabled() { PAE_RESERVED } else { PAE_RESERVED | NX };
         let pdpte_addr = u64::from(self.s.cr3 & !0x1f) + u64::from(la >> 30) * 8;
         let pdpte = self.pt_read(pdpte_addr, 8);
         if pdpte & P == 0 {
             return Err(self.page_fault(la, access, user, 0));
         }
-        if pdpte & (0x1e6 | 0xfff0_0000_0000_0000) != 0 {
+        if pdpte & (0x1e6 | PAE_RESERVED | NX) != 0 {
             return Err(self.page_fault(la, access, user, pf::PRESENT | pf::RSVD));
         }
         let pde_addr = (pdpte & ADDR) + u64::from((la >> 21) & 0x1ff) * 8;

@@ -379,9 +379,9 @@ fn invlpg_drops_every_piece_of_a_large_page() {
 
 #[test]
 fn pae_reserved_bits() {
-    // Bit 63 (NX) is reserved without EFER.NXE; bit 51 is beyond
-    // MAXPHYADDR... the interpreter's is 52, so use NX and a large page's
-    // reserved bits 13-20.
+    // Bit 63 (NX) is reserved without EFER.NXE, and so are a 2 MiB page's
+    // bits 13-20 (address bits from MAXPHYADDR up: see
+    // `address_bits_from_maxphyaddr_up_are_reserved`).
     let (mut g, before, c) = paged(
         Paging::Pae,
         false,
@@ -404,6 +404,55 @@ fn pae_reserved_bits() {
         },
     );
     expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
+}
+
+#[test]
+fn address_bits_from_maxphyaddr_up_are_reserved() {
+    // `cpuid` has no leaf 0x8000_0008, so MAXPHYADDR is 36 (SDM 4.1.4):
+    // bits 36-62 of a PAE entry are reserved, and so are bits 17-21 of a
+    // 4 MiB PDE (above PSE-36's address bits 13-16). Found by the paging
+    // differential test against QEMU (whose MAXPHYADDR is 40: it agrees
+    // on bits 40-62 and bit 21).
+    for bit in [36, 40, 51, 52, 62] {
+        let (mut g, before, c) = paged(
+            Paging::Pae,
+            false,
+            |g| set_pte(g, Paging::Pae, PAGE, u64::from(PAGE) | P | RW | (1 << bit)),
+            |a| {
+                a.mark("fault");
+                a.mov(eax, dword_ptr(PAGE))?;
+                a.hlt()
+            },
+        );
+        println!("PAE PTE bit {bit}");
+        expect_pf(&mut g, &before, c.at("fault"), E_P | E_RSVD, PAGE);
+        let (mut g, before, c) = paged(
+            Paging::Pae,
+            false,
+            |g| large_page(g, Paging::Pae, P | RW | (1 << bit)),
+            |a| {
+                a.mark("fault");
+                a.mov(dword_ptr(LARGE), eax)?;
+                a.hlt()
+            },
+        );
+        println!("PAE 2 MiB PDE bit {bit}");
+        expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
+    }
+    for bit in [17, 21] {
+        let (mut g, before, c) = paged(
+            Paging::Bits32,
+            false,
+            |g| large_page(g, Paging::Bits32, P | RW | (1 << bit)),
+            |a| {
+                a.mark("fault");
+                a.mov(dword_ptr(LARGE), eax)?;
+                a.hlt()
+            },
+        );
+        println!("4 MiB PDE bit {bit}");
+        expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
+    }
 }
 
 #[test]
