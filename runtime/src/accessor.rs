@@ -2,8 +2,9 @@
 //! the range it last hit, and revalidates both with one atomic load.
 
 use crate::address_space::{AddressSpace, AsInner};
-use crate::dispatch::{access_in_range, rw_view_from, Buf};
+use crate::dispatch::{access_in_range, direct_read, direct_write, region_read, region_write, rw_view_from, Buf};
 use crate::flatview::{FlatRange, FlatView, Pos};
+use crate::region::RegionKind;
 use crate::sync::Arc;
 use crate::types::{HwAddr, MemTxResult};
 
@@ -146,6 +147,63 @@ impl Accessor {
     pub fn write_u64(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
         let n = (size as usize).min(8);
         self.write(addr, &value.to_le_bytes()[..n])
+    }
+
+    /// Writes the low `size` bytes of `value` at `addr`, as
+    /// [`write_u64`](Self::write_u64) does. When the cached range is one I/O
+    /// range that takes the whole access at its own size — a vCPU's
+    /// repeated device access — the value goes to the device with no byte
+    /// buffer in between.
+    #[inline]
+    pub fn write_value(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        if let Some((pos, off)) = self.single_io(addr, size, true) {
+            if let Some(fr) = self.view.get(pos) {
+                return region_write(self.asp.shared(), fr.region(), off, value, size);
+            }
+        }
+        self.write_u64(addr, value, size)
+    }
+
+    /// Reads a little-endian value of `size` bytes at `addr`, as
+    /// [`read_u64`](Self::read_u64) does, with the fast path of
+    /// [`write_value`](Self::write_value).
+    #[inline]
+    pub fn read_value(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        if let Some((pos, off)) = self.single_io(addr, size, false) {
+            if let Some(fr) = self.view.get(pos) {
+                return region_read(self.asp.shared(), fr.region(), off, size);
+            }
+        }
+        self.read_u64(addr, size)
+    }
+
+    /// The cached range's position and the offset of `addr` in its region,
+    /// if that range is I/O (not read or written directly) and takes the
+    /// `size`-byte access at `addr` whole, in one device access.
+    #[inline]
+    fn single_io(&mut self, addr: HwAddr, size: u32, write: bool) -> Option<(Pos, HwAddr)> {
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return None;
+        }
+        self.refresh();
+        let pos = self.last?;
+        let fr = self.view.get(pos)?;
+        if !fr.contains(addr) || u128::from(addr) + u128::from(size) > fr.end() {
+            return None;
+        }
+        let direct = if write { direct_write(fr) } else { direct_read(fr) };
+        if direct {
+            return None;
+        }
+        let off = fr.offset_in_region() + (addr - fr.start());
+        match fr.region().kind() {
+            RegionKind::Io(ops) | RegionKind::RomDevice { ops, .. }
+                if ops.access_size(u64::from(size), off) == size =>
+            {
+                Some((pos, off))
+            }
+            _ => None,
+        }
     }
 
     /// Drops the cached view (it is reloaded on the next access).

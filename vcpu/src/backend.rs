@@ -280,6 +280,40 @@ impl VcpuIo {
         self.record(r, Space::Io, u64::from(port), data.len(), true)
     }
 
+    /// A guest read of a `size`-byte value of memory at `addr` (the
+    /// interpreter's MMIO path: no byte buffer when one device range takes
+    /// the access whole).
+    #[inline]
+    pub fn mmio_read_value(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        IoCounters::bump(&self.counts.mmio);
+        let (v, r) = self.memory.read_value(addr, size);
+        (v, self.record(r, Space::Memory, addr, size as usize, false))
+    }
+
+    /// A guest write of a `size`-byte value of memory at `addr`.
+    #[inline]
+    pub fn mmio_write_value(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        IoCounters::bump(&self.counts.mmio);
+        let r = self.memory.write_value(addr, value, size);
+        self.record(r, Space::Memory, addr, size as usize, true)
+    }
+
+    /// A guest `in` of a `size`-byte value from `port`.
+    #[inline]
+    pub fn pio_read_value(&mut self, port: u16, size: u32) -> (u64, MemTxResult) {
+        IoCounters::bump(&self.counts.pio);
+        let (v, r) = self.io.read_value(u64::from(port), size);
+        (v, self.record(r, Space::Io, u64::from(port), size as usize, false))
+    }
+
+    /// A guest `out` of a `size`-byte value to `port`.
+    #[inline]
+    pub fn pio_write_value(&mut self, port: u16, value: u64, size: u32) -> MemTxResult {
+        IoCounters::bump(&self.counts.pio);
+        let r = self.io.write_value(u64::from(port), value, size);
+        self.record(r, Space::Io, u64::from(port), size as usize, true)
+    }
+
     /// The memory accessor (the interpreter reads and writes RAM through it).
     pub fn memory(&mut self) -> &mut Accessor {
         &mut self.memory

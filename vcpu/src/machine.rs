@@ -112,7 +112,7 @@ impl Machine {
                     interrupts: irqchip.interrupt_sink(),
                     irqchip: Some(irqchip.clone()),
                     exit,
-                    memory_map: MapOptions { kvm: false, amd: false },
+                    memory_map: MapOptions { kvm: false, amd: crate::interp::cpuid::IS_AMD },
                 };
                 let coalesced = CoalescedMmio::install(&topo, &spaces.memory);
                 (Backend::Interp { coalesced, irqchip }, wiring)

@@ -17,7 +17,15 @@ use topos_vcpu::machine::Accel;
 /// The transcript without the numbers that depend on timing.
 fn comparable(out: &str) -> Vec<String> {
     out.lines()
-        .map(|l| if l.starts_with("remap: ") && l.contains("reads") { "remap: <reads>".to_string() } else { l.to_string() })
+        .map(
+            |l| {
+                if l.starts_with("remap: ") && l.contains("reads") {
+                    "remap: <reads>".to_string()
+                } else {
+                    l.to_string()
+                }
+            },
+        )
         .collect()
 }
 

@@ -2,7 +2,8 @@
 //! QEMU's own multiboot loader (`-kernel FILE -append "hello topos"` on the
 //! `pc` machine, TCG), checked line for line against the transcript QEMU
 //! prints, which is pinned here for topos's loader to match. The QEMU runs
-//! skip, saying so, when `qemu-system-x86_64` is not on PATH.
+//! skip, saying so, when `qemu-system-x86_64` is not on PATH. The same
+//! kernel on topos's interpreter must print the pinned TCG transcript.
 
 use std::path::Path;
 use std::process::Command;
@@ -201,4 +202,35 @@ fn elf_boots_on_qemu_4g() {
 #[test]
 fn aout_kludge_boots_on_qemu_4g() {
     boots_on_qemu(KernelFormat::AoutKludge, "4G", QEMU_4G);
+}
+
+/// Boots the kernel in `format` with `topos run --accel interp` and checks
+/// that it prints what QEMU's TCG prints (the pinned transcript): the same
+/// memory map (the interpreter's board reports no KVM-only ranges), the
+/// command line, the CPU count, the verdict.
+fn boots_on_the_interpreter(format: KernelFormat, mem: &str, want: &str) {
+    let dir = std::env::temp_dir().join(format!("topos-multiboot-interp-{}-{format:?}-{mem}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kernel_path = dir.join("kernel");
+    std::fs::write(&kernel_path, kernel(format)).expect("kernel written");
+    let path = kernel_path.display().to_string();
+    let run =
+        support::topos_run(&["--accel", "interp", "--kernel", &path, "--append", APPEND, "-m", mem, "--smp", "2"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let context =
+        format!("{format:?} -m {mem}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
+    assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");
+    if let Err(e) = transcript::check(&run.stdout, &expected(want, &kernel_path)) {
+        panic!("{e}\n{context}");
+    }
+}
+
+#[test]
+fn elf_boots_on_the_interpreter_as_on_tcg_256m() {
+    boots_on_the_interpreter(KernelFormat::Elf, "256M", QEMU_256M);
+}
+
+#[test]
+fn aout_kludge_boots_on_the_interpreter_as_on_tcg_4g() {
+    boots_on_the_interpreter(KernelFormat::AoutKludge, "4G", QEMU_4G);
 }

@@ -25,6 +25,8 @@
 //!   invert modes 1, 2, 4 and 5; only reads of the status byte and of
 //!   port `0x61` show OUT, and firmware reads it in mode 0, where all
 //!   agree);
+//! * a count written restarts counting at once in every mode (as in QEMU
+//!   and KVM; the datasheet has modes 2 and 3 take it at the next reload);
 //! * channel 0 drives ISA IRQ 0 with one pulse per expiry, as KVM's PIT
 //!   does: once at terminal count in modes 0, 1 and 4, every period in
 //!   modes 2 and 3 (a period is at least [`MIN_PERIOD_NS`], KVM's

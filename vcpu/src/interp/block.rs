@@ -281,6 +281,9 @@ pub(crate) fn decode(core: &mut Core, cache: &BlockCache) -> Step<(Block, Option
         let mut d = Decoder::with_ip(bits, &buf[..n], u64::from(eip), DecoderOptions::NONE);
         let mut op = prepare(d.decode());
         op.ends_block = true;
+        if u64::from(eip) + d.position() as u64 - 1 > u64::from(cs.limit) {
+            op.exec = super::exec::limit_fault;
+        }
         ops.push(op);
         return Ok((Block { key, ops: ops.into_boxed_slice() }, None));
     }

@@ -38,6 +38,8 @@ enum Target {
 struct TlbEntry {
     read_tag: u32,
     write_tag: u32,
+    /// The tag for instruction fetches (not set for a no-execute page).
+    fetch_tag: u32,
     /// The physical page.
     phys: u64,
     target: Target,
@@ -47,7 +49,14 @@ struct TlbEntry {
 
 impl Default for TlbEntry {
     fn default() -> TlbEntry {
-        TlbEntry { read_tag: INVALID, write_tag: INVALID, phys: 0, target: Target::Mmio(0), coalesced: None }
+        TlbEntry {
+            read_tag: INVALID,
+            write_tag: INVALID,
+            fetch_tag: INVALID,
+            phys: 0,
+            target: Target::Mmio(0),
+            coalesced: None,
+        }
     }
 }
 
@@ -209,6 +218,7 @@ impl Core {
         let e = &mut self.tlb[idx];
         e.read_tag = tag;
         e.write_tag = if walk.writable { tag } else { INVALID };
+        e.fetch_tag = if walk.executable { tag } else { INVALID };
         e.phys = page;
         e.target = target;
         e.coalesced = coalesced;
@@ -221,7 +231,11 @@ impl Core {
         let idx = (la >> 12) as usize & (TLB_SIZE - 1);
         let tag = (la & !0xfff) | user;
         let e = &self.tlb[idx];
-        let hit = if access == Access::Write { e.write_tag == tag } else { e.read_tag == tag };
+        let hit = match access {
+            Access::Write => e.write_tag == tag,
+            Access::Read => e.read_tag == tag,
+            Access::Fetch => e.fetch_tag == tag,
+        };
         if hit {
             Ok(idx)
         } else {
@@ -271,7 +285,8 @@ impl Core {
         let off = (la & 0xfff) as usize;
         if off + size <= 0x1000 {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
-            if e.read_tag == (la & !0xfff) | user {
+            let tag = if access == Access::Fetch { e.fetch_tag } else { e.read_tag };
+            if tag == (la & !0xfff) | user {
                 if let Target::Ram(p) = &e.target {
                     return Ok(p.load(off, size));
                 }
@@ -296,11 +311,11 @@ impl Core {
             Target::Mmio(page) => {
                 let addr = page | off as u64;
                 self.flush_coalesced();
-                let mut b = [0u8; 8];
-                if self.io.mmio_read(addr, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+                let (v, r) = self.io.mmio_read_value(addr, size as u32);
+                if r == MemTxResult::ReservationAccess && self.io.has_fault() {
                     return Err(Event::AccessFault);
                 }
-                Ok(u64::from_le_bytes(b))
+                Ok(v)
             }
             Target::Apic => Ok(self.apic_read(off, size)),
         }
@@ -332,9 +347,10 @@ impl Core {
     fn write_slow(&mut self, la: u32, value: u64, size: usize, user: u32) -> Step {
         let off = (la & 0xfff) as usize;
         if off + size > 0x1000 {
-            // Both pages must be writable before any byte is written.
+            // Both pages must be writable before any byte is written; a
+            // fault on the second reports its first byte in CR2.
             self.entry(la, Access::Write, user)?;
-            self.entry(la.wrapping_add(size as u32 - 1), Access::Write, user)?;
+            self.entry(la.wrapping_add(size as u32 - 1) & !0xfff, Access::Write, user)?;
             for i in 0..size {
                 self.write_as(la.wrapping_add(i as u32), value >> (8 * i), 1, user)?;
             }
@@ -364,8 +380,7 @@ impl Core {
             }
         }
         self.flush_coalesced();
-        let b = value.to_le_bytes();
-        if self.io.mmio_write(addr, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        if self.io.mmio_write_value(addr, value, size as u32) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
         }
         Ok(())
@@ -548,18 +563,19 @@ impl Core {
     /// A port read.
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Step<u32> {
         self.flush_coalesced();
-        let mut b = [0u8; 4];
-        if self.io.pio_read(port, &mut b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        let (v, r) = self.io.pio_read_value(port, size as u32);
+        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
         }
-        Ok(u32::from_le_bytes(b))
+        Ok(v as u32)
     }
 
     /// A port write.
     pub(crate) fn port_out(&mut self, port: u16, value: u32, size: usize) -> Step {
         self.flush_coalesced();
-        let b = value.to_le_bytes();
-        if self.io.pio_write(port, &b[..size]) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        if self.io.pio_write_value(port, u64::from(value), size as u32) == MemTxResult::ReservationAccess
+            && self.io.has_fault()
+        {
             return Err(Event::AccessFault);
         }
         Ok(())

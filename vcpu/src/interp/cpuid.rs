@@ -1,11 +1,15 @@
-//! What `cpuid` reports on the interpreter: a 32-bit P6-class CPU with the
-//! features the interpreter implements (TSC, MSRs, CMPXCHG8B, CMOV, a
-//! local APIC, PSE and PAE paging) and none it does not (no x87, no SSE,
-//! no long mode).
+//! What `cpuid` reports on the interpreter: the vendor and signature of
+//! QEMU's default TCG CPU (`qemu64`: AuthenticAMD, family 15, model 107,
+//! stepping 1), so that a board on the interpreter matches QEMU TCG's
+//! (the memory map a multiboot kernel sees has AMD's 1 TiB HyperTransport
+//! hole, as QEMU reports it for AMD CPUs), with the features the
+//! interpreter implements (TSC, MSRs, CMPXCHG8B, CMOV, a local APIC, PSE,
+//! PAE and global pages) and none it does not (no x87, no SSE, no long
+//! mode).
 
-/// Family 6, model 3, stepping 3: the value of EAX for leaf 1, and of EDX
-/// after reset.
-pub const SIGNATURE: u32 = 0x0000_0633;
+/// Family 15, model 107 (extended model 6), stepping 1: the value of EAX
+/// for leaf 1, and of EDX after reset.
+pub const SIGNATURE: u32 = 0x0006_0fb1;
 
 /// Leaf 1 EDX feature bits.
 mod edx {
@@ -21,7 +25,10 @@ mod edx {
 }
 
 /// The vendor string, in EBX, EDX, ECX order.
-const VENDOR: &[u8; 12] = b"GenuineIntel";
+const VENDOR: &[u8; 12] = b"AuthenticAMD";
+
+/// Whether the vendor is AMD (the board's memory map follows it).
+pub const IS_AMD: bool = true;
 
 /// The four registers `cpuid` returns for `leaf`/`subleaf` on CPU `apic_id`
 /// of `cpus` (`has_apic`: whether the APIC is enabled in IA32_APIC_BASE,
@@ -44,9 +51,8 @@ pub fn cpuid(leaf: u32, _subleaf: u32, apic_id: u32, cpus: u32, has_apic: bool) 
             let b = (apic_id << 24) | (logical << 16) | (8 << 8);
             [SIGNATURE, b, 0, d]
         }
-        0x8000_0000 => [0x8000_0000, 0, 0, 0],
-        // Leaves above the maximum return the highest basic leaf's values
-        // on Intel CPUs.
-        _ => cpuid(1, 0, apic_id, cpus, has_apic),
+        0x8000_0000 => [0x8000_0000, word(0), word(8), word(4)],
+        // Leaves above the maximum read as zero on AMD CPUs.
+        _ => [0; 4],
     }
 }

@@ -188,46 +188,36 @@ impl Core {
         let eip = self.s.eip;
         let conforming = a & attr::DC != 0;
         let new_cpl = if conforming { cpl } else { cs.dpl() };
-        if new_cpl < cpl {
+        // The frame: the old stack when the privilege changes, then
+        // EFLAGS, CS, EIP and the error code.
+        let mut frame = [0u32; 6];
+        let mut len = 0;
+        let inner = new_cpl < cpl;
+        let mut new_ss_sel = 0;
+        if inner {
             let (new_ss, new_esp) = self.stack_from_tss(new_cpl, ext)?;
+            new_ss_sel = new_ss.selector;
             self.s.seg[SegReg::Ss as usize] = new_ss;
             self.s.gpr[4] = new_esp;
             // The pushes are supervisor accesses.
             self.set_supervisor();
-            let pushed = (|| -> Step {
-                self.push(u32::from(old_ss.selector), n)?;
-                self.push(old_esp, n)?;
-                self.push(flags, n)?;
-                self.push(u32::from(old_cs.selector), n)?;
-                self.push(eip, n)?;
-                if let Some(code) = code {
-                    self.push(code, n)?;
-                }
-                Ok(())
-            })();
-            if let Err(e) = pushed {
-                self.s.seg[SegReg::Ss as usize] = old_ss;
-                self.s.gpr[4] = old_esp;
-                self.mode_changed();
-                return Err(match e {
-                    Event::Exception { vector: 12, .. } => ss(u32::from(new_ss.selector & 0xfffc) + ext),
-                    e => e,
-                });
-            }
-        } else {
-            let pushed = (|| -> Step {
-                self.push(flags, n)?;
-                self.push(u32::from(old_cs.selector), n)?;
-                self.push(eip, n)?;
-                if let Some(code) = code {
-                    self.push(code, n)?;
-                }
-                Ok(())
-            })();
-            if let Err(e) = pushed {
-                self.s.gpr[4] = old_esp;
-                return Err(e);
-            }
+            frame[..2].copy_from_slice(&[u32::from(old_ss.selector), old_esp]);
+            len = 2;
+        }
+        frame[len..len + 3].copy_from_slice(&[flags, u32::from(old_cs.selector), eip]);
+        len += 3;
+        if let Some(code) = code {
+            frame[len] = code;
+            len += 1;
+        }
+        if let Err(e) = frame[..len].iter().try_for_each(|&v| self.push(v, n)) {
+            self.s.seg[SegReg::Ss as usize] = old_ss;
+            self.s.gpr[4] = old_esp;
+            self.mode_changed();
+            return Err(match e {
+                Event::Exception { vector: 12, .. } if inner => ss(u32::from(new_ss_sel & 0xfffc) + ext),
+                e => e,
+            });
         }
         if offset > cs.limit {
             self.s.seg[SegReg::Ss as usize] = old_ss;

@@ -27,6 +27,7 @@
 //! | `cpu.rs` | [`Cpu`]: the run loop, interrupts from the local APIC |
 //! | `backend.rs` | [`InterpVcpu`]: the [`VcpuBackend`](crate::backend::VcpuBackend) |
 //! | [`cpuid`] | what `cpuid` reports |
+//! | `undefined.rs` | what architecturally undefined flags are set to |
 //!
 //! The hot path: the run loop polls the kick flag and the APIC's attention
 //! flag (one load each), checks the memory view's generation and the
@@ -58,6 +59,7 @@ mod interrupt;
 mod paging;
 mod segment;
 pub mod state;
+mod undefined;
 
 pub use apic::{Apic, Startup};
 pub use backend::InterpVcpu;

@@ -37,6 +37,8 @@ mod pf {
 pub(crate) struct Walk {
     pub(crate) phys: u64,
     pub(crate) writable: bool,
+    /// Instructions may be fetched from the page (not NX with EFER.NXE).
+    pub(crate) executable: bool,
 }
 
 impl Core {
@@ -44,7 +46,7 @@ impl Core {
     /// implicit supervisor access such as a descriptor-table read).
     pub(crate) fn walk(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
         if self.s.cr0 & cr0::PG == 0 {
-            return Ok(Walk { phys: u64::from(la), writable: true });
+            return Ok(Walk { phys: u64::from(la), writable: true, executable: true });
         }
         if self.s.cr4 & cr4::PAE != 0 {
             self.walk_pae(la, access, user)
@@ -108,7 +110,11 @@ impl Core {
             // PSE-36: bits 13-16 of the entry are physical bits 32-35.
             let high = ((pde >> 13) & 0xf) << 32;
             let phys = high | (pde & 0xffc0_0000) | u64::from(la & 0x3f_ffff);
-            return Ok(Walk { phys, writable: writable && (access == Access::Write || pde & D != 0) });
+            return Ok(Walk {
+                phys,
+                writable: writable && (access == Access::Write || pde & D != 0),
+                executable: true,
+            });
         }
         let pte_addr = (pde & 0xffff_f000) | u64::from(((la >> 12) & 0x3ff) << 2);
         let pte = self.pt_read(pte_addr, 4);
@@ -120,7 +126,7 @@ impl Core {
         let set = if access == Access::Write { A | D } else { A };
         self.pt_set(pte_addr, pte, set);
         let phys = (pte & 0xffff_f000) | u64::from(la & 0xfff);
-        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0) })
+        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable: true })
     }
 
     fn walk_pae(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
@@ -150,7 +156,8 @@ impl Core {
             let set = if access == Access::Write { A | D } else { A };
             self.pt_set(pde_addr, pde, set);
             let phys = (pde & 0x000f_ffff_ffe0_0000) | u64::from(la & 0x1f_ffff);
-            return Ok(Walk { phys, writable: writable && (access == Access::Write || pde & D != 0) });
+            let executable = pde & NX == 0 || !self.nx_enabled();
+            return Ok(Walk { phys, writable: writable && (access == Access::Write || pde & D != 0), executable });
         }
         let pte_addr = (pde & ADDR) + u64::from((la >> 12) & 0x1ff) * 8;
         let pte = self.pt_read(pte_addr, 8);
@@ -166,6 +173,7 @@ impl Core {
         let set = if access == Access::Write { A | D } else { A };
         self.pt_set(pte_addr, pte, set);
         let phys = (pte & ADDR) | u64::from(la & 0xfff);
-        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0) })
+        let executable = !nx || !self.nx_enabled();
+        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable })
     }
 }

@@ -194,7 +194,8 @@ pub struct Guest {
     pub cpu: Cpu,
     /// The mode it started in.
     pub mode: Mode,
-    _topo: Topology,
+    /// The topology (to add regions).
+    pub topo: Topology,
 }
 
 /// What a handler found when it halted.
@@ -228,21 +229,31 @@ impl Guest {
         let ram = topo.new_ram("ram", u128::from(RAM)).expect("RAM");
         spaces.system.add_subregion(0, &ram).expect("RAM mapped");
         let cpu = Cpu::new(&spaces.memory, &spaces.io_space);
-        let mut g = Guest { spaces, ram, cpu, mode, _topo: topo };
+        let mut g = Guest { spaces, ram, cpu, mode, topo };
         g.build_tables();
         g.write(CODE, &code.bytes);
-        let s = g.cpu.state_mut();
+        g.reset_state(CODE);
+        g
+    }
+
+    /// Puts the CPU back in the mode it started in, at `eip`: the
+    /// segments, descriptor-table registers and TSS of the layout, the
+    /// stack at [`STACK_TOP`], interrupts off, no paging.
+    pub fn reset_state(&mut self, eip: u32) {
+        let mode = self.mode;
+        let s = self.cpu.state_mut();
+        *s = CpuState::reset();
         match mode {
             Mode::Real => {
                 s.seg = [Segment::real_mode(0, false); 6];
                 s.seg[SegReg::Cs as usize] = Segment::real_mode(0, true);
                 s.idtr = DescriptorTable { base: 0, limit: 0x3ff };
                 s.gpr[4] = STACK_TOP;
-                s.eip = CODE;
+                s.eip = eip;
                 s.set_eflags(flag::FIXED);
             }
             Mode::Prot => {
-                s.enter_flat32(CODE);
+                s.enter_flat32(eip);
                 s.gdtr = DescriptorTable { base: GDT, limit: sel::END - 1 };
                 s.idtr = DescriptorTable { base: IDT, limit: 256 * 8 - 1 };
                 s.tr = Segment { selector: sel::TSS, base: TSS, limit: 0x67, attrs: 0x8b };
@@ -250,7 +261,6 @@ impl Guest {
             }
         }
         s.cr0 &= !(cr0::CD | cr0::NW);
-        g
     }
 
     /// Copies `bytes` to guest-physical `addr`.
@@ -290,7 +300,8 @@ impl Guest {
         self.write_u64(IDT + 8 * u32::from(vector), g);
     }
 
-    fn build_tables(&mut self) {
+    /// Writes the IVT, GDT, IDT, TSS and handlers of the layout.
+    pub fn build_tables(&mut self) {
         // Real mode: the IVT and its handlers.
         for v in 0..=255u32 {
             let h = REAL_HANDLERS + 16 * v;

@@ -9,5 +9,7 @@
 //! halt; the host reads what the CPU pushed.
 
 mod guest;
+mod nested;
+mod paging;
 mod protected;
 mod vectors;

@@ -10,7 +10,7 @@ use topos_vcpu::interp::state::flag;
 use topos_vcpu::interp::{Exit, SegReg};
 
 /// Runs `f` at ring 3 (flat segments, the ring-3 stack) up to `fault`.
-fn start3(f: impl FnOnce(&mut Asm) -> Result<(), IcedError>) -> (Guest, Before, super::guest::Code) {
+pub(crate) fn start3(f: impl FnOnce(&mut Asm) -> Result<(), IcedError>) -> (Guest, Before, super::guest::Code) {
     let code = super::guest::assemble(32, CODE, f);
     let mut g = Guest::new(Mode::Prot, &code);
     g.enter_ring3(CODE);
@@ -21,7 +21,7 @@ fn start3(f: impl FnOnce(&mut Asm) -> Result<(), IcedError>) -> (Guest, Before, 
 /// Checks a delivery from ring 3 to a ring-0 handler: the frame on the
 /// TSS's ring-0 stack with the outer SS:ESP, and the handler's SS from the
 /// TSS.
-fn check_inner(g: &Guest, before: &Before, e: Expect) {
+pub(crate) fn check_inner(g: &Guest, before: &Before, e: Expect) {
     let d = g.delivery().expect("halted in a handler");
     assert_eq!(d.vector, e.vector, "vector ({d:x?})");
     let n = usize::from(e.code.is_some());
@@ -74,9 +74,12 @@ fn gp_from_ring3_pushes_its_error_code_on_the_inner_stack() {
     check_inner(&g, &before, Expect { vector: 13, code: Some(0), eip: c.at("fault") });
 }
 
+/// Emits one instruction.
+type Emit = Box<dyn Fn(&mut Asm) -> Result<(), IcedError>>;
+
 #[test]
 fn gp_privileged_instructions_at_ring3() {
-    let cases: [(&str, Box<dyn Fn(&mut Asm) -> Result<(), IcedError>>); 6] = [
+    let cases: [(&str, Emit); 6] = [
         ("hlt", Box::new(|a| a.hlt())),
         ("mov eax, cr0", Box::new(|a| a.mov(eax, cr0))),
         ("lidt", Box::new(|a| a.lidt(ptr(0xa000)))),

@@ -437,3 +437,15 @@ fn int_n_soft_interrupt(mode: Mode) {
     }
     let _ = flag::IF;
 }
+
+#[test]
+fn gp_instruction_crossing_the_cs_limit_and_a_page() {
+    // Real mode, CS base 0: `mov ax, 0x1234` at 0xfffe ends at 0x10000,
+    // past the 64 KiB limit (and on the next page): #GP before it runs.
+    let code = super::guest::assemble(16, super::guest::CODE, |a| a.jmp(0xfffe_u64));
+    let mut g = super::guest::Guest::new(Mode::Real, &code);
+    g.write(0xfffe, &[0xb8, 0x34, 0x12]);
+    let before = g.run_to(0xfffe);
+    g.deliver().check(&before, Expect { vector: 13, code: None, eip: 0xfffe });
+    assert_eq!(g.state().gpr[0] & 0xffff, before.gpr[0] & 0xffff, "AX unchanged");
+}

@@ -197,9 +197,23 @@ pub(crate) fn xadd(c: &mut Core, op: &Op) -> Step {
     let m = mask(op.size);
     let r = op.ins.op1_register();
     let src = get_reg(c, r) & m;
-    let dst = modify(c, op, |d| d.wrapping_add(src))?;
+    let dst = if op.ins.has_lock_prefix() {
+        let la = mem_la(c, op, u32::from(op.size), true)?;
+        c.atomic_lin(la, op.size as usize, |d| u64::from((d as u32).wrapping_add(src) & m))? as u32
+    } else {
+        let dst = read_op(c, op, 0)? & m;
+        if dst_is_mem(op) {
+            write_op(c, op, 0, dst.wrapping_add(src) & m)?;
+        }
+        dst
+    };
     let res = dst.wrapping_add(src) & m;
+    // The old destination goes to the source first, then the sum to a
+    // register destination (with one register as both, the sum wins).
     set_reg(c, r, dst);
+    if !dst_is_mem(op) {
+        write_op(c, op, 0, res)?;
+    }
     c.s.flags.record(FlagOp::Add, bits(op), dst, src, res);
     Ok(())
 }

@@ -79,13 +79,8 @@ pub(crate) fn aaa(c: &mut Core, _op: &Op) -> Step {
 pub(crate) fn aas(c: &mut Core, _op: &Op) -> Step {
     let ax = c.s.gpr[0] & 0xffff;
     let adjust = (ax & 0xf) > 9 || c.s.flags.af();
-    let ax = if adjust {
-        let al = (ax & 0xff).wrapping_sub(6) & 0xff;
-        let ah = ((ax >> 8).wrapping_sub(1)) & 0xff;
-        (ah << 8) | al
-    } else {
-        ax
-    };
+    // AX ← AX − 6 (AL borrows from AH), then AH ← AH − 1.
+    let ax = if adjust { ax.wrapping_sub(6).wrapping_sub(0x100) & 0xffff } else { ax };
     let ax = ax & 0xff0f;
     set_reg(c, Register::AX, ax);
     szp(c, ax & 0xff, adjust, adjust);

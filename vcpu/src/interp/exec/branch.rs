@@ -187,18 +187,26 @@ fn far_jump(c: &mut Core, sel: u16, off: u32) -> Step {
         c.next_eip = off;
         return Ok(());
     }
-    let (cs, desc) = protected_target(c, sel)?;
-    if off > cs.limit {
-        return Err(gp(0));
-    }
-    c.set_accessed(sel, desc)?;
+    let cs = protected_target(c, sel, off)?;
     c.set_cs(cs);
     c.next_eip = off;
     Ok(())
 }
 
-/// The code segment of a far `jmp`/`call` in protected mode.
-fn protected_target(c: &mut Core, sel: u16) -> Step<(Segment, u64)> {
+/// The code segment of a far `jmp`/`call` to `sel:off` in protected mode,
+/// checked (the offset against its limit too) and marked accessed.
+fn protected_target(c: &mut Core, sel: u16, off: u32) -> Step<Segment> {
+    let (cs, desc) = code_descriptor(c, sel)?;
+    if off > cs.limit {
+        return Err(gp(0));
+    }
+    c.set_accessed(sel, desc)?;
+    Ok(cs)
+}
+
+/// The code-segment descriptor a far `jmp`/`call` names (gates are not
+/// followed).
+fn code_descriptor(c: &mut Core, sel: u16) -> Step<(Segment, u64)> {
     if sel & !3 != 0 {
         if let Some(la) = c.descriptor_addr(sel) {
             let desc = c.read_sys(la, 8)?;
@@ -226,16 +234,13 @@ fn far_call(c: &mut Core, sel: u16, off: u32, n: usize) -> Step {
         c.next_eip = off;
         return Ok(());
     }
-    let (cs, desc) = protected_target(c, sel)?;
-    if off > cs.limit {
-        return Err(gp(0));
-    }
+    // The descriptor is marked accessed as it loads, before the pushes.
+    let cs = protected_target(c, sel, off)?;
     let pushed = c.push(old_cs, n).and_then(|_| c.push(ret, n));
     if let Err(e) = pushed {
         c.s.gpr[4] = old_sp;
         return Err(e);
     }
-    c.set_accessed(sel, desc)?;
     c.set_cs(cs);
     c.next_eip = off;
     Ok(())
@@ -271,8 +276,8 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
         c.s.gpr[4] = if new_ss.is_32() { esp } else { (c.s.gpr[4] & 0xffff_0000) | (esp & 0xffff) };
         null_outer_data_segments(c);
     } else {
-        c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_accessed(sel, desc)?;
+        c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_cs(cs);
     }
     c.next_eip = off;
@@ -421,8 +426,8 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
         null_outer_data_segments(c);
         c.mode_changed();
     } else {
-        c.set_sp(c.sp_offset(3 * n as u32));
         c.set_accessed(sel, desc)?;
+        c.set_sp(c.sp_offset(3 * n as u32));
         c.s.set_eflags(flags);
         c.set_cs(cs);
     }

@@ -459,7 +459,7 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
         Cli => end(system::cli),
         Sti => end(system::sti),
         In => go(system::in_),
-        Out => end(system::out),
+        Out => go(system::out),
         Cpuid => go(system::cpuid),
         Rdtsc => go(system::rdtsc),
         Rdmsr => go(system::rdmsr),

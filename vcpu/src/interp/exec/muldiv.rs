@@ -1,19 +1,25 @@
 //! `mul`, `imul` (one, two and three operands), `div`, `idiv`.
 //!
-//! After a multiply only CF and OF are defined; SF, ZF and PF are set from
-//! the low half of the product and AF cleared, as the host CPUs do (the
-//! differential test checks them). A divide leaves the flags unchanged
-//! (they are undefined) and raises `#DE` for a zero divisor or a quotient
-//! that does not fit.
+//! After a multiply only CF and OF are defined, after a divide none; the
+//! undefined ones are left as the host CPU leaves them
+//! ([`undefined`](crate::interp::undefined); the differential test checks
+//! them). A divide raises `#DE` for a zero divisor or a quotient that does
+//! not fit.
 
 use super::{mask, read_op, read_op_sized, set_reg, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{de, Step};
 use crate::interp::flags::parity;
 use crate::interp::state::flag;
+use crate::interp::undefined;
 use iced_x86::Register;
 
 fn set_mul_flags(c: &mut Core, size: u8, low: u32, overflow: bool) {
+    if undefined::MUL_KEEPS_SZAP {
+        let v = if overflow { flag::CF | flag::OF } else { 0 };
+        c.s.flags.set_some(flag::CF | flag::OF, v);
+        return;
+    }
     let w = u32::from(size) * 8;
     let low = low & mask(size);
     let mut f = c.s.flags.get() & !flag::ARITH;
@@ -119,7 +125,15 @@ pub(crate) fn div(c: &mut Core, op: &Op) -> Step {
     }
     let _ = w;
     store_pair(c, op.size, q as u32, r as u32);
+    set_div_flags(c);
     Ok(())
+}
+
+/// The flags a divide leaves (all undefined): as the host CPU does.
+fn set_div_flags(c: &mut Core) {
+    if undefined::DIV_AF_SET_SZP_CLEAR {
+        c.s.flags.set_some(flag::AF | flag::SF | flag::ZF | flag::PF, flag::AF);
+    }
 }
 
 pub(crate) fn idiv(c: &mut Core, op: &Op) -> Step {
@@ -141,5 +155,6 @@ pub(crate) fn idiv(c: &mut Core, op: &Op) -> Step {
         return Err(de());
     }
     store_pair(c, op.size, q as u32, r as u32);
+    set_div_flags(c);
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! Shifts and rotates (`shl`/`shr`/`sar`, `rol`/`ror`/`rcl`/`rcr`,
 //! `shld`/`shrd`), with the flags the CPU leaves.
 //!
-//! Flags the SDM leaves undefined (OF for counts above 1, AF for shifts)
-//! are computed as the host CPUs do for counts of 1 (OF) and cleared (AF);
+//! Flags the SDM leaves undefined (OF for counts above 1, AF) are
+//! computed as the host CPU does ([`undefined`](crate::interp::undefined));
 //! the differential test against KVM's ring-3 (native) execution checks
 //! them.
 
@@ -11,6 +11,7 @@ use crate::interp::core::Core;
 use crate::interp::event::Step;
 use crate::interp::flags::parity;
 use crate::interp::state::flag;
+use crate::interp::undefined;
 
 /// The shift count: CL or an immediate (1 for the short forms), masked to
 /// five bits.
@@ -23,11 +24,14 @@ fn count(c: &mut Core, op: &Op, i: u32) -> Step<u32> {
 }
 
 /// Stores the result flags of a shift: SF, ZF, PF from `res`, CF and OF
-/// given, AF cleared.
+/// given, AF as the host CPU leaves it (undefined: AMD sets it).
 fn set_flags(c: &mut Core, size: u8, res: u32, cf: bool, of: bool) {
     let w = u32::from(size) * 8;
     let m = mask(size);
     let mut f = c.s.flags.get() & !flag::ARITH;
+    if undefined::SHIFT_AF {
+        f |= flag::AF;
+    }
     if cf {
         f |= flag::CF;
     }
@@ -79,8 +83,11 @@ pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
     let res = if n >= 32 { 0 } else { d >> n };
     let cf = n <= w && (u64::from(d) >> (n - 1)) & 1 != 0;
     write_op(c, op, 0, res)?;
-    let of = (d >> (w - 1)) & 1 != 0;
-    set_flags(c, op.size, res, cf, of && n == 1);
+    // OF is defined for a count of 1 (the operand's sign); for larger
+    // counts the CPUs compute it from the result's two top bits, which is
+    // the same for a count of 1.
+    let of = ((res >> (w - 1)) ^ (res >> (w - 2))) & 1 != 0;
+    set_flags(c, op.size, res, cf, of);
     Ok(())
 }
 
@@ -136,51 +143,48 @@ pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
-pub(crate) fn rcl(c: &mut Core, op: &Op) -> Step {
+/// `rcl`/`rcr`: the operand and CF rotated as one value of width + 1 bits.
+/// A count that is a multiple of that width rotates nothing but still sets
+/// OF (as AMD CPUs do; OF is undefined for counts above 1): CF xor the
+/// result's sign after `rcl`, the result's two top bits xored after `rcr`.
+fn rotate_through_carry(c: &mut Core, op: &Op, left: bool) -> Step {
     let n = count(c, op, 1)?;
     let d = read_op(c, op, 0)? & mask(op.size);
-    let w = u32::from(op.size) * 8;
-    let r = n % (w + 1);
-    if r == 0 {
+    if n == 0 {
         return Ok(());
     }
-    let cf_in = u64::from(c.s.flags.cf());
-    let full = (cf_in << w) | u64::from(d);
-    let span = w + 1;
-    let rotated = ((full << r) | (full >> (span - r))) & ((1u64 << span) - 1);
-    let res = (rotated as u32) & mask(op.size);
-    let cf = (rotated >> w) & 1 != 0;
-    write_op(c, op, 0, res)?;
-    let of = ((res >> (w - 1)) & 1 != 0) != cf;
-    set_cf_of(c, cf, of);
-    Ok(())
-}
-
-pub(crate) fn rcr(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
     let w = u32::from(op.size) * 8;
-    let r = n % (w + 1);
-    if r == 0 {
-        return Ok(());
-    }
-    let cf_in = u64::from(c.s.flags.cf());
-    let full = (cf_in << w) | u64::from(d);
     let span = w + 1;
-    let rotated = ((full >> r) | (full << (span - r))) & ((1u64 << span) - 1);
+    let r = n % span;
+    let full = (u64::from(c.s.flags.cf()) << w) | u64::from(d);
+    let rotated = match (r, left) {
+        (0, _) => full,
+        (r, true) => ((full << r) | (full >> (span - r))) & ((1u64 << span) - 1),
+        (r, false) => ((full >> r) | (full << (span - r))) & ((1u64 << span) - 1),
+    };
     let res = (rotated as u32) & mask(op.size);
     let cf = (rotated >> w) & 1 != 0;
     write_op(c, op, 0, res)?;
     let msb = (res >> (w - 1)) & 1 != 0;
-    let next = (res >> (w - 2)) & 1 != 0;
-    set_cf_of(c, cf, msb != next);
+    let of = if left { msb != cf } else { msb != ((res >> (w - 2)) & 1 != 0) };
+    set_cf_of(c, cf, of);
     Ok(())
 }
 
+pub(crate) fn rcl(c: &mut Core, op: &Op) -> Step {
+    rotate_through_carry(c, op, true)
+}
+
+pub(crate) fn rcr(c: &mut Core, op: &Op) -> Step {
+    rotate_through_carry(c, op, false)
+}
+
 /// `shld`/`shrd`: the destination shifted with bits coming in from the
-/// source. For 16-bit operands with counts above 16 the result is
-/// undefined; the destination, source and destination again are shifted as
-/// one 48-bit value, as the CPUs do.
+/// source. For 16-bit operands with counts above 16 the result and CF are
+/// undefined; the interpreter does what AMD CPUs do (measured on the host):
+/// the source rotated by the count less 16, CF clear. OF (defined for a
+/// count of 1) is CF xor the result's sign after `shld` (with two 16-bit
+/// exceptions, below) and the result's two top bits xored after `shrd`.
 fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
     let n = count(c, op, 2)?;
     if n == 0 {
@@ -197,18 +201,32 @@ fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
             let wide = (u64::from(s) << 32) | u64::from(d);
             ((wide >> n) as u32, (u64::from(d) >> (n - 1)) & 1 != 0)
         }
+    } else if n > 16 {
+        let r = n - 16;
+        let s16 = s as u16;
+        let res = if left { s16.rotate_left(r) } else { s16.rotate_right(r) };
+        (u32::from(res), false)
     } else if left {
-        let wide = (u64::from(d) << 32) | (u64::from(s) << 16) | u64::from(d);
-        let shifted = wide << n;
-        (((shifted >> 32) & 0xffff) as u32, (shifted >> 48) & 1 != 0)
+        let wide = (d << 16) | s;
+        let shifted = u64::from(wide) << n;
+        (((shifted >> 16) & 0xffff) as u32, (shifted >> 32) & 1 != 0)
     } else {
-        let wide = (u64::from(d) << 32) | (u64::from(s) << 16) | u64::from(d);
-        let wide = (wide << 16) | u64::from(s);
-        let shifted = wide >> n;
-        ((shifted & 0xffff) as u32, (wide >> (n - 1)) & 1 != 0)
+        let wide = (s << 16) | d;
+        ((wide >> n) & 0xffff, (wide >> (n - 1)) & 1 != 0)
     };
     write_op(c, op, 0, res)?;
-    let of = ((res ^ d) >> (w - 1)) & 1 != 0;
+    let msb = (res >> (w - 1)) & 1 != 0;
+    let of = if left {
+        match (w, n) {
+            // AMD: clear for the 16-bit rotation of counts above 16, and
+            // CF itself for 16.
+            (16, 17..) => false,
+            (16, 16) => cf,
+            _ => msb != cf,
+        }
+    } else {
+        msb != ((res >> (w - 2)) & 1 != 0)
+    };
     set_flags(c, op.size, res, cf, of);
     Ok(())
 }

@@ -203,7 +203,9 @@ pub(crate) fn enter(c: &mut Core, op: &Op) -> Step {
     let old_ebp = c.s.gpr[5];
     let result = (|| -> Step {
         c.push(c.s.gpr[5], n)?;
-        let frame = c.sp();
+        // FrameTemp: the whole ESP for a 32-bit operand, whatever the
+        // stack size.
+        let frame = if n == 4 { c.s.gpr[4] } else { c.sp() };
         if level > 0 {
             let mut bp = ebp;
             for _ in 1..level {

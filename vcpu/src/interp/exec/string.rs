@@ -3,7 +3,11 @@
 //!
 //! A repeated instruction runs at most [`BURST`] iterations per execution
 //! and then leaves EIP on itself, so interrupts, kicks and code writes are
-//! seen between bursts, as the CPU takes interrupts between iterations. A
+//! seen between bursts, as the CPU takes interrupts between iterations.
+//! Each burst counts as one instruction against [`Cpu::run`]'s limit
+//! (a limit counts instructions, not iterations).
+//!
+//! [`Cpu::run`]: crate::interp::Cpu::run A
 //! fault in an iteration leaves the registers as the completed iterations
 //! left them, so the instruction restarts where it stopped.
 
