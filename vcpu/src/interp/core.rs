@@ -287,8 +287,13 @@ impl Core {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
             let tag = if access == Access::Fetch { e.fetch_tag } else { e.read_tag };
             if tag == (la & !0xfff) | user {
-                if let Target::Ram(p) = &e.target {
-                    return Ok(p.load(off, size));
+                match &e.target {
+                    Target::Ram(p) => return Ok(p.load(off, size)),
+                    Target::Mmio(page) if access != Access::Fetch => {
+                        let addr = page | off as u64;
+                        return self.mmio_read(addr, size);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -310,12 +315,7 @@ impl Core {
             Target::Ram(p) => Ok(p.load(off, size)),
             Target::Mmio(page) => {
                 let addr = page | off as u64;
-                self.flush_coalesced();
-                let (v, r) = self.io.mmio_read_value(addr, size as u32);
-                if r == MemTxResult::ReservationAccess && self.io.has_fault() {
-                    return Err(Event::AccessFault);
-                }
-                Ok(v)
+                self.mmio_read(addr, size)
             }
             Target::Apic => Ok(self.apic_read(off, size)),
         }
@@ -333,10 +333,17 @@ impl Core {
         if off + size <= 0x1000 {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
             if e.write_tag == (la & !0xfff) | user {
-                if let Target::Ram(p) = &e.target {
-                    if p.store(off, value, size) {
-                        return Ok(());
+                match &e.target {
+                    Target::Ram(p) => {
+                        if p.store(off, value, size) {
+                            return Ok(());
+                        }
                     }
+                    Target::Mmio(page) if e.coalesced.is_none() => {
+                        let addr = page | off as u64;
+                        return self.mmio_write(addr, value, size);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -379,6 +386,24 @@ impl Core {
                 return Ok(());
             }
         }
+        self.mmio_write(addr, value, size)
+    }
+
+    /// A read dispatched through the memory view (MMIO, or anything that is
+    /// not one RAM page).
+    #[inline]
+    fn mmio_read(&mut self, addr: u64, size: usize) -> Step<u64> {
+        self.flush_coalesced();
+        let (v, r) = self.io.mmio_read_value(addr, size as u32);
+        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
+            return Err(Event::AccessFault);
+        }
+        Ok(v)
+    }
+
+    /// A write dispatched through the memory view.
+    #[inline]
+    fn mmio_write(&mut self, addr: u64, value: u64, size: usize) -> Step {
         self.flush_coalesced();
         if self.io.mmio_write_value(addr, value, size as u32) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);

@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use topos_runtime::AddressSpace;
 
+/// A block that loops to itself asks the local APIC for posted events once
+/// per this many runs (a post also sets the kick flag, polled every run,
+/// when the APIC has a waker).
+const APIC_POLL_RUNS: u32 = 32;
+
 /// Why [`Cpu::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
@@ -196,8 +201,10 @@ impl Cpu {
         // different fields.
         let Cpu { core, cache } = self;
         let cs_base = core.s.seg[SegReg::Cs as usize].base;
+        let mut runs: u32 = 0;
         loop {
             core.flushed = false;
+            runs = runs.wrapping_add(1);
             run_ops(core, &cache.block(slot).ops, budget, cache)?;
             // A block that jumps back to its own start (a loop) runs again
             // at once when nothing the run loop looks at changed.
@@ -207,7 +214,9 @@ impl Cpu {
                 || *budget == 0
                 || core.s.halted
                 || core.attention.load(Ordering::Relaxed)
-                || core.apic.as_ref().is_some_and(|a| a.attention())
+                // What the APIC posts also kicks the vCPU (its waker), so
+                // the APIC itself is asked every few runs only.
+                || (runs % APIC_POLL_RUNS == 0 && core.apic.as_ref().is_some_and(|a| a.attention()))
                 || !core.io.memory_ref().is_current()
                 || cache.code_written()
             {

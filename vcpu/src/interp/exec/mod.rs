@@ -359,6 +359,19 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
         Mov if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() => {
             (stack::mov_to_sreg, ins.op0_register() == Register::SS || ins.op0_register() == Register::CS)
         }
+        Mov if ins.op0_kind() == OpKind::Register
+            && reg_size(ins.op0_register()) == 4
+            && ins.op1_kind() == OpKind::Memory =>
+        {
+            go(alu::mov_r32_m32)
+        }
+        Mov if ins.op0_kind() == OpKind::Memory
+            && ins.op1_kind() == OpKind::Register
+            && reg_size(ins.op1_register()) == 4
+            && (ins.op1_register() as usize) < 71 =>
+        {
+            go(alu::mov_m32_r32)
+        }
         Mov => go(alu::mov),
         Movzx => go(alu::movzx),
         Movsx => go(alu::movsx),
