@@ -334,11 +334,7 @@ impl Core {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
             if e.write_tag == (la & !0xfff) | user {
                 match &e.target {
-                    Target::Ram(p) => {
-                        if p.store(off, value, size) {
-                            return Ok(());
-                        }
-                    }
+                    Target::Ram(p) if p.store(off, value, size) => return Ok(()),
                     Target::Mmio(page) if e.coalesced.is_none() => {
                         let addr = page | off as u64;
                         return self.mmio_write(addr, value, size);
