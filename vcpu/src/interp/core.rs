@@ -104,6 +104,8 @@ pub(crate) struct Core {
     pub(crate) flushed: bool,
     /// Where writes to coalesced MMIO ranges are buffered, if anywhere.
     pub(crate) coalesced: Option<Arc<CoalescedBuffer>>,
+    /// This vCPU buffered a coalesced write since it last flushed.
+    coalesced_pushed: bool,
 }
 
 impl Core {
@@ -130,6 +132,7 @@ impl Core {
             nmi_blocked: false,
             flushed: true,
             coalesced: None,
+            coalesced_pushed: false,
         };
         c.mode_changed();
         c
@@ -379,6 +382,7 @@ impl Core {
             let end = addr + size as u64;
             if ranges.iter().any(|&(s, e)| s <= addr && end <= e) {
                 buf.push(addr, value, size);
+                self.coalesced_pushed = true;
                 return Ok(());
             }
         }
@@ -573,7 +577,14 @@ impl Core {
     /// Replays this vCPU's buffered coalesced writes (before an access
     /// that is dispatched, and when the vCPU leaves the run loop).
     #[inline]
-    pub(crate) fn flush_coalesced(&self) {
+    pub(crate) fn flush_coalesced(&mut self) {
+        // Only this vCPU fills its buffer: nothing to look at unless it
+        // buffered a write since its last flush (the hook may have drained
+        // it since; then the flush finds it empty).
+        if !self.coalesced_pushed {
+            return;
+        }
+        self.coalesced_pushed = false;
         if let Some(b) = &self.coalesced {
             if b.pending() {
                 b.flush();

@@ -313,11 +313,18 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
         if *budget == 0 {
             return Ok(());
         }
-        core.next_eip = op.ins.next_ip32();
+        core.next_eip = op.next;
         match (op.exec)(core, op) {
             Ok(()) => {
-                core.s.eip =
-                    if core.s.seg[SegReg::Cs as usize].is_32() { core.next_eip } else { core.next_eip & 0xffff };
+                // Only an instruction that ends its block can change CS or
+                // jump; the others go on at their precomputed next EIP.
+                core.s.eip = if !op.ends_block {
+                    op.next
+                } else if core.s.seg[SegReg::Cs as usize].is_32() {
+                    core.next_eip
+                } else {
+                    core.next_eip & 0xffff
+                };
                 core.retired += 1;
                 *budget -= 1;
             }

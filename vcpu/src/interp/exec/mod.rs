@@ -49,6 +49,8 @@ pub(crate) struct Op {
     pub(crate) ends_block: bool,
     /// It may write memory (the run loop then checks for code writes).
     pub(crate) writes_memory: bool,
+    /// EIP after it, wrapped to its code size (16-bit code wraps at 64 KiB).
+    pub(crate) next: u32,
 }
 
 impl std::fmt::Debug for Op {
@@ -312,7 +314,12 @@ pub(crate) fn prepare(ins: Instruction) -> Op {
     let m = ins.mnemonic();
     let stack_or_string = ins.is_stack_instruction() || ins.is_string_instruction();
     let cc = condition_code(&ins);
+    let next = match ins.code_size() {
+        iced_x86::CodeSize::Code16 => ins.next_ip32() & 0xffff,
+        _ => ins.next_ip32(),
+    };
     Op {
+        next,
         ins,
         exec,
         size,
