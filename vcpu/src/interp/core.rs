@@ -77,6 +77,8 @@ pub(crate) struct Core {
     pub(crate) attention: Arc<AtomicBool>,
     /// Instructions retired.
     pub(crate) retired: u64,
+    /// Events delivered (exceptions, interrupts) so far.
+    pub(crate) deliveries: u64,
     /// The TSC's origin (the TSC counts nanoseconds from it).
     pub(crate) tsc_origin: std::time::Instant,
     /// Added to the TSC (written by `wrmsr` to IA32_TSC).
@@ -119,6 +121,7 @@ impl Core {
             apic,
             attention: Arc::new(AtomicBool::new(false)),
             retired: 0,
+            deliveries: 0,
             tsc_origin: std::time::Instant::now(),
             tsc_offset: 0,
             index,

@@ -6,7 +6,7 @@ use super::block::{decode, BlockCache, Key};
 use super::core::Core;
 use super::event::Event;
 use super::interrupt::Source;
-use super::state::{CpuState, SegReg, Segment};
+use super::state::{flag, CpuState, SegReg, Segment};
 use crate::backend::VcpuIo;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +16,9 @@ use topos_runtime::AddressSpace;
 /// per this many runs (a post also sets the kick flag, polled every run,
 /// when the APIC has a waker).
 const APIC_POLL_RUNS: u32 = 32;
+
+/// DR6.BS: the debug trap came from single-stepping (EFLAGS.TF).
+const DR6_BS: u32 = 1 << 14;
 
 /// Why [`Cpu::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +312,13 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
         ops = &ops[..1.min(ops.len())];
         core.shadow = false;
     }
+    // Single-step (EFLAGS.TF): one instruction, then a debug trap after it
+    // when it completed (a fault's or an interrupt's delivery clears TF).
+    let single_step = core.s.flags.base() & flag::TF != 0;
+    if single_step {
+        ops = &ops[..1.min(ops.len())];
+    }
+    let (retired, deliveries) = (core.retired, core.deliveries);
     for op in ops {
         if *budget == 0 {
             return Ok(());
@@ -333,10 +343,14 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
                 return handle_event(core, e);
             }
         }
-        if op.writes_memory && cache.code_written() {
+        if op.writes_memory && cache.code_written() && !single_step {
             // This block's code may have been written: look again.
             return Ok(());
         }
+    }
+    if single_step && core.retired > retired && core.deliveries == deliveries && !core.s.halted {
+        core.s.dr[6] |= DR6_BS;
+        return core.deliver(super::event::vector::DB, None, Source::Exception).or_else(|e| handle_event(core, e));
     }
     Ok(())
 }

@@ -41,8 +41,8 @@
 //!
 //! Long mode, virtual-8086 mode, task switches (task gates, `iret` with
 //! NT, far transfers to TSS descriptors), call gates, x87/MMX/SSE (`#NM`
-//! or `#UD` as a CPU without them), debug breakpoints (DR0–DR7 are stored
-//! only), SMM, and the NX bit outside PAE. An instruction the interpreter
+//! or `#UD` as a CPU without them), debug breakpoints (DR0–DR3/DR7 are
+//! stored only; single-stepping with EFLAGS.TF raises `#DB` with DR6.BS), SMM, and the NX bit outside PAE. An instruction the interpreter
 //! does not implement raises `#UD` for the guest and logs a warning once.
 
 mod apic;
