@@ -34,12 +34,13 @@ fn a_flush_from_another_thread_keeps_every_write_once_and_in_order() {
         root.add_subregion(0x1000, &region).unwrap();
         let mmio = CoalescedMmio::install(&topo, &asp);
         let buf = mmio.buffer();
+        // The vCPU buffered a first write already; it buffers a second and
+        // flushes (before a dispatched access) while the hook drains.
+        buf.push(0x1000, 1, 4);
         let vcpu = {
             let buf = buf.clone();
             thread::spawn(move || {
-                buf.push(0x1000, 1, 4);
                 buf.push(0x1004, 2, 4);
-                // The vCPU's own flush (before a dispatched access).
                 buf.flush();
             })
         };
