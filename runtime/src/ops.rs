@@ -151,6 +151,7 @@ impl RegionOps {
     }
 
     /// `memory_region_access_valid` of QEMU 5.1+.
+    #[inline]
     pub(crate) fn access_valid(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
         let v = &self.config.valid;
         // Callers pass 1, 2, 4 or 8 (`MemoryRegion::dispatch_*` refuse
@@ -176,6 +177,7 @@ impl RegionOps {
 
     /// How wide a piece of an `l`-byte access at region offset `addr` may be
     /// (QEMU's `memory_access_size`).
+    #[inline]
     pub(crate) fn access_size(&self, l: u64, addr: HwAddr) -> u32 {
         let mut max = match self.config.valid.max_access_size {
             0 => 4,

@@ -1,6 +1,7 @@
 //! The one place where the vCPU layer's concurrency primitives come from.
 //!
-//! The control protocol (`control.rs`) imports its atomics, mutex and
+//! The control protocol (`control.rs`) and the interpreter's coalesced-MMIO
+//! buffers (`interp/coalesced.rs`) import their atomics, mutexes and
 //! condition variable from here; a loom build (`RUSTFLAGS="--cfg
 //! topos_loom"`) swaps them for loom's, so the loom model in `loom-tests/`
 //! checks the protocol itself. The mutex and condition variable are the

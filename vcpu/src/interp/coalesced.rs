@@ -12,8 +12,8 @@
 //! them globally; nothing a guest can rely on without a flush tells the
 //! difference).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use crate::sync::{AtomicBool, Mutex, Ordering};
+use std::sync::{Arc, Weak};
 use topos_runtime::{AddressSpace, FlushHook, Topology};
 
 /// Entries a buffer holds before it is replayed.
@@ -36,16 +36,13 @@ pub struct CoalescedBuffer {
     memory: AddressSpace,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl CoalescedBuffer {
-    /// Buffers a write of `size` bytes of `data` at `addr`; replays the
-    /// buffer when it is full.
-    pub(crate) fn push(&self, addr: u64, data: u64, size: usize) {
+    /// Buffers a write of the low `size` bytes of `data` at `addr` (what
+    /// the interpreter does with a guest write to a coalesced range);
+    /// replays the buffer when it is full.
+    pub fn push(&self, addr: u64, data: u64, size: usize) {
         let full = {
-            let mut e = lock(&self.entries);
+            let mut e = self.entries.lock();
             e.push(Write { addr, data, size: size as u8 });
             self.pending.store(true, Ordering::Release);
             e.len() >= CAPACITY
@@ -66,9 +63,9 @@ impl CoalescedBuffer {
         if !self.pending() {
             return;
         }
-        let _order = lock(&self.replay);
+        let _order = self.replay.lock();
         let writes = {
-            let mut e = lock(&self.entries);
+            let mut e = self.entries.lock();
             self.pending.store(false, Ordering::Release);
             std::mem::take(&mut *e)
         };
@@ -100,7 +97,7 @@ impl CoalescedMmio {
         let buffers: Arc<Mutex<Vec<Weak<CoalescedBuffer>>>> = Arc::default();
         let b = buffers.clone();
         let hook: FlushHook = Arc::new(move || {
-            let live: Vec<Arc<CoalescedBuffer>> = lock(&b).iter().filter_map(Weak::upgrade).collect();
+            let live: Vec<Arc<CoalescedBuffer>> = b.lock().iter().filter_map(Weak::upgrade).collect();
             for buf in live {
                 buf.flush();
             }
@@ -117,7 +114,7 @@ impl CoalescedMmio {
             pending: AtomicBool::new(false),
             memory: self.memory.clone(),
         });
-        let mut list = lock(&self.buffers);
+        let mut list = self.buffers.lock();
         list.retain(|w| w.strong_count() > 0);
         list.push(Arc::downgrade(&buf));
         buf

@@ -81,6 +81,8 @@ pub(crate) struct Core {
     pub(crate) attention: Arc<AtomicBool>,
     /// Instructions retired.
     pub(crate) retired: u64,
+    /// Events delivered (exceptions, interrupts) so far.
+    pub(crate) deliveries: u64,
     /// The TSC's origin (the TSC counts nanoseconds from it).
     pub(crate) tsc_origin: std::time::Instant,
     /// Added to the TSC (written by `wrmsr` to IA32_TSC).
@@ -110,6 +112,8 @@ pub(crate) struct Core {
     large_cached: bool,
     /// Where writes to coalesced MMIO ranges are buffered, if anywhere.
     pub(crate) coalesced: Option<Arc<CoalescedBuffer>>,
+    /// This vCPU buffered a coalesced write since it last flushed.
+    coalesced_pushed: bool,
 }
 
 impl Core {
@@ -123,6 +127,7 @@ impl Core {
             apic,
             attention: Arc::new(AtomicBool::new(false)),
             retired: 0,
+            deliveries: 0,
             tsc_origin: std::time::Instant::now(),
             tsc_offset: 0,
             index,
@@ -137,6 +142,7 @@ impl Core {
             flushed: true,
             large_cached: false,
             coalesced: None,
+            coalesced_pushed: false,
         };
         c.mode_changed();
         c
@@ -320,8 +326,13 @@ impl Core {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
             let tag = if access == Access::Fetch { e.fetch_tag } else { e.read_tag };
             if tag == (la & !0xfff) | user {
-                if let Target::Ram(p) = &e.target {
-                    return Ok(p.load(off, size));
+                match &e.target {
+                    Target::Ram(p) => return Ok(p.load(off, size)),
+                    Target::Mmio(page) if access != Access::Fetch => {
+                        let addr = page | off as u64;
+                        return self.mmio_read(addr, size);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -343,12 +354,7 @@ impl Core {
             Target::Ram(p) => Ok(p.load(off, size)),
             Target::Mmio(page) => {
                 let addr = page | off as u64;
-                self.flush_coalesced();
-                let (v, r) = self.io.mmio_read_value(addr, size as u32);
-                if r == MemTxResult::ReservationAccess && self.io.has_fault() {
-                    return Err(Event::AccessFault);
-                }
-                Ok(v)
+                self.mmio_read(addr, size)
             }
             Target::Apic => Ok(self.apic_read(off, size)),
         }
@@ -366,10 +372,13 @@ impl Core {
         if off + size <= 0x1000 {
             let e = &self.tlb[(la >> 12) as usize & (TLB_SIZE - 1)];
             if e.write_tag == (la & !0xfff) | user {
-                if let Target::Ram(p) = &e.target {
-                    if p.store(off, value, size) {
-                        return Ok(());
+                match &e.target {
+                    Target::Ram(p) if p.store(off, value, size) => return Ok(()),
+                    Target::Mmio(page) if e.coalesced.is_none() => {
+                        let addr = page | off as u64;
+                        return self.mmio_write(addr, value, size);
                     }
+                    _ => {}
                 }
             }
         }
@@ -409,9 +418,28 @@ impl Core {
             let end = addr + size as u64;
             if ranges.iter().any(|&(s, e)| s <= addr && end <= e) {
                 buf.push(addr, value, size);
+                self.coalesced_pushed = true;
                 return Ok(());
             }
         }
+        self.mmio_write(addr, value, size)
+    }
+
+    /// A read dispatched through the memory view (MMIO, or anything that is
+    /// not one RAM page).
+    #[inline]
+    fn mmio_read(&mut self, addr: u64, size: usize) -> Step<u64> {
+        self.flush_coalesced();
+        let (v, r) = self.io.mmio_read_value(addr, size as u32);
+        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
+            return Err(Event::AccessFault);
+        }
+        Ok(v)
+    }
+
+    /// A write dispatched through the memory view.
+    #[inline]
+    fn mmio_write(&mut self, addr: u64, value: u64, size: usize) -> Step {
         self.flush_coalesced();
         if self.io.mmio_write_value(addr, value, size as u32) == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
@@ -585,7 +613,14 @@ impl Core {
     /// Replays this vCPU's buffered coalesced writes (before an access
     /// that is dispatched, and when the vCPU leaves the run loop).
     #[inline]
-    pub(crate) fn flush_coalesced(&self) {
+    pub(crate) fn flush_coalesced(&mut self) {
+        // Only this vCPU fills its buffer: nothing to look at unless it
+        // buffered a write since its last flush (the hook may have drained
+        // it since; then the flush finds it empty).
+        if !self.coalesced_pushed {
+            return;
+        }
+        self.coalesced_pushed = false;
         if let Some(b) = &self.coalesced {
             if b.pending() {
                 b.flush();

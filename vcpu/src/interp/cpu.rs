@@ -6,11 +6,19 @@ use super::block::{decode, BlockCache, Key};
 use super::core::Core;
 use super::event::Event;
 use super::interrupt::Source;
-use super::state::{CpuState, SegReg, Segment};
+use super::state::{flag, CpuState, SegReg, Segment};
 use crate::backend::VcpuIo;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use topos_runtime::AddressSpace;
+
+/// A block that loops to itself asks the local APIC for posted events once
+/// per this many runs (a post also sets the kick flag, polled every run,
+/// when the APIC has a waker).
+const APIC_POLL_RUNS: u32 = 32;
+
+/// DR6.BS: the debug trap came from single-stepping (EFLAGS.TF).
+const DR6_BS: u32 = 1 << 14;
 
 /// Why [`Cpu::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,8 +204,10 @@ impl Cpu {
         // different fields.
         let Cpu { core, cache } = self;
         let cs_base = core.s.seg[SegReg::Cs as usize].base;
+        let mut runs: u32 = 0;
         loop {
             core.flushed = false;
+            runs = runs.wrapping_add(1);
             run_ops(core, &cache.block(slot).ops, budget, cache)?;
             // A block that jumps back to its own start (a loop) runs again
             // at once when nothing the run loop looks at changed.
@@ -207,7 +217,9 @@ impl Cpu {
                 || *budget == 0
                 || core.s.halted
                 || core.attention.load(Ordering::Relaxed)
-                || core.apic.as_ref().is_some_and(|a| a.attention())
+                // What the APIC posts also kicks the vCPU (its waker), so
+                // the APIC itself is asked every few runs only.
+                || (runs % APIC_POLL_RUNS == 0 && core.apic.as_ref().is_some_and(|a| a.attention()))
                 || !core.io.memory_ref().is_current()
                 || cache.code_written()
             {
@@ -300,15 +312,29 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
         ops = &ops[..1.min(ops.len())];
         core.shadow = false;
     }
+    // Single-step (EFLAGS.TF): one instruction, then a debug trap after it
+    // when it completed (a fault's or an interrupt's delivery clears TF).
+    let single_step = core.s.flags.base() & flag::TF != 0;
+    if single_step {
+        ops = &ops[..1.min(ops.len())];
+    }
+    let (retired, deliveries) = (core.retired, core.deliveries);
     for op in ops {
         if *budget == 0 {
             return Ok(());
         }
-        core.next_eip = op.ins.next_ip32();
+        core.next_eip = op.next;
         match (op.exec)(core, op) {
             Ok(()) => {
-                core.s.eip =
-                    if core.s.seg[SegReg::Cs as usize].is_32() { core.next_eip } else { core.next_eip & 0xffff };
+                // Only an instruction that ends its block can change CS or
+                // jump; the others go on at their precomputed next EIP.
+                core.s.eip = if !op.ends_block {
+                    op.next
+                } else if core.s.seg[SegReg::Cs as usize].is_32() {
+                    core.next_eip
+                } else {
+                    core.next_eip & 0xffff
+                };
                 core.retired += 1;
                 *budget -= 1;
             }
@@ -317,10 +343,14 @@ fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &B
                 return handle_event(core, e);
             }
         }
-        if op.writes_memory && cache.code_written() {
+        if op.writes_memory && cache.code_written() && !single_step {
             // This block's code may have been written: look again.
             return Ok(());
         }
+    }
+    if single_step && core.retired > retired && core.deliveries == deliveries && !core.s.halted {
+        core.s.dr[6] |= DR6_BS;
+        return core.deliver(super::event::vector::DB, None, Source::Exception).or_else(|e| handle_event(core, e));
     }
     Ok(())
 }

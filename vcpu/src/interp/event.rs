@@ -27,6 +27,8 @@ pub(crate) enum Event {
 pub(crate) mod vector {
     /// Divide error.
     pub(crate) const DE: u8 = 0;
+    /// Debug (single-step).
+    pub(crate) const DB: u8 = 1;
     /// BOUND range exceeded.
     pub(crate) const BR: u8 = 5;
     /// Invalid opcode.

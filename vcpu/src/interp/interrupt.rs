@@ -49,6 +49,7 @@ impl Core {
     /// Delivers an event, applying the double-fault rules to faults raised
     /// while delivering it. `Err(Event::Shutdown)` is a triple fault.
     pub(crate) fn deliver(&mut self, vector: u8, code: Option<u32>, source: Source) -> Step {
+        self.deliveries += 1;
         self.deliver_from(vector, code, source, None)
     }
 

@@ -41,9 +41,14 @@
 //!
 //! Long mode, virtual-8086 mode, task switches (task gates, `iret` with
 //! NT, far transfers to TSS descriptors), call gates, x87/MMX/SSE (`#NM`
-//! or `#UD` as a CPU without them), debug breakpoints (DR0–DR7 are stored
-//! only), SMM, and the NX bit outside PAE. An instruction the interpreter
-//! does not implement raises `#UD` for the guest and logs a warning once.
+//! or `#UD` as a CPU without them), debug breakpoints (DR0–DR3 and DR7 are
+//! stored only; single-stepping with EFLAGS.TF does raise `#DB` with
+//! DR6.BS), SMM, and the NX bit outside PAE paging. An instruction the
+//! interpreter does not implement raises `#UD` for the guest and logs a
+//! warning once. The protected-mode privilege checks firmware and kernels
+//! rely on are modelled (segment loads, gates, `iret`/`retf` to outer
+//! rings, I/O permission bitmap); a `rep` string instruction counts as one
+//! instruction per burst of iterations against [`Cpu::run`]'s limit.
 
 mod apic;
 mod backend;

@@ -30,6 +30,7 @@ both_modes!(
     de_quotient_overflow,
     de_aam_zero,
     db_int1,
+    db_single_step,
     bp_int3,
     of_into,
     br_bound,
@@ -145,6 +146,23 @@ fn db_int1(mode: Mode) {
         a.mark("next");
         a.hlt()
     });
+}
+
+fn db_single_step(mode: Mode) {
+    // With EFLAGS.TF set, the debug trap comes after the next instruction
+    // (the next one's address pushed, TF in the pushed flags) with DR6.BS.
+    let (mut g, mut before, c) = start(mode, |a| {
+        a.mark("fault");
+        a.nop()?;
+        a.mark("next");
+        a.hlt()
+    });
+    let f = before.eflags() | flag::TF;
+    before.set_eflags(f);
+    g.cpu.state_mut().set_eflags(f);
+    let d = g.deliver();
+    d.check(&before, Expect { vector: 1, code: None, eip: c.at("next") });
+    assert_ne!(g.state().dr[6] & (1 << 14), 0, "DR6.BS");
 }
 
 fn bp_int3(mode: Mode) {

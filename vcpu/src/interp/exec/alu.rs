@@ -153,6 +153,21 @@ pub(crate) fn mov(c: &mut Core, op: &Op) -> Step {
     write_op(c, op, 0, v)
 }
 
+/// `mov r32, [mem]`, the commonest load.
+pub(crate) fn mov_r32_m32(c: &mut Core, op: &Op) -> Step {
+    let off = ea(c, op);
+    let v = c.read_seg(op.seg as usize, off, 4)? as u32;
+    c.s.gpr[op.ins.op0_register() as usize - iced_x86::Register::EAX as usize] = v;
+    Ok(())
+}
+
+/// `mov [mem], r32`, the commonest store.
+pub(crate) fn mov_m32_r32(c: &mut Core, op: &Op) -> Step {
+    let off = ea(c, op);
+    let v = c.s.gpr[op.ins.op1_register() as usize - iced_x86::Register::EAX as usize];
+    c.write_seg(op.seg as usize, off, u64::from(v), 4)
+}
+
 /// `mov` from a segment register to memory stores 16 bits whatever the
 /// operand size; to a register it zero-extends (32-bit operand) — both
 /// handled by the operand sizes iced-x86 reports.

@@ -49,6 +49,8 @@ pub(crate) struct Op {
     pub(crate) ends_block: bool,
     /// It may write memory (the run loop then checks for code writes).
     pub(crate) writes_memory: bool,
+    /// EIP after it, wrapped to its code size (16-bit code wraps at 64 KiB).
+    pub(crate) next: u32,
 }
 
 impl std::fmt::Debug for Op {
@@ -326,7 +328,12 @@ pub(crate) fn prepare(ins: Instruction) -> Op {
     let m = ins.mnemonic();
     let stack_or_string = ins.is_stack_instruction() || ins.is_string_instruction();
     let cc = condition_code(&ins);
+    let next = match ins.code_size() {
+        iced_x86::CodeSize::Code16 => ins.next_ip32() & 0xffff,
+        _ => ins.next_ip32(),
+    };
     Op {
+        next,
         ins,
         exec,
         size,
@@ -372,6 +379,19 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
         }
         Mov if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() => {
             (stack::mov_to_sreg, ins.op0_register() == Register::SS || ins.op0_register() == Register::CS)
+        }
+        Mov if ins.op0_kind() == OpKind::Register
+            && reg_size(ins.op0_register()) == 4
+            && ins.op1_kind() == OpKind::Memory =>
+        {
+            go(alu::mov_r32_m32)
+        }
+        Mov if ins.op0_kind() == OpKind::Memory
+            && ins.op1_kind() == OpKind::Register
+            && reg_size(ins.op1_register()) == 4
+            && (ins.op1_register() as usize) < 71 =>
+        {
+            go(alu::mov_m32_r32)
         }
         Mov => go(alu::mov),
         Movzx => go(alu::movzx),
