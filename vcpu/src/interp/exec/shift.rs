@@ -56,13 +56,18 @@ fn set_cf_of(c: &mut Core, cf: bool, of: bool) {
     c.s.flags.set_some(flag::CF | flag::OF, v);
 }
 
-pub(crate) fn shl(c: &mut Core, op: &Op) -> Step {
+/// The count, the destination and the width in bits of a shift or rotate
+/// by CL or an immediate; `None` for a count of zero (nothing changes, not
+/// even the flags).
+#[inline]
+fn operands(c: &mut Core, op: &Op) -> Step<Option<(u32, u32, u32)>> {
     let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let d = read_op(c, op, 0)? & mask(op.size);
+    Ok((n != 0).then(|| (n, d, u32::from(op.size) * 8)))
+}
+
+pub(crate) fn shl(c: &mut Core, op: &Op) -> Step {
+    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
     let m = mask(op.size);
     let wide = u64::from(d) << n;
     let res = (wide as u32) & m;
@@ -74,12 +79,7 @@ pub(crate) fn shl(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
     let res = if n >= 32 { 0 } else { d >> n };
     let cf = n <= w && (u64::from(d) >> (n - 1)) & 1 != 0;
     write_op(c, op, 0, res)?;
@@ -92,12 +92,7 @@ pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn sar(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let Some((n, d, _)) = operands(c, op)? else { return Ok(()) };
     let sd = match op.size {
         1 => d as u8 as i8 as i64,
         2 => d as u16 as i16 as i64,
@@ -105,19 +100,13 @@ pub(crate) fn sar(c: &mut Core, op: &Op) -> Step {
     };
     let res = (sd >> n.min(63)) as u32 & mask(op.size);
     let cf = (sd >> (n - 1).min(63)) & 1 != 0;
-    let _ = w;
     write_op(c, op, 0, res)?;
     set_flags(c, op.size, res, cf, false);
     Ok(())
 }
 
 pub(crate) fn rol(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
     let r = n % w;
     let res = if r == 0 { d } else { ((d << r) | (d >> (w - r))) & mask(op.size) };
     write_op(c, op, 0, res)?;
@@ -128,12 +117,7 @@ pub(crate) fn rol(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
     let r = n % w;
     let res = if r == 0 { d } else { ((d >> r) | (d << (w - r))) & mask(op.size) };
     write_op(c, op, 0, res)?;
@@ -148,12 +132,7 @@ pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
 /// OF (as AMD CPUs do; OF is undefined for counts above 1): CF xor the
 /// result's sign after `rcl`, the result's two top bits xored after `rcr`.
 fn rotate_through_carry(c: &mut Core, op: &Op, left: bool) -> Step {
-    let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
-    if n == 0 {
-        return Ok(());
-    }
-    let w = u32::from(op.size) * 8;
+    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
     let span = w + 1;
     let r = n % span;
     let full = (u64::from(c.s.flags.cf()) << w) | u64::from(d);
