@@ -141,8 +141,11 @@ fn not_present_read_and_write() {
 /// A read-modify-write of the dword at `PAGE + 8`.
 type Rmw = fn(&mut Asm) -> Result<(), IcedError>;
 
-const RMWS: [(&str, Rmw); 6] = [
+const RMWS: [(&str, Rmw); 9] = [
     ("add", |a| a.add(dword_ptr(PAGE + 8), eax)),
+    ("shl", |a| a.shl(dword_ptr(PAGE + 8), 3)),
+    ("rcr by cl", |a| a.rcr(dword_ptr(PAGE + 8), cl)),
+    ("shld", |a| a.shld(dword_ptr(PAGE + 8), eax, 3)),
     ("or imm", |a| a.or(dword_ptr(PAGE + 8), 1)),
     ("inc", |a| a.inc(dword_ptr(PAGE + 8))),
     ("xadd", |a| a.xadd(dword_ptr(PAGE + 8), eax)),

@@ -6,7 +6,7 @@
 //! the differential test against KVM's ring-3 (native) execution checks
 //! them.
 
-use super::{mask, read_op, read_op_sized, write_op, Op};
+use super::{mask, read_dst, read_op, read_op_sized, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::Step;
 use crate::interp::flags::parity;
@@ -62,7 +62,9 @@ fn set_cf_of(c: &mut Core, cf: bool, of: bool) {
 #[inline]
 fn operands(c: &mut Core, op: &Op) -> Step<Option<(u32, u32, u32)>> {
     let n = count(c, op, 1)?;
-    let d = read_op(c, op, 0)? & mask(op.size);
+    // A memory destination is checked for writing before it is read (a
+    // #PF says W), as for every read-modify-write.
+    let d = read_dst(c, op)? & mask(op.size);
     Ok((n != 0).then(|| (n, d, u32::from(op.size) * 8)))
 }
 
@@ -169,7 +171,7 @@ fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
     if n == 0 {
         return Ok(());
     }
-    let d = read_op(c, op, 0)? & mask(op.size);
+    let d = read_dst(c, op)? & mask(op.size);
     let s = read_op(c, op, 1)? & mask(op.size);
     let w = u32::from(op.size) * 8;
     let (res, cf) = if w == 32 {
