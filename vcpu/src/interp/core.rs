@@ -506,6 +506,15 @@ impl Core {
     pub(crate) fn seg_addr(&self, seg: usize, off: u32, size: u32, write: bool) -> Step<u32> {
         let s = &self.s.seg[seg];
         let a = s.attrs;
+        // The common case first: a present, expand-up, read/write data
+        // segment with a 4 GiB limit, and an access that does not wrap.
+        if s.limit == u32::MAX
+            && a & (attr::P | attr::CODE | attr::DC | attr::RW) == attr::P | attr::RW
+            && !self.align_check
+            && off.checked_add(size - 1).is_some()
+        {
+            return Ok(s.base.wrapping_add(off));
+        }
         let fault = || if seg == SegReg::Ss as usize { ss(0) } else { gp(0) };
         if self.prot {
             if a & attr::P == 0 {
