@@ -319,7 +319,7 @@ impl Core {
         Ok(self.read_as(la, 1, self.user, Access::Fetch)? as u8)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_as(&mut self, la: u32, size: usize, user: u32, access: Access) -> Step<u64> {
         let off = (la & 0xfff) as usize;
         if off + size <= 0x1000 {
