@@ -53,7 +53,7 @@ impl VcpuBackend for InterpVcpu {
         let exit = self.cpu.run(u64::MAX);
         std::mem::swap(self.cpu.io(), io);
         Ok(match exit {
-            Exit::Halted => RunExit::Halted { interrupts_enabled: self.cpu.state().eflags() & (1 << 9) != 0 },
+            Exit::Halted => RunExit::Halted { interrupts_enabled: self.cpu.core.interrupts_enabled() },
             Exit::WaitForSipi => RunExit::Halted { interrupts_enabled: false },
             Exit::Shutdown => RunExit::Shutdown,
             // An access fault is in `io`: the vCPU layer takes it.
@@ -94,14 +94,10 @@ impl VcpuBackend for InterpVcpu {
 
     fn liveness(&mut self) -> Liveness {
         let s = self.cpu.state();
-        if s.wait_for_sipi {
+        if s.wait_for_sipi || (s.halted && !self.cpu.core.interrupts_enabled()) {
             Liveness::Dead
         } else if s.halted {
-            if s.eflags() & (1 << 9) != 0 {
-                Liveness::Waiting
-            } else {
-                Liveness::Dead
-            }
+            Liveness::Waiting
         } else {
             Liveness::Running
         }

@@ -52,15 +52,10 @@ impl CoalescedBuffer {
         }
     }
 
-    /// Whether writes are waiting (one load).
-    #[inline]
-    pub(crate) fn pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
-    }
-
-    /// Replays the buffered writes, in order.
+    /// Replays the buffered writes, in order (one load when there are
+    /// none).
     pub fn flush(&self) {
-        if !self.pending() {
+        if !self.pending.load(Ordering::Acquire) {
             return;
         }
         let _order = self.replay.lock();

@@ -153,9 +153,7 @@ impl Core {
     pub(crate) fn mode_changed(&mut self) {
         self.prot = self.s.protected();
         let user = u32::from(self.s.cpl() == 3);
-        if user != self.user {
-            self.user = user;
-        }
+        self.user = user;
         self.align_check = user == 1 && self.s.cr0 & super::state::cr0::AM != 0 && self.s.flags.base() & flag::AC != 0;
     }
 
@@ -399,21 +397,16 @@ impl Core {
             return Ok(());
         }
         let idx = self.entry(la, Access::Write, user)?;
-        let phys = match &self.tlb[idx].target {
-            Target::Ram(p) => {
-                if p.store(off, value, size) {
-                    return Ok(());
-                }
-                // ROM, or a ROM device: the accessor dispatches the write.
-                None
-            }
-            Target::Mmio(page) => Some(page | off as u64),
+        match &self.tlb[idx].target {
+            Target::Ram(p) if p.store(off, value, size) => return Ok(()),
             Target::Apic => {
                 self.apic_write(off, value, size);
                 return Ok(());
             }
-        };
-        let addr = phys.unwrap_or(self.tlb[idx].phys | off as u64);
+            // MMIO, ROM or a ROM device: the accessor dispatches the write.
+            _ => {}
+        }
+        let addr = self.tlb[idx].phys | off as u64;
         if let (Some(ranges), Some(buf)) = (&self.tlb[idx].coalesced, &self.coalesced) {
             let end = addr + size as u64;
             if ranges.iter().any(|&(s, e)| s <= addr && end <= e) {
@@ -431,9 +424,7 @@ impl Core {
     fn mmio_read(&mut self, addr: u64, size: usize) -> Step<u64> {
         self.flush_coalesced();
         let (v, r) = self.io.mmio_read_value(addr, size as u32);
-        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
-            return Err(Event::AccessFault);
-        }
+        self.stop_on_fault(r)?;
         Ok(v)
     }
 
@@ -441,7 +432,15 @@ impl Core {
     #[inline]
     fn mmio_write(&mut self, addr: u64, value: u64, size: usize) -> Step {
         self.flush_coalesced();
-        if self.io.mmio_write_value(addr, value, size as u32) == MemTxResult::ReservationAccess && self.io.has_fault() {
+        let r = self.io.mmio_write_value(addr, value, size as u32);
+        self.stop_on_fault(r)
+    }
+
+    /// `Err(AccessFault)` when an access's result is one the VM's policy
+    /// stops on (recorded in the `VcpuIo`, which the vCPU layer reads).
+    #[inline]
+    fn stop_on_fault(&self, r: MemTxResult) -> Step {
+        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
             return Err(Event::AccessFault);
         }
         Ok(())
@@ -492,10 +491,8 @@ impl Core {
             Target::Mmio(_) | Target::Ram(_) => self.tlb[idx].phys | off as u64,
         };
         let (r, res) = self.io.memory().atomic_fetch_update(addr, size as u32, |old| Some(f(old)));
-        let _ = self.io.record(res, Space::Memory, addr, size, true);
-        if res == MemTxResult::ReservationAccess && self.io.has_fault() {
-            return Err(Event::AccessFault);
-        }
+        let res = self.io.record(res, Space::Memory, addr, size, true);
+        self.stop_on_fault(res)?;
         Ok(r.unwrap_or_else(|old| old))
     }
 
@@ -631,9 +628,7 @@ impl Core {
         }
         self.coalesced_pushed = false;
         if let Some(b) = &self.coalesced {
-            if b.pending() {
-                b.flush();
-            }
+            b.flush();
         }
     }
 
@@ -641,21 +636,15 @@ impl Core {
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Step<u32> {
         self.flush_coalesced();
         let (v, r) = self.io.pio_read_value(port, size as u32);
-        if r == MemTxResult::ReservationAccess && self.io.has_fault() {
-            return Err(Event::AccessFault);
-        }
+        self.stop_on_fault(r)?;
         Ok(v as u32)
     }
 
     /// A port write.
     pub(crate) fn port_out(&mut self, port: u16, value: u32, size: usize) -> Step {
         self.flush_coalesced();
-        if self.io.pio_write_value(port, u64::from(value), size as u32) == MemTxResult::ReservationAccess
-            && self.io.has_fault()
-        {
-            return Err(Event::AccessFault);
-        }
-        Ok(())
+        let r = self.io.pio_write_value(port, u64::from(value), size as u32);
+        self.stop_on_fault(r)
     }
 
     /// EFLAGS.IF.

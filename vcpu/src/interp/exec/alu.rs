@@ -192,9 +192,7 @@ pub(crate) fn xchg(c: &mut Core, op: &Op) -> Step {
     let m = mask(op.size);
     if op.ins.op0_kind() == OpKind::Memory || op.ins.op1_kind() == OpKind::Memory {
         // With memory, always locked.
-        let (mi, ri) = if op.ins.op0_kind() == OpKind::Memory { (0, 1) } else { (1, 0) };
-        let _ = mi;
-        let r = op.ins.op_register(ri);
+        let r = op.ins.op_register(if op.ins.op0_kind() == OpKind::Memory { 1 } else { 0 });
         let v = get_reg(c, r) & m;
         let la = mem_la(c, op, u32::from(op.size), true)?;
         let old = c.atomic_lin(la, op.size as usize, |_| u64::from(v))? as u32;
@@ -315,13 +313,11 @@ pub(crate) fn setcc(c: &mut Core, op: &Op) -> Step {
 
 pub(crate) fn cmovcc(c: &mut Core, op: &Op) -> Step {
     // The source is read whatever the condition (a memory source faults
-    // even when the move does not happen).
+    // even when the move does not happen). A 32-bit destination not moved
+    // to keeps its value: only in 64-bit code would it be zero-extended.
     let v = read_op(c, op, 1)?;
     if c.s.flags.condition(op.cc) {
         write_op(c, op, 0, v)?;
-    } else if op.size == 4 {
-        // A 32-bit destination is written (zero-extended) either way; in
-        // 32-bit code that changes nothing.
     }
     Ok(())
 }

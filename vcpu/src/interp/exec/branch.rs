@@ -6,7 +6,7 @@
 //! outer privilege. Call gates, task gates and returns to virtual-8086
 //! mode are not modelled: they raise `#GP` (with a warning).
 
-use super::{get_reg, read_op_sized, Op};
+use super::{read_op_sized, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{gp, np, ss, Event, Step};
 use crate::interp::state::{attr, flag, SegReg, Segment};
@@ -432,6 +432,5 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
         c.set_cs(cs);
     }
     c.next_eip = off;
-    let _ = get_reg;
     Ok(())
 }

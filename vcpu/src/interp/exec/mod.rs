@@ -518,8 +518,6 @@ fn handler_for(ins: &Instruction) -> (Handler, bool) {
         Ud0 | Ud1 | Ud2 => end(invalid),
         Rsm | Sysenter | Sysexit | Syscall | Sysret => end(invalid),
         _ => {
-            let code = ins.code();
-            let _ = code;
             if m == Wait {
                 return go(system::fwait);
             }

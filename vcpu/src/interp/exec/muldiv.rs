@@ -111,7 +111,6 @@ pub(crate) fn imul(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn div(c: &mut Core, op: &Op) -> Step {
-    let w = u32::from(op.size) * 8;
     let m = u64::from(mask(op.size));
     let divisor = u64::from(read_op(c, op, 0)?) & m;
     if divisor == 0 {
@@ -123,7 +122,6 @@ pub(crate) fn div(c: &mut Core, op: &Op) -> Step {
     if q > m {
         return Err(de());
     }
-    let _ = w;
     store_pair(c, op.size, q as u32, r as u32);
     set_div_flags(c);
     Ok(())

@@ -119,43 +119,14 @@ pub(crate) fn popa(c: &mut Core, op: &Op) -> Step {
     for (i, r) in (0..8).rev().enumerate() {
         vals[r] = c.peek((i * n) as u32, n)?;
     }
-    for r in (0..8).rev() {
-        if r != 4 {
-            let reg = if n == 2 { Register::AX } else { Register::EAX };
-            set_reg(c, gpr_view(reg, r), vals[r]);
-        }
+    // Every register but ESP, which the stack pointer's own update sets;
+    // 16-bit pops keep the registers' upper halves.
+    let keep = if n == 2 { 0xffff_0000 } else { 0 };
+    for r in (0..8).filter(|&r| r != 4) {
+        c.s.gpr[r] = (c.s.gpr[r] & keep) | (vals[r] & !keep);
     }
     c.set_sp(c.sp_offset(8 * n as u32));
     Ok(())
-}
-
-/// The `r`-th register after `base` (AX..DI or EAX..EDI).
-fn gpr_view(base: Register, r: usize) -> Register {
-    const R16: [Register; 8] = [
-        Register::AX,
-        Register::CX,
-        Register::DX,
-        Register::BX,
-        Register::SP,
-        Register::BP,
-        Register::SI,
-        Register::DI,
-    ];
-    const R32: [Register; 8] = [
-        Register::EAX,
-        Register::ECX,
-        Register::EDX,
-        Register::EBX,
-        Register::ESP,
-        Register::EBP,
-        Register::ESI,
-        Register::EDI,
-    ];
-    if base == Register::AX {
-        R16[r]
-    } else {
-        R32[r]
-    }
 }
 
 pub(crate) fn pushf(c: &mut Core, op: &Op) -> Step {
