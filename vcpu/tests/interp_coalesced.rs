@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use topos_runtime::{HwAddr, MemoryRegionOps, OpsConfig, Topology};
+use topos_runtime::{HwAddr, MemoryRegionOps, OpsConfig, StandardSpaces, Topology};
 use topos_vcpu::interp::{CoalescedMmio, Cpu, Exit};
 
 #[derive(Default)]
@@ -52,8 +52,9 @@ fn guest() -> Vec<u8> {
     c
 }
 
-#[test]
-fn coalesced_writes_wait_for_a_flush_and_arrive_in_order() {
+/// RAM with the guest at 0x1000, the coalesced device at [`DEV`] and the
+/// flush-coalesced one at [`FLUSHER`], both recording into the recorder.
+fn machine() -> (Topology, StandardSpaces, Arc<Recorder>) {
     let topo = Topology::new();
     let s = topo.standard_spaces().unwrap();
     s.system.add_subregion(0, &topo.new_ram("ram", 0x10000).unwrap()).unwrap();
@@ -65,6 +66,12 @@ fn coalesced_writes_wait_for_a_flush_and_arrive_in_order() {
     flusher.set_flush_coalesced().unwrap();
     s.system.add_subregion(u64::from(FLUSHER), &flusher).unwrap();
     let _ = s.memory.write(0x1000, &guest());
+    (topo, s, rec)
+}
+
+#[test]
+fn coalesced_writes_wait_for_a_flush_and_arrive_in_order() {
+    let (topo, s, rec) = machine();
 
     let coalesced = CoalescedMmio::install(&topo, &s.memory);
     let mut cpu = Cpu::new(&s.memory, &s.io_space);
@@ -96,17 +103,7 @@ fn coalesced_writes_wait_for_a_flush_and_arrive_in_order() {
 
 #[test]
 fn an_access_to_a_flush_region_replays_the_buffer_first() {
-    let topo = Topology::new();
-    let s = topo.standard_spaces().unwrap();
-    s.system.add_subregion(0, &topo.new_ram("ram", 0x10000).unwrap()).unwrap();
-    let rec = Arc::new(Recorder::default());
-    let dev = topo.new_io("dev", Dev(rec.clone()), OpsConfig::default(), 0x1000).unwrap();
-    dev.add_coalescing(0, 0x100).unwrap();
-    s.system.add_subregion(u64::from(DEV), &dev).unwrap();
-    let flusher = topo.new_io("flusher", Dev(rec.clone()), OpsConfig::default(), 0x1000).unwrap();
-    flusher.set_flush_coalesced().unwrap();
-    s.system.add_subregion(u64::from(FLUSHER), &flusher).unwrap();
-    let _ = s.memory.write(0x1000, &guest());
+    let (topo, s, rec) = machine();
     let _ = s.memory.write(u64::from(GO), &1u32.to_le_bytes());
     let coalesced = CoalescedMmio::install(&topo, &s.memory);
     let mut cpu = Cpu::new(&s.memory, &s.io_space);
@@ -116,4 +113,5 @@ fn an_access_to_a_flush_region_replays_the_buffer_first() {
     let mut b = [0u8; 4];
     let _ = s.memory.read(u64::from(SEEN), &mut b);
     assert_eq!(u32::from_le_bytes(b), 3);
+    assert_eq!(*rec.0.lock().unwrap(), vec![(0, 1), (4, 2), (8, 3)]);
 }

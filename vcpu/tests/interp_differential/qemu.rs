@@ -26,8 +26,8 @@ use super::frame::{unwind, Frame};
 use super::layout::*;
 use super::outcome::{End, Outcome, State};
 use super::registry::Profile;
+use crate::support::harness_asm::{asm, jmp_far};
 use iced_x86::code_asm::*;
-use iced_x86::{Code, Instruction};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -100,19 +100,6 @@ const REC_WINDOW_IN: u64 = 0x2000;
 const REC_WINDOW_OUT: u64 = 0x1_2000;
 /// The most code a case may have here.
 const REC_CODE_MAX: usize = 0x1000;
-
-/// A far jump to `selector:offset` (16- or 32-bit offset).
-fn jmp_far(a: &mut CodeAssembler, selector: u16, offset: u32, bits32: bool) -> Result<(), IcedError> {
-    let code = if bits32 { Code::Jmp_ptr1632 } else { Code::Jmp_ptr1616 };
-    a.add_instruction(Instruction::with_far_branch(code, selector, offset)?)
-}
-
-/// Assembles `f`'s code for `bitness` at `ip`.
-fn asm(bitness: u32, ip: u32, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bitness).expect("an assembler");
-    f(&mut a).expect("the harness assembles");
-    a.assemble(u64::from(ip)).expect("the harness assembles")
-}
 
 /// The 64 KiB BIOS image holding the harness.
 fn bios() -> Vec<u8> {

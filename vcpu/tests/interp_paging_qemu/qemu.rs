@@ -14,8 +14,8 @@
 use super::guest::Image;
 use super::layout::*;
 use super::outcome::{End, Outcome};
+use crate::support::harness_asm::{asm, jmp_far};
 use iced_x86::code_asm::*;
-use iced_x86::{Code, Instruction};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,17 +41,6 @@ const RECORDS: u64 = 0x100_0000;
 const RECORD: u64 = 2 * USED as u64;
 const EFER: u32 = 0xc000_0080;
 const NXE: u32 = 1 << 11;
-
-fn jmp_far(a: &mut CodeAssembler, selector: u16, offset: u32, bits32: bool) -> Result<(), IcedError> {
-    let code = if bits32 { Code::Jmp_ptr1632 } else { Code::Jmp_ptr1616 };
-    a.add_instruction(Instruction::with_far_branch(code, selector, offset)?)
-}
-
-fn asm(bitness: u32, ip: u32, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(bitness).expect("an assembler");
-    f(&mut a).expect("the harness assembles");
-    a.assemble(u64::from(ip)).expect("the harness assembles")
-}
 
 /// The 64 KiB BIOS image.
 fn bios() -> Vec<u8> {

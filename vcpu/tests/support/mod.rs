@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a part
 
 pub mod firmware_checks;
+pub mod harness_asm;
 
 use std::io::Read;
 use std::path::PathBuf;
