@@ -2,8 +2,11 @@
 //! the range it last hit, and revalidates both with one atomic load.
 
 use crate::address_space::{AddressSpace, AsInner};
-use crate::dispatch::{access_in_range, direct_read, direct_write, region_read, region_write, rw_view_from, Buf};
+use crate::dispatch::{
+    access_in_range, direct_read, direct_write, plain_read, plain_write, region_read, region_write, rw_view_from, Buf,
+};
 use crate::flatview::{FlatRange, FlatView, Pos};
+use crate::ops::{mask_of, RegionOps};
 use crate::region::RegionKind;
 use crate::sync::Arc;
 use crate::types::{HwAddr, MemTxResult};
@@ -23,6 +26,38 @@ pub struct Accessor {
     /// (`u64::MAX` after `release`).
     gen: u64,
     last: Option<Pos>,
+    /// The last plain device read and write (see [`PlainIo`]), in `view`.
+    plain_read: Option<PlainIo>,
+    plain_write: Option<PlainIo>,
+}
+
+/// A device access already found *plain* — one I/O range that takes it
+/// whole, ops that take it at its size as it is ([`RegionOps::is_plain`]) —
+/// and so every naturally aligned access of the same size to the same range:
+/// a vCPU's repeated device access skips the legalisation.
+///
+/// [`RegionOps::is_plain`]: crate::ops::RegionOps::is_plain
+#[derive(Debug, Clone, Copy)]
+struct PlainIo {
+    pos: Pos,
+    /// The range's first address.
+    start: HwAddr,
+    /// The last offset from `start` at which the access still fits.
+    span: u64,
+    /// The region offset of `start`.
+    offset: u64,
+    size: u32,
+}
+
+impl PlainIo {
+    /// The region offset of a `size`-byte access at `addr`, if it is one
+    /// this access covers.
+    #[inline]
+    fn offset_of(&self, addr: HwAddr, size: u32) -> Option<HwAddr> {
+        let rel = addr.wrapping_sub(self.start);
+        let off = self.offset.wrapping_add(rel);
+        (size == self.size && rel <= self.span && off & (u64::from(size) - 1) == 0).then_some(off)
+    }
 }
 
 impl std::fmt::Debug for Accessor {
@@ -35,8 +70,14 @@ impl AddressSpace {
     /// A per-thread access path with a view and range cache (see
     /// [`Accessor`]).
     pub fn accessor(&self) -> Accessor {
-        let mut a =
-            Accessor { asp: self.inner().clone(), view: Arc::new(FlatView::empty()), gen: u64::MAX, last: None };
+        let mut a = Accessor {
+            asp: self.inner().clone(),
+            view: Arc::new(FlatView::empty()),
+            gen: u64::MAX,
+            last: None,
+            plain_read: None,
+            plain_write: None,
+        };
         a.refresh();
         a
     }
@@ -53,7 +94,7 @@ impl Accessor {
         if g != self.gen {
             self.view = self.asp.view_full();
             self.gen = g;
-            self.last = None;
+            self.forget_ranges();
         }
         &self.view
     }
@@ -153,25 +194,47 @@ impl Accessor {
     /// [`write_u64`](Self::write_u64) does. When the cached range is one I/O
     /// range that takes the whole access at its own size — a vCPU's
     /// repeated device access — the value goes to the device with no byte
-    /// buffer in between.
+    /// buffer in between, and a repeat of a plain access ([`PlainIo`]) also
+    /// skips the legalisation.
     #[inline]
     pub fn write_value(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
+        // What the byte path would take from the value's bytes.
+        let value = value & mask_of(size);
+        self.refresh();
+        let shared = self.asp.shared();
+        if let Some((pos, off)) = self.plain_write.and_then(|p| Some((p.pos, p.offset_of(addr, size)?))) {
+            if let Some((mr, ops)) = self.view.get(pos).and_then(|fr| io_ops(fr).map(|ops| (fr.region(), ops))) {
+                return plain_write(shared, mr, ops, off, value, size);
+            }
+        }
         if let Some((pos, off)) = self.single_io(addr, size, true) {
             if let Some(fr) = self.view.get(pos) {
-                return region_write(self.asp.shared(), fr.region(), off, value, size);
+                self.plain_write = remember_plain(fr, pos, off, size);
+                return region_write(shared, fr.region(), off, value, size);
             }
         }
         self.write_u64(addr, value, size)
     }
 
     /// Reads a little-endian value of `size` bytes at `addr`, as
-    /// [`read_u64`](Self::read_u64) does, with the fast path of
+    /// [`read_u64`](Self::read_u64) does, with the fast paths of
     /// [`write_value`](Self::write_value).
     #[inline]
     pub fn read_value(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
+        self.refresh();
+        let shared = self.asp.shared();
+        if let Some((pos, off)) = self.plain_read.and_then(|p| Some((p.pos, p.offset_of(addr, size)?))) {
+            if let Some((mr, ops)) = self.view.get(pos).and_then(|fr| io_ops(fr).map(|ops| (fr.region(), ops))) {
+                return plain_read(shared, mr, ops, off, size);
+            }
+        }
         if let Some((pos, off)) = self.single_io(addr, size, false) {
             if let Some(fr) = self.view.get(pos) {
-                return region_read(self.asp.shared(), fr.region(), off, size);
+                self.plain_read = remember_plain(fr, pos, off, size);
+                // A read rounded up to a wider device access brings more
+                // bytes than asked for.
+                let (v, r) = region_read(shared, fr.region(), off, size);
+                return (v & mask_of(size), r);
             }
         }
         self.read_u64(addr, size)
@@ -181,11 +244,10 @@ impl Accessor {
     /// if that range is I/O (not read or written directly) and takes the
     /// `size`-byte access at `addr` whole, in one device access.
     #[inline]
-    fn single_io(&mut self, addr: HwAddr, size: u32, write: bool) -> Option<(Pos, HwAddr)> {
+    fn single_io(&self, addr: HwAddr, size: u32, write: bool) -> Option<(Pos, HwAddr)> {
         if !matches!(size, 1 | 2 | 4 | 8) {
             return None;
         }
-        self.refresh();
         let pos = self.last?;
         let fr = self.view.get(pos)?;
         if !fr.contains(addr) || u128::from(addr) + u128::from(size) > fr.end() {
@@ -196,12 +258,8 @@ impl Accessor {
             return None;
         }
         let off = fr.offset_in_region() + (addr - fr.start());
-        match fr.region().kind() {
-            RegionKind::Io(ops) | RegionKind::RomDevice { ops, .. }
-                if ops.access_size(u64::from(size), off) == size =>
-            {
-                Some((pos, off))
-            }
+        match io_ops(fr) {
+            Some(ops) if ops.access_size(u64::from(size), off) == size => Some((pos, off)),
             _ => None,
         }
     }
@@ -210,6 +268,35 @@ impl Accessor {
     pub fn release(&mut self) {
         self.view = Arc::new(FlatView::empty());
         self.gen = u64::MAX;
-        self.last = None;
+        self.forget_ranges();
     }
+
+    /// Forgets the ranges remembered in the cached view.
+    fn forget_ranges(&mut self) {
+        self.last = None;
+        self.plain_read = None;
+        self.plain_write = None;
+    }
+}
+
+/// The ops of an I/O range (an I/O region, or a ROM device's writes and
+/// non-romd reads).
+#[inline]
+fn io_ops(fr: &FlatRange) -> Option<&RegionOps> {
+    match fr.region().kind() {
+        RegionKind::Io(ops) | RegionKind::RomDevice { ops, .. } => Some(ops),
+        _ => None,
+    }
+}
+
+/// The [`PlainIo`] of a `size`-byte access at region offset `off` that
+/// [`Accessor::single_io`] found to be one access to range `fr` (at `pos`),
+/// if it is plain.
+fn remember_plain(fr: &FlatRange, pos: Pos, off: HwAddr, size: u32) -> Option<PlainIo> {
+    let ops = io_ops(fr)?;
+    if off & (u64::from(size) - 1) != 0 || !ops.is_plain(size) {
+        return None;
+    }
+    let span = u64::try_from(fr.size().checked_sub(u128::from(size))?).ok()?;
+    Some(PlainIo { pos, start: fr.start(), span, offset: fr.offset_in_region(), size })
 }

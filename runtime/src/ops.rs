@@ -150,6 +150,34 @@ impl RegionOps {
         }
     }
 
+    /// The device's `accepts`, traced when it refuses.
+    #[inline]
+    pub(crate) fn accepts(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
+        let ok = self.ops.accepts(addr, size, is_write);
+        if !ok {
+            tracing::debug!(addr, size, is_write, "invalid access: rejected");
+        }
+        ok
+    }
+
+    /// Whether a naturally aligned `size`-byte access (1, 2, 4 or 8) reaches
+    /// the callbacks as it is: valid at that size (all but `accepts`, which
+    /// depends on the address), one call of exactly that size, no byte swap.
+    /// Such an access is [`access_valid`](Self::access_valid) iff `accepts`
+    /// takes it, and [`dispatch_read`](Self::dispatch_read) /
+    /// [`dispatch_write`](Self::dispatch_write) then make exactly one call of
+    /// `size` bytes with the value masked to it.
+    pub(crate) fn is_plain(&self, size: u32) -> bool {
+        let v = &self.config.valid;
+        let valid = v.max_access_size == 0 || (size <= v.max_access_size && size >= v.min_access_size);
+        // The piece `memory_access_size` allows an aligned access.
+        let piece_max = match v.max_access_size {
+            0 => 4,
+            m => m,
+        };
+        valid && size <= piece_max && self.adjusted_sizes(size).0 == size && !self.config.endianness.is_big()
+    }
+
     /// `memory_region_access_valid` of QEMU 5.1+.
     #[inline]
     pub(crate) fn access_valid(&self, addr: HwAddr, size: u32, is_write: bool) -> bool {
@@ -157,8 +185,7 @@ impl RegionOps {
         // Callers pass 1, 2, 4 or 8 (`MemoryRegion::dispatch_*` refuse
         // anything else before getting here).
         debug_assert!(matches!(size, 1 | 2 | 4 | 8), "access size {size}");
-        if !self.ops.accepts(addr, size, is_write) {
-            tracing::debug!(addr, size, is_write, "invalid access: rejected");
+        if !self.accepts(addr, size, is_write) {
             return false;
         }
         if !v.unaligned && addr & (size as u64 - 1) != 0 {
