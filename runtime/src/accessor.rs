@@ -14,7 +14,10 @@ use crate::types::{HwAddr, MemTxResult};
 /// A per-thread (per-vCPU) access path with a cache: it keeps the view it
 /// last used and the range it last hit, and revalidates both with a single
 /// atomic load per access ([`AddressSpace::generation`]). Repeated accesses
-/// to the same range skip the lookup entirely.
+/// to the same range skip the lookup entirely, and a repeated device access
+/// of the value path ([`read_value`](Self::read_value),
+/// [`write_value`](Self::write_value)) also skips the legalisation of its
+/// size and alignment when it needs none.
 ///
 /// The cached view stays alive (with its regions and devices) until the next
 /// access that finds a newer one, [`refresh`](Self::refresh) or
