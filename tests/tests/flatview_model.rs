@@ -923,13 +923,8 @@ impl Harness {
     }
 }
 
-/// 1000 cases, or `PROPTEST_CASES` for a longer soak.
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(topos_tests::proptest_cases(1000)))]
 
     #[test]
     fn flatview_matches_brute_force_and_listener_replay(

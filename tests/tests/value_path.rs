@@ -214,13 +214,8 @@ impl Rig {
     }
 }
 
-/// 300 cases, or `PROPTEST_CASES` for a longer soak.
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(topos_tests::proptest_cases(300)))]
 
     #[test]
     fn the_value_path_matches_the_byte_path(
