@@ -197,8 +197,8 @@ impl Accessor {
     /// [`write_u64`](Self::write_u64) does. When the cached range is one I/O
     /// range that takes the whole access at its own size — a vCPU's
     /// repeated device access — the value goes to the device with no byte
-    /// buffer in between, and a repeat of a plain access ([`PlainIo`]) also
-    /// skips the legalisation.
+    /// buffer in between, and a repeat of such an access that needs no
+    /// split, round-up or byte swap also skips the legalisation.
     #[inline]
     pub fn write_value(&mut self, addr: HwAddr, value: u64, size: u32) -> MemTxResult {
         // What the byte path would take from the value's bytes.
