@@ -7,7 +7,7 @@ use crate::dispatch::{
 };
 use crate::flatview::{FlatRange, FlatView, Pos};
 use crate::ops::{mask_of, RegionOps};
-use crate::region::RegionKind;
+use crate::region::{MemoryRegion, RegionKind};
 use crate::sync::Arc;
 use crate::types::{HwAddr, MemTxResult};
 
@@ -205,16 +205,14 @@ impl Accessor {
         let value = value & mask_of(size);
         self.refresh();
         let shared = self.asp.shared();
-        if let Some((pos, off)) = self.plain_write.and_then(|p| Some((p.pos, p.offset_of(addr, size)?))) {
-            if let Some((mr, ops)) = self.view.get(pos).and_then(|fr| io_ops(fr).map(|ops| (fr.region(), ops))) {
-                return plain_write(shared, mr, ops, off, value, size);
-            }
+        if let Some((mr, ops, off)) = self.repeat(self.plain_write, addr, size) {
+            return plain_write(shared, mr, ops, off, value, size);
         }
-        if let Some((pos, off)) = self.single_io(addr, size, true) {
-            if let Some(fr) = self.view.get(pos) {
-                self.plain_write = remember_plain(fr, pos, off, size);
-                return region_write(shared, fr.region(), off, value, size);
-            }
+        if let Some((pos, fr, off)) = self.single_io(addr, size, true) {
+            let memo = remember_plain(fr, pos, off, size);
+            let r = region_write(shared, fr.region(), off, value, size);
+            self.plain_write = memo;
+            return r;
         }
         self.write_u64(addr, value, size)
     }
@@ -226,28 +224,36 @@ impl Accessor {
     pub fn read_value(&mut self, addr: HwAddr, size: u32) -> (u64, MemTxResult) {
         self.refresh();
         let shared = self.asp.shared();
-        if let Some((pos, off)) = self.plain_read.and_then(|p| Some((p.pos, p.offset_of(addr, size)?))) {
-            if let Some((mr, ops)) = self.view.get(pos).and_then(|fr| io_ops(fr).map(|ops| (fr.region(), ops))) {
-                return plain_read(shared, mr, ops, off, size);
-            }
+        if let Some((mr, ops, off)) = self.repeat(self.plain_read, addr, size) {
+            return plain_read(shared, mr, ops, off, size);
         }
-        if let Some((pos, off)) = self.single_io(addr, size, false) {
-            if let Some(fr) = self.view.get(pos) {
-                self.plain_read = remember_plain(fr, pos, off, size);
-                // A read rounded up to a wider device access brings more
-                // bytes than asked for.
-                let (v, r) = region_read(shared, fr.region(), off, size);
-                return (v & mask_of(size), r);
-            }
+        if let Some((pos, fr, off)) = self.single_io(addr, size, false) {
+            let memo = remember_plain(fr, pos, off, size);
+            // A read rounded up to a wider device access brings more bytes
+            // than asked for.
+            let (v, r) = region_read(shared, fr.region(), off, size);
+            self.plain_read = memo;
+            return (v & mask_of(size), r);
         }
         self.read_u64(addr, size)
     }
 
-    /// The cached range's position and the offset of `addr` in its region,
-    /// if that range is I/O (not read or written directly) and takes the
-    /// `size`-byte access at `addr` whole, in one device access.
+    /// The region, its ops and the region offset of a `size`-byte access at
+    /// `addr`, if it repeats the remembered plain access `memo`.
     #[inline]
-    fn single_io(&self, addr: HwAddr, size: u32, write: bool) -> Option<(Pos, HwAddr)> {
+    fn repeat(&self, memo: Option<PlainIo>, addr: HwAddr, size: u32) -> Option<(&MemoryRegion, &RegionOps, HwAddr)> {
+        let memo = memo?;
+        let off = memo.offset_of(addr, size)?;
+        let fr = self.view.get(memo.pos)?;
+        Some((fr.region(), io_ops(fr)?, off))
+    }
+
+    /// The cached range (its position and itself) and the offset of `addr`
+    /// in its region, if that range is I/O (not read or written directly)
+    /// and takes the `size`-byte access at `addr` whole, in one device
+    /// access.
+    #[inline]
+    fn single_io(&self, addr: HwAddr, size: u32, write: bool) -> Option<(Pos, &FlatRange, HwAddr)> {
         if !matches!(size, 1 | 2 | 4 | 8) {
             return None;
         }
@@ -262,7 +268,7 @@ impl Accessor {
         }
         let off = fr.offset_in_region() + (addr - fr.start());
         match io_ops(fr) {
-            Some(ops) if ops.access_size(u64::from(size), off) == size => Some((pos, off)),
+            Some(ops) if ops.access_size(u64::from(size), off) == size => Some((pos, fr, off)),
             _ => None,
         }
     }

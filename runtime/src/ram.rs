@@ -1,8 +1,10 @@
 //! Host memory behind RAM regions, and their dirty bitmaps.
 //!
-//! This module holds the runtime's `unsafe`: guest RAM is memory shared with
-//! the guest and with every vCPU thread, so it is only ever touched through
-//! atomic accesses, never through Rust references to its bytes.
+//! This module holds the runtime's `unsafe` accesses to guest memory (the
+//! one other caller of its copies is `RamPage::load`/`store` in
+//! `translate.rs`, for one page): guest RAM is memory shared with the guest
+//! and with every vCPU thread, so it is only ever touched through atomic
+//! accesses, never through Rust references to its bytes.
 //!
 //! The memory model of guest RAM these copies implement is documented in
 //! [`docs`](crate::docs#guest-ram).
