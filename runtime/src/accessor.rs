@@ -103,11 +103,22 @@ impl Accessor {
     }
 
     /// Whether the cached view is still the address space's (one load).
-    /// Anything derived from it — a software TLB filled by
-    /// [`translate`](Self::translate) — is valid exactly while this holds.
+    /// Every access through the accessor makes it so again (it loads the
+    /// newest view first), so this says nothing about what was derived from
+    /// an older view: check that with [`is_at`](Self::is_at).
     #[inline]
     pub fn is_current(&self) -> bool {
         self.asp.generation() == self.gen
+    }
+
+    /// Whether the view published at `generation` is still the address
+    /// space's (one load). Anything derived from that view — a software TLB
+    /// filled by [`translate`](Self::translate), which records it as
+    /// [`PageTranslation::generation`](crate::PageTranslation::generation) —
+    /// is valid exactly while this holds.
+    #[inline]
+    pub fn is_at(&self, generation: u64) -> bool {
+        self.asp.generation() == generation
     }
 
     /// The address space's publication generation of the cached view

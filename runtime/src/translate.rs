@@ -160,11 +160,14 @@ impl Accessor {
     /// assert_eq!(t.page(), 0x2000);
     /// let PageTarget::Ram(page) = t.target() else { panic!("RAM expected") };
     /// assert!(page.is_writable());
-    /// // A TLB keeps `page` while the accessor's view is current...
-    /// assert!(acc.is_current());
-    /// // ...and flushes when a commit publishes a new one.
+    /// // A TLB keeps `page` while the view it came from is published...
+    /// assert!(acc.is_at(t.generation()));
+    /// // ...and flushes when a commit publishes a new one, also once an
+    /// // access through the accessor has moved it to the new view.
     /// s.system.add_subregion(0x100000, &topo.new_ram("more", 0x1000)?)?;
-    /// assert!(!acc.is_current());
+    /// assert!(!acc.is_at(t.generation()));
+    /// acc.read_u64(0x2345, 4);
+    /// assert!(acc.is_current() && !acc.is_at(t.generation()));
     /// # Ok(()) }
     /// ```
     pub fn translate(&mut self, addr: HwAddr) -> PageTranslation {

@@ -66,23 +66,27 @@ fn translate_classifies_pages_and_gives_host_pointers_into_ram() {
 }
 
 #[test]
-fn a_cached_translation_is_valid_exactly_while_the_accessor_is_current() {
+fn a_cached_translation_is_valid_exactly_while_its_view_is_published() {
     let (topo, s, ram) = board();
     let mut acc = s.memory.accessor();
     let t = acc.translate(0x1000);
     assert!(acc.is_current());
+    assert!(acc.is_at(t.generation()));
     // An unrelated commit that does not change "memory" keeps it valid.
     s.io.add_subregion(0x80, &topo.new_ram("p80", 1).unwrap()).unwrap();
     assert!(acc.is_current());
+    assert!(acc.is_at(t.generation()));
     // Moving the RAM invalidates it; the page survives as long as the
     // translation holds the region, wherever it is mapped now.
     s.system.del_subregion(&ram).unwrap();
     assert!(!acc.is_current());
+    assert!(!acc.is_at(t.generation()));
     let PageTarget::Ram(page) = t.target() else { panic!() };
     page.note_write(0, 1);
     assert!(matches!(acc.translate(0x1000).target(), PageTarget::Unassigned));
     assert!(acc.is_current(), "translate refreshed the accessor");
     assert_ne!(acc.generation(), t.generation());
+    assert!(!acc.is_at(t.generation()), "the old translation stays stale");
 }
 
 #[test]

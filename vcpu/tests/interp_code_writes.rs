@@ -133,3 +133,62 @@ fn invlpg_and_cr3_loads_drop_stale_translations() {
     assert_eq!(run_from(&mut cpu, 0x6200), Exit::Halted);
     assert_eq!(cpu.state().gpr[0], 0xaaaa_aaaa);
 }
+
+/// A device whose first read maps `over` at 0x5000 (a commit made while
+/// the vCPU is inside a block).
+struct Remapper(std::sync::Mutex<Option<(topos_runtime::MemoryRegion, topos_runtime::MemoryRegion)>>);
+
+impl topos_runtime::MemoryRegionOps for Remapper {
+    fn read(&self, _addr: u64, _size: u32) -> u64 {
+        if let Some((system, over)) = self.0.lock().unwrap().take() {
+            system.add_subregion_overlap(0x5000, &over, 1).unwrap();
+        }
+        0
+    }
+    fn write(&self, _addr: u64, _value: u64, _size: u32) {}
+}
+
+#[test]
+fn the_tlb_follows_a_view_change_that_a_later_device_access_loaded_first() {
+    // Within one run: the TLB takes 0x5000 → RAM; a device read maps
+    // another region there; a second device read brings the vCPU's memory
+    // path up to the new view; the next block must still see that the TLB
+    // was filled from the old one.
+    let (topo, s) = machine();
+    load(&s, 0x5000, &0x1111_1111u32.to_le_bytes());
+    let over = topo.new_ram("over", 0x1000).unwrap();
+    let dev = Remapper(std::sync::Mutex::new(Some((s.system.clone(), over))));
+    let dev = topo.new_io("remapper", dev, topos_runtime::OpsConfig::default(), 0x1000).unwrap();
+    s.system.add_subregion(0x50_0000, &dev).unwrap();
+    // mov eax, [0x5000]; mov ebx, [0x500000]; mov ebx, [0x500000];
+    // jmp 0x7100
+    let code = [0xa1, 0, 0x50, 0, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0xe9, 0xea, 0, 0, 0];
+    load(&s, 0x7000, &code);
+    // mov eax, [0x5000]; hlt
+    load(&s, 0x7100, &[0xa1, 0, 0x50, 0, 0, 0xf4]);
+    let mut cpu = Cpu::new(&s.memory, &s.io_space);
+    cpu.state_mut().enter_flat32(0x7000);
+    assert_eq!(cpu.run(100), Exit::Halted);
+    assert_eq!(cpu.state().gpr[0], 0, "the page maps the (zeroed) region the device mapped");
+}
+
+#[test]
+fn a_self_looping_block_follows_a_view_change_that_a_device_access_loaded() {
+    // As above, in a loop that runs until it sees the new region: the
+    // block runs again without a look-up, which must not skip the check.
+    let (topo, s) = machine();
+    load(&s, 0x5000, &0x1111_1111u32.to_le_bytes());
+    let over = topo.new_ram("over", 0x1000).unwrap();
+    let dev = Remapper(std::sync::Mutex::new(Some((s.system.clone(), over))));
+    let dev = topo.new_io("remapper", dev, topos_runtime::OpsConfig::default(), 0x1000).unwrap();
+    s.system.add_subregion(0x50_0000, &dev).unwrap();
+    // 0x7000: mov eax, [0x5000]; mov ebx, [0x500000]; mov ebx, [0x500000];
+    // test eax, eax; jnz 0x7000; hlt
+    let code =
+        [0xa1, 0, 0x50, 0, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0x85, 0xc0, 0x75, 0xeb, 0xf4];
+    load(&s, 0x7000, &code);
+    let mut cpu = Cpu::new(&s.memory, &s.io_space);
+    cpu.state_mut().enter_flat32(0x7000);
+    assert_eq!(cpu.run(1000), Exit::Halted, "the loop saw the new region");
+    assert_eq!(cpu.state().gpr[0], 0);
+}

@@ -7,7 +7,7 @@
 //! index, a compare and one atomic load or store into guest RAM — no lock,
 //! no allocation. Entries are valid for one view generation of the memory
 //! address space: the run loop compares it once per block
-//! ([`Accessor::is_current`](topos_runtime::Accessor::is_current)) and
+//! ([`Accessor::is_at`](topos_runtime::Accessor::is_at)) and
 //! flushes on a change, as it does on CR0/CR3/CR4 writes and `invlpg`.
 
 use super::apic::Apic;
@@ -194,10 +194,18 @@ impl Core {
         }
     }
 
+    /// Whether the memory view the TLB was filled from is still the
+    /// published one (not whether the memory accessor's is: any device
+    /// access loads the newest view into it).
+    #[inline]
+    pub(crate) fn tlb_is_current(&self) -> bool {
+        self.io.memory_ref().is_at(self.tlb_generation)
+    }
+
     /// Flushes the TLB if the memory view changed since it was filled.
     #[inline]
     pub(crate) fn revalidate(&mut self) {
-        if !self.io.memory().is_current() {
+        if !self.tlb_is_current() {
             self.io.memory().refresh();
             self.tlb_generation = self.io.memory().generation();
             self.flush_tlb();

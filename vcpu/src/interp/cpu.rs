@@ -220,7 +220,7 @@ impl Cpu {
                 // What the APIC posts also kicks the vCPU (its waker), so
                 // the APIC itself is asked every few runs only.
                 || (runs % APIC_POLL_RUNS == 0 && core.apic.as_ref().is_some_and(|a| a.attention()))
-                || !core.io.memory_ref().is_current()
+                || !core.tlb_is_current()
                 || cache.code_written()
             {
                 return Ok(());
