@@ -21,6 +21,24 @@ use std::time::{Duration, Instant};
 /// `min_timer_period_us`, 200 µs): a guest cannot make the host spin.
 pub(crate) const MIN_PERIOD_NS: u64 = 200_000;
 
+/// The period of a periodic `timer` that counts down `span` ns: at least
+/// [`MIN_PERIOD_NS`].
+pub(crate) fn period_of(span: u64, timer: &'static str) -> u64 {
+    if span < MIN_PERIOD_NS {
+        tracing::debug!(timer, span, "periodic timer clamped to 200 µs");
+        MIN_PERIOD_NS
+    } else {
+        span
+    }
+}
+
+/// The first time after `now` on the grid `deadline + k × period` (k ≥ 1)
+/// of a periodic timer that expired at `deadline`: periods the host missed
+/// are skipped, not made up.
+pub(crate) fn next_period(deadline: u64, now: u64, period: u64) -> u64 {
+    deadline + ((now - deadline) / period + 1) * period
+}
+
 /// The deadline thread's name.
 const THREAD_NAME: &str = "topos-irqchip-clock";
 

@@ -1,7 +1,7 @@
 //! The local APIC of one vCPU: [`LocalApic`] (its documentation describes
 //! the model and the posting protocol) and its shared half.
 
-use super::clock::MIN_PERIOD_NS;
+use super::clock::{next_period, period_of};
 use super::routing::{DeliveryMode, Destination, Message};
 use super::{Irqchip, Waker};
 use crate::sync::{fence, Arc, AtomicBool, AtomicU32, Mutex, Ordering};
@@ -85,17 +85,13 @@ pub(crate) struct ApicTimer {
     initial: u32,
     /// The divide configuration register (bits 0, 1, 3).
     divide: u32,
-    /// When the current period started.
-    start: u64,
-    /// The period (or the one-shot span), in ns.
-    period: u64,
     /// When it next expires; `None` when stopped or a one-shot ran out.
     deadline: Option<u64>,
 }
 
 impl ApicTimer {
     fn new() -> ApicTimer {
-        ApicTimer { lvt: MASKED, initial: 0, divide: 0, start: 0, period: 0, deadline: None }
+        ApicTimer { lvt: MASKED, initial: 0, divide: 0, deadline: None }
     }
 
     /// Bus clocks per timer tick (1, 2, 4, ... 128).
@@ -111,9 +107,8 @@ impl ApicTimer {
     /// The span of one count-down, in ns (at least 200 µs when periodic).
     fn span(&self) -> u64 {
         let span = u64::from(self.initial) * self.divisor();
-        if self.periodic() && span < MIN_PERIOD_NS {
-            tracing::debug!(initial = self.initial, "local APIC: periodic timer clamped to 200 µs");
-            MIN_PERIOD_NS
+        if self.periodic() {
+            period_of(span, "local APIC")
         } else {
             span
         }
@@ -122,13 +117,7 @@ impl ApicTimer {
     /// The guest wrote the initial count: counting restarts now.
     fn set_initial(&mut self, count: u32, now: u64) {
         self.initial = count;
-        self.start = now;
-        if count == 0 {
-            self.deadline = None;
-        } else {
-            self.period = self.span();
-            self.deadline = Some(now + self.period);
-        }
+        self.deadline = (count != 0).then(|| now + self.span());
     }
 
     /// The guest wrote the divide configuration: the count left is kept
@@ -138,9 +127,7 @@ impl ApicTimer {
         self.divide = value & 0xb;
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_sub(now) / old * self.divisor();
-            self.period = self.span();
             self.deadline = Some(now + left);
-            self.start = (now + left).saturating_sub(self.period);
         }
     }
 
@@ -158,11 +145,7 @@ impl ApicTimer {
         match self.deadline {
             Some(deadline) if deadline <= now => {
                 if self.periodic() && self.initial != 0 {
-                    let period = self.span();
-                    self.period = period;
-                    let periods = (now - deadline) / period + 1;
-                    self.start = deadline + (periods - 1) * period;
-                    self.deadline = Some(deadline + periods * period);
+                    self.deadline = Some(next_period(deadline, now, self.span()));
                 } else {
                     self.deadline = None;
                 }
@@ -498,7 +481,6 @@ impl LocalApic {
         if self.is_bsp() {
             self.lvt[LVT_LINT0] = LINT0_EXTINT;
         }
-        let now = self.chip.shared.clock.now();
         let sh = &self.chip.shared.lapics[self.cpu as usize];
         for w in 0..8 {
             sh.irr[w].store(0, Ordering::Relaxed);
@@ -513,7 +495,6 @@ impl LocalApic {
         {
             let mut timer = sh.timer.lock();
             *timer = ApicTimer::new();
-            timer.start = now;
             self.chip.shared.arm(self.cpu as usize, None);
         }
     }

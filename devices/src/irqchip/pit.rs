@@ -29,7 +29,7 @@
 //!   and KVM; the datasheet has modes 2 and 3 take it at the next reload);
 //! * channel 0 drives ISA IRQ 0 with one pulse per expiry, as KVM's PIT
 //!   does: once at terminal count in modes 0, 1 and 4, every period in
-//!   modes 2 and 3 (a period is at least [`MIN_PERIOD_NS`], KVM's
+//!   modes 2 and 3 (a period is at least [`MIN_PERIOD_NS`](super::clock::MIN_PERIOD_NS), KVM's
 //!   `min_timer_period_us`, so a guest cannot make the host spin; expiries
 //!   the host missed are not made up for). As on KVM, channel 0 gives no
 //!   interrupt until a count is written to it after reset.
@@ -37,7 +37,7 @@
 /// The PIT's input clock, in Hz.
 pub(crate) const PIT_HZ: u64 = 1_193_182;
 
-use super::clock::MIN_PERIOD_NS;
+use super::clock::{next_period, period_of};
 
 const NS_PER_S: u128 = 1_000_000_000;
 
@@ -221,7 +221,7 @@ impl Pit {
     pub(crate) fn expire(&mut self, now: u64) -> bool {
         match self.next_irq {
             Some(at) if at <= now => {
-                self.next_irq = self.period.map(|p| at + ((now - at) / p + 1) * p);
+                self.next_irq = self.period.map(|p| next_period(at, now, p));
                 true
             }
             _ => false,
@@ -236,12 +236,7 @@ impl Pit {
         (self.next_irq, self.period) = match c.mode {
             0 | 1 | 4 => (Some(c.load + span), None),
             2 | 3 => {
-                let period = if span < MIN_PERIOD_NS {
-                    tracing::debug!(count = c.count, "8254: channel 0 period clamped to 200 µs");
-                    MIN_PERIOD_NS
-                } else {
-                    span
-                };
+                let period = period_of(span, "8254 channel 0");
                 (Some(c.load + period), Some(period))
             }
             _ => (None, None),
@@ -352,6 +347,7 @@ impl Pit {
 
 #[cfg(test)]
 mod tests {
+    use super::super::clock::MIN_PERIOD_NS;
     use super::*;
 
     const MS: u64 = 1_000_000;
