@@ -307,16 +307,22 @@ impl LapicShared {
 
     /// The highest vector in the IRR.
     fn highest_irr(&self) -> Option<u8> {
-        (0..8).rev().find_map(|w| {
-            let bits = self.irr[w].load(Ordering::Acquire);
-            (bits != 0).then(|| (w * 32 + 31 - bits.leading_zeros() as usize) as u8)
-        })
+        highest_by(|w| self.irr[w].load(Ordering::Acquire))
     }
 }
 
 /// The highest bit set in a 256-bit register.
 fn highest(bits: &[u32; 8]) -> Option<u8> {
-    (0..8).rev().find_map(|w| (bits[w] != 0).then(|| (w * 32 + 31 - bits[w].leading_zeros() as usize) as u8))
+    highest_by(|w| bits[w])
+}
+
+/// The highest bit set in a 256-bit register whose 32-bit words `word`
+/// reads (from the top, stopping at the first word with a bit set).
+fn highest_by(word: impl Fn(usize) -> u32) -> Option<u8> {
+    (0..8).rev().find_map(|w| {
+        let bits = word(w);
+        (bits != 0).then(|| (w * 32 + 31 - bits.leading_zeros() as usize) as u8)
+    })
 }
 
 /// The vCPU-owned half of a local APIC (xAPIC, memory-mapped; no x2APIC).
