@@ -697,3 +697,29 @@ fn the_queue_of_scripted_exits_is_played_in_order() {
     assert_eq!(wait_bounded(vm), StopReason::Shutdown { vcpu: 0 });
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
+
+// ----- machines on the interpreter -----------------------------------------------------------
+
+#[test]
+fn an_interpreter_machine_whose_vcpus_all_halted_for_good_stops_by_itself() {
+    // The BSP halts with interrupts off, the AP waits for a SIPI that never
+    // comes: `Machine::run` must return at once, with no halt polling (it
+    // polls only on KVM).
+    use topos_devices::uart::SerialSink;
+    use topos_vcpu::board::PcConfig;
+    use topos_vcpu::machine::{Accel, Machine};
+    let config = PcConfig {
+        ram_size: 16 << 20,
+        cpus: 2,
+        bios: bios_at_reset(&[0xfa, 0xf4]), // cli; hlt
+        devices: Vec::new(),
+        serial: SerialSink::Null,
+        kernel: None,
+        bios_in_flash: false,
+    };
+    let machine = Machine::new(config, Accel::Interp).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(machine.run().map_err(|e| e.to_string())));
+    let reason = rx.recv_timeout(WATCHDOG).expect("Machine::run did not return").unwrap();
+    assert!(matches!(reason, StopReason::AllHalted), "{reason:?}");
+}
