@@ -62,6 +62,12 @@ pub const VIRTIO_DOORBELL_BASE: u64 = 0xfe00_1000;
 /// Where a `--device pflash` (a second flash) ends: 16 MiB below 4 GiB,
 /// clear of any BIOS image (at most 16 MiB).
 pub const PFLASH_DEVICE_END: u64 = 0xff00_0000;
+/// The erase block size of a `--device pflash`.
+pub const PFLASH_DEVICE_BLOCK_SIZE: u64 = 0x10000;
+/// The erase blocks of a `--device pflash`.
+pub const PFLASH_DEVICE_BLOCKS: u32 = 16;
+/// The size of a `--device pflash` (1 MiB).
+pub const PFLASH_DEVICE_SIZE: u64 = PFLASH_DEVICE_BLOCKS as u64 * PFLASH_DEVICE_BLOCK_SIZE;
 
 /// A device model the board can plug (`--device`): `edu` as a PCI function
 /// (slots from [`FIRST_DEVICE_SLOT`]), the others at fixed addresses.
@@ -318,7 +324,11 @@ impl PcBoard {
                     }
                     PciModel::Pflash => {
                         once(&mut flash, "pflash")?;
-                        let geometry = PflashConfig { block_size: 0x10000, num_blocks: 16, ..Default::default() };
+                        let geometry = PflashConfig {
+                            block_size: PFLASH_DEVICE_BLOCK_SIZE,
+                            num_blocks: PFLASH_DEVICE_BLOCKS,
+                            ..Default::default()
+                        };
                         let size = geometry.size();
                         let p =
                             PflashCfi01::plug(PflashImage { config: geometry, content: Vec::new() }, ctx("pflash1"))?;

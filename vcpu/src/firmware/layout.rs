@@ -181,7 +181,9 @@ pub const VIRTQ_DEVICE: u32 = 0x3_4000;
 /// Where topos's board puts the `--device pflash` CFI flash (1 MiB ending
 /// at [`PFLASH_DEVICE_END`](crate::board::PFLASH_DEVICE_END)). Nothing
 /// decodes it on QEMU's `pc`.
-pub const PFLASH: u32 = (crate::board::PFLASH_DEVICE_END - (1 << 20)) as u32;
+pub const PFLASH: u32 = (crate::board::PFLASH_DEVICE_END
+    - crate::board::PFLASH_DEVICE_BLOCKS as u64 * crate::board::PFLASH_DEVICE_BLOCK_SIZE)
+    as u32;
 /// The framebuffer's video RAM on topos's board.
 pub const FRAMEBUFFER_VRAM: u32 = crate::board::FRAMEBUFFER_VRAM_BASE as u32;
 /// The framebuffer's registers on topos's board.

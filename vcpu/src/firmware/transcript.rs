@@ -256,9 +256,9 @@ impl Machine {
 }
 
 /// Size of topos's `--device pflash` in KiB.
-pub const PFLASH_SIZE_KIB: u32 = 1024;
+pub const PFLASH_SIZE_KIB: u32 = (crate::board::PFLASH_DEVICE_SIZE >> 10) as u32;
 /// Erase blocks of topos's `--device pflash`.
-pub const PFLASH_BLOCKS: u32 = 16;
+pub const PFLASH_BLOCKS: u32 = crate::board::PFLASH_DEVICE_BLOCKS;
 /// Video RAM of topos's `--device framebuffer` in KiB.
 pub const FRAMEBUFFER_VRAM_KIB: u64 = crate::board::FRAMEBUFFER_VRAM_SIZE >> 10;
 /// Device id of topos's `--device virtio-doorbell` (a block device).
