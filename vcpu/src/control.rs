@@ -99,11 +99,6 @@ impl HaltGroup {
         Arc::new(HaltGroup { count: Mutex::new(GroupCount { total, dead: 0 }) })
     }
 
-    /// How many of its vCPUs are in a dead halt now.
-    pub fn dead(&self) -> usize {
-        self.count.lock().dead
-    }
-
     /// Counts one more dead halt; true if now every vCPU is in one.
     fn add(&self) -> bool {
         let mut c = self.count.lock();

@@ -352,8 +352,7 @@ impl Vm {
     /// asked and the answer is `false`; a vCPU paused through its
     /// [`VcpuHandle`] cannot answer, which makes it `false` too.
     pub fn check_halted(&self) -> bool {
-        let answers = self.probe(true);
-        !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead))
+        all_dead(&self.probe(true))
     }
 
     /// Each vCPU's [`Liveness`], asked as in
@@ -390,8 +389,7 @@ impl Vm {
             })
             .collect();
         tracing::debug!(?answers, "vCPU liveness");
-        let dead = !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead));
-        if dead && stop_if_dead {
+        if stop_if_dead && all_dead(&answers) {
             self.latch.stop(StopReason::AllHalted);
         } else {
             for (v, a) in self.vcpus.iter().zip(&answers) {
@@ -567,4 +565,9 @@ fn run_vcpu(
             }
         }
     }
+}
+
+/// Whether every vCPU answered, and answered that it is halted for good.
+fn all_dead(answers: &[Option<Liveness>]) -> bool {
+    !answers.is_empty() && answers.iter().all(|a| *a == Some(Liveness::Dead))
 }

@@ -43,7 +43,7 @@ fn emit_bsp(a: &mut Asm) -> Result<()> {
 }
 
 /// Places `part` at `offset`, failing if it overruns `end`.
-fn place(image: &mut [u8], part: &'static str, bytes: &[u8], offset: usize, end: usize) -> Result<()> {
+pub(super) fn place(image: &mut [u8], part: &'static str, bytes: &[u8], offset: usize, end: usize) -> Result<()> {
     let max = end - offset;
     if bytes.len() > max {
         return Err(FirmwareError::TooLarge { part, size: bytes.len(), max });

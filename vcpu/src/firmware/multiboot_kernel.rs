@@ -117,7 +117,7 @@
 use iced_x86::code_asm::*;
 
 use super::asm::Asm;
-use super::error::{FirmwareError, Result};
+use super::error::Result;
 use super::transcript::{self, ExpectedLine};
 use super::{console, exit, fw_cfg};
 
@@ -416,18 +416,14 @@ fn elf_headers(file_len: u32) -> Vec<u8> {
     h
 }
 
-/// Copies `bytes` to `offset` of `image`, failing if they would overrun
-/// `end`.
+/// Copies `bytes` to `offset` of `image`, growing it as needed, failing if
+/// they would overrun `end`.
 fn place(image: &mut Vec<u8>, part: &'static str, bytes: &[u8], offset: u32, end: u32) -> Result<()> {
     let (offset, end) = (offset as usize, end as usize);
-    if bytes.len() > end - offset {
-        return Err(FirmwareError::TooLarge { part, size: bytes.len(), max: end - offset });
-    }
     if image.len() < offset + bytes.len() {
         image.resize(offset + bytes.len(), 0);
     }
-    image[offset..offset + bytes.len()].copy_from_slice(bytes);
-    Ok(())
+    super::image::place(image, part, bytes, offset, end)
 }
 
 /// Assembles the kernel file in `format`.
