@@ -32,9 +32,6 @@ impl Apic for StartupsOnly {
     fn take_interrupt(&mut self) -> Option<u8> {
         None
     }
-    fn interrupt_pending(&self) -> bool {
-        false
-    }
     fn take_nmi(&mut self) -> bool {
         false
     }

@@ -32,8 +32,6 @@ pub trait Apic: Send {
     /// Acknowledges and returns the highest-priority deliverable maskable
     /// interrupt (called with IF set and no interrupt shadow).
     fn take_interrupt(&mut self) -> Option<u8>;
-    /// Whether a maskable interrupt would be delivered if IF were set.
-    fn interrupt_pending(&self) -> bool;
     /// Takes a pending NMI.
     fn take_nmi(&mut self) -> bool;
     /// Takes a pending INIT or SIPI.
@@ -67,9 +65,6 @@ impl Apic for topos_devices::irqchip::LocalApic {
     }
     fn take_interrupt(&mut self) -> Option<u8> {
         topos_devices::irqchip::LocalApic::take_interrupt(self)
-    }
-    fn interrupt_pending(&self) -> bool {
-        topos_devices::irqchip::LocalApic::interrupt_pending(self)
     }
     fn take_nmi(&mut self) -> bool {
         topos_devices::irqchip::LocalApic::take_nmi(self)
