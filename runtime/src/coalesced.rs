@@ -131,12 +131,13 @@ impl MemoryRegion {
     }
 }
 
-/// The part of coalesced range `(off, size)` of `fr`'s region that `fr`
-/// shows, in address-space coordinates.
-fn coalesced_piece(fr: &FlatRange, off: HwAddr, size: u128) -> Option<(HwAddr, u64)> {
-    let shift = fr.start() as i128 - fr.offset_in_region() as i128;
-    let s = (off as i128 + shift).max(fr.start() as i128);
-    let e = (off as i128 + size as i128 + shift).min(fr.end() as i128);
+/// The part of coalesced range `(off, size)` of a region that a window onto
+/// it shows — region offset `offset_in_region` at address `start`, up to
+/// address `end` (exclusive) — in address-space coordinates.
+fn coalesced_piece(start: HwAddr, offset_in_region: u64, end: u128, off: HwAddr, size: u128) -> Option<(HwAddr, u64)> {
+    let shift = start as i128 - offset_in_region as i128;
+    let s = (off as i128 + shift).max(start as i128);
+    let e = (off as i128 + size as i128 + shift).min(end as i128);
     (s < e).then(|| (s as u64, (e - s) as u64))
 }
 
@@ -144,9 +145,23 @@ fn coalesced_piece(fr: &FlatRange, off: HwAddr, size: u128) -> Option<(HwAddr, u
 /// to what `fr` shows.
 pub(crate) fn for_coalesced(fr: &FlatRange, mut f: impl FnMut(HwAddr, u64)) {
     for (off, size) in fr.region().coalescing().ranges() {
-        if let Some((s, l)) = coalesced_piece(fr, off, size) {
+        if let Some((s, l)) = coalesced_piece(fr.start(), fr.offset_in_region(), fr.end(), off, size) {
             f(s, l);
         }
+    }
+}
+
+impl MemoryRegionSection {
+    /// The coalesced ranges of the section's region that the section shows,
+    /// as (address, length) in the address space.
+    pub fn coalesced_ranges(&self) -> Vec<(HwAddr, u64)> {
+        let Some(mr) = &self.mr else { return Vec::new() };
+        let (start, end) = (self.offset_within_address_space, u128::from(self.offset_within_address_space) + self.size);
+        let ranges = mr.coalescing().ranges();
+        ranges
+            .into_iter()
+            .filter_map(|(off, size)| coalesced_piece(start, self.offset_within_region, end, off, size))
+            .collect()
     }
 }
 
@@ -163,7 +178,7 @@ pub(crate) fn report_changes(changes: &[CoalescedChange], ases: &[AddressSpace],
         for asp in ases {
             let view = asp.view();
             for fr in view.iter().filter(|fr| *fr.region() == ch.region) {
-                if let Some((s, l)) = coalesced_piece(fr, ch.offset, ch.size) {
+                if let Some((s, l)) = coalesced_piece(fr.start(), fr.offset_in_region(), fr.end(), ch.offset, ch.size) {
                     let sec = MemoryRegionSection::from_range(fr, asp);
                     if ch.add {
                         ls.each_forward_for(asp.id(), "coalesced_mmio_add", |x| x.coalesced_mmio_add(&sec, s, l));

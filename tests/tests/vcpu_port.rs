@@ -90,6 +90,29 @@ fn a_cached_translation_is_valid_exactly_while_its_view_is_published() {
 }
 
 #[test]
+fn an_mmio_pages_section_gives_the_coalesced_ranges_it_shows() {
+    // A 12 KiB device at 0x40000 whose bytes 0x800..0x1800 and 0x2ffc..
+    // 0x3000 are coalesced: each page's section shows its own part.
+    let topo = Topology::new();
+    let s = topo.standard_spaces().unwrap();
+    let dev = topo.new_io("dev", Answer(0), OpsConfig::default(), 0x3000).unwrap();
+    dev.add_coalescing(0x800, 0x1000).unwrap();
+    dev.add_coalescing(0x2ffc, 4).unwrap();
+    s.system.add_subregion(0x40000, &dev).unwrap();
+    let mut acc = s.memory.accessor();
+    let ranges = |acc: &mut topos_runtime::Accessor, page: u64| match acc.translate(page).target() {
+        PageTarget::Mmio(section) => section.coalesced_ranges(),
+        _ => panic!("MMIO expected at {page:#x}"),
+    };
+    assert_eq!(ranges(&mut acc, 0x40000), vec![(0x40800, 0x800)]);
+    assert_eq!(ranges(&mut acc, 0x41000), vec![(0x41000, 0x800)]);
+    assert_eq!(ranges(&mut acc, 0x42000), vec![(0x42ffc, 4)]);
+    let plain = topo.new_io("plain", Answer(0), OpsConfig::default(), 0x1000).unwrap();
+    s.system.add_subregion(0x50000, &plain).unwrap();
+    assert!(ranges(&mut acc, 0x50000).is_empty());
+}
+
+#[test]
 fn writes_through_a_translation_are_dirty_logged() {
     let (_topo, s, ram) = board();
     ram.set_log(true, DirtyClient::Vga).unwrap();

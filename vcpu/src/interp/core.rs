@@ -237,7 +237,7 @@ impl Core {
                 PageTarget::Ram(p) => Target::Ram(p.clone()),
                 PageTarget::Mmio(section) => {
                     if self.coalesced.is_some() {
-                        coalesced = coalesced_ranges(section, page);
+                        coalesced = coalesced_ranges(section);
                     }
                     Target::Mmio(page)
                 }
@@ -667,24 +667,10 @@ impl Core {
     }
 }
 
-/// The coalesced ranges of an MMIO page's region that fall in the page,
-/// as physical ranges (end exclusive).
-fn coalesced_ranges(section: &MemoryRegionSection, page: u64) -> Option<Arc<[(u64, u64)]>> {
-    let mr = section.mr.as_ref()?;
-    let ranges = mr.coalesced_ranges();
-    if ranges.is_empty() {
-        return None;
-    }
-    let start = section.offset_within_region;
-    let phys_of = |off: u64| section.offset_within_address_space.wrapping_add(off.wrapping_sub(start));
-    let page_end = page + 0x1000;
-    let out: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter_map(|&(off, size)| {
-            let s = phys_of(off).max(page);
-            let e = (u128::from(phys_of(off)) + size).min(u128::from(page_end)) as u64;
-            (s < e).then_some((s, e))
-        })
-        .collect();
+/// The coalesced ranges of an MMIO page's region that fall in the page
+/// (the section `translate` gives for it), as physical ranges (end
+/// exclusive).
+fn coalesced_ranges(section: &MemoryRegionSection) -> Option<Arc<[(u64, u64)]>> {
+    let out: Vec<(u64, u64)> = section.coalesced_ranges().into_iter().map(|(s, len)| (s, s + len)).collect();
     (!out.is_empty()).then(|| out.into())
 }
