@@ -122,6 +122,24 @@ impl LazyFlags {
         self.res = res;
     }
 
+    /// Replaces the arithmetic flags: ZF, SF and PF from the `bits`-wide
+    /// `res`, the others (CF, AF, OF) as given in `others`.
+    #[inline]
+    pub(crate) fn set_result(&mut self, bits: u8, res: u32, others: u32) {
+        let res = res & mask(bits);
+        let mut f = (self.get() & !ARITH) | others;
+        if res == 0 {
+            f |= ZF;
+        }
+        if (res >> (bits - 1)) & 1 != 0 {
+            f |= SF;
+        }
+        if parity(res) {
+            f |= PF;
+        }
+        self.set(f);
+    }
+
     /// Sets a non-arithmetic bit (IF, DF, TF...) or clears it.
     #[inline]
     pub(crate) fn set_bit(&mut self, bit: u32, on: bool) {

@@ -3,29 +3,13 @@
 use super::{ea, get_reg, set_reg, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{de, Event, Step};
-use crate::interp::flags::parity;
 use crate::interp::state::flag;
 use iced_x86::Register;
 
 /// SF, ZF and PF of `al`, with CF and AF given; OF cleared.
 fn szp(c: &mut Core, al: u32, cf: bool, af: bool) {
-    let mut f = c.s.flags.get() & !flag::ARITH;
-    if cf {
-        f |= flag::CF;
-    }
-    if af {
-        f |= flag::AF;
-    }
-    if al & 0xff == 0 {
-        f |= flag::ZF;
-    }
-    if al & 0x80 != 0 {
-        f |= flag::SF;
-    }
-    if parity(al) {
-        f |= flag::PF;
-    }
-    c.s.flags.set(f);
+    let others = if cf { flag::CF } else { 0 } | if af { flag::AF } else { 0 };
+    c.s.flags.set_result(8, al, others);
 }
 
 pub(crate) fn daa(c: &mut Core, _op: &Op) -> Step {

@@ -9,33 +9,17 @@
 use super::{mask, read_op, read_op_sized, set_reg, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{de, Step};
-use crate::interp::flags::parity;
 use crate::interp::state::flag;
 use crate::interp::undefined;
 use iced_x86::Register;
 
 fn set_mul_flags(c: &mut Core, size: u8, low: u32, overflow: bool) {
+    let v = if overflow { flag::CF | flag::OF } else { 0 };
     if undefined::MUL_KEEPS_SZAP {
-        let v = if overflow { flag::CF | flag::OF } else { 0 };
         c.s.flags.set_some(flag::CF | flag::OF, v);
-        return;
+    } else {
+        c.s.flags.set_result(size * 8, low, v);
     }
-    let w = u32::from(size) * 8;
-    let low = low & mask(size);
-    let mut f = c.s.flags.get() & !flag::ARITH;
-    if overflow {
-        f |= flag::CF | flag::OF;
-    }
-    if low == 0 {
-        f |= flag::ZF;
-    }
-    if (low >> (w - 1)) & 1 != 0 {
-        f |= flag::SF;
-    }
-    if parity(low) {
-        f |= flag::PF;
-    }
-    c.s.flags.set(f);
 }
 
 /// The accumulator pair as one value (AX for bytes, DX:AX, EDX:EAX).

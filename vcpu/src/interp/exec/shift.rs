@@ -9,7 +9,6 @@
 use super::{mask, read_dst, read_op, read_op_sized, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::Step;
-use crate::interp::flags::parity;
 use crate::interp::state::flag;
 use crate::interp::undefined;
 
@@ -26,28 +25,9 @@ fn count(c: &mut Core, op: &Op, i: u32) -> Step<u32> {
 /// Stores the result flags of a shift: SF, ZF, PF from `res`, CF and OF
 /// given, AF as the host CPU leaves it (undefined: AMD sets it).
 fn set_flags(c: &mut Core, size: u8, res: u32, cf: bool, of: bool) {
-    let w = u32::from(size) * 8;
-    let m = mask(size);
-    let mut f = c.s.flags.get() & !flag::ARITH;
-    if undefined::SHIFT_AF {
-        f |= flag::AF;
-    }
-    if cf {
-        f |= flag::CF;
-    }
-    if of {
-        f |= flag::OF;
-    }
-    if res & m == 0 {
-        f |= flag::ZF;
-    }
-    if (res >> (w - 1)) & 1 != 0 {
-        f |= flag::SF;
-    }
-    if parity(res) {
-        f |= flag::PF;
-    }
-    c.s.flags.set(f);
+    let af = if undefined::SHIFT_AF { flag::AF } else { 0 };
+    let others = af | if cf { flag::CF } else { 0 } | if of { flag::OF } else { 0 };
+    c.s.flags.set_result(size * 8, res, others);
 }
 
 /// Stores CF and OF only (rotates).
