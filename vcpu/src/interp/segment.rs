@@ -65,21 +65,9 @@ impl Core {
         let cpl = self.s.cpl();
         let rpl = (sel & 3) as u8;
         if seg == SegReg::Ss as usize {
-            if sel & !3 == 0 {
-                return Err(gp(0));
-            }
-            let desc = self.read_descriptor(sel, gp)?;
-            let s = Segment::from_descriptor(sel, desc);
-            let a = s.attrs;
-            let writable_data = a & attr::S != 0 && a & attr::CODE == 0 && a & attr::RW != 0;
-            if rpl != cpl || s.dpl() != cpl || !writable_data {
-                return Err(gp(u32::from(sel & 0xfffc)));
-            }
-            if a & attr::P == 0 {
-                return Err(ss(u32::from(sel & 0xfffc)));
-            }
+            let (s, desc) = self.stack_segment(sel, cpl)?;
             self.set_accessed(sel, desc)?;
-            self.s.seg[seg] = Segment { attrs: a | attr::ACCESSED, ..s };
+            self.s.seg[seg] = s;
             return Ok(());
         }
         if sel & !3 == 0 {
@@ -102,6 +90,29 @@ impl Core {
         self.set_accessed(sel, desc)?;
         self.s.seg[seg] = Segment { attrs: a | attr::ACCESSED, ..s };
         Ok(())
+    }
+
+    /// The stack segment `sel` names, checked for use at privilege `pl`
+    /// (CPL for a load of SS, the new CS's RPL for a return to an outer
+    /// privilege): `#GP(0)` for a null selector, `#GP(sel)` unless it is a
+    /// writable data segment with RPL and DPL `pl`, `#SS(sel)` when it is
+    /// not present. Returns the segment to load (marked accessed) and its
+    /// descriptor; the caller sets the descriptor's Accessed bit.
+    pub(crate) fn stack_segment(&mut self, sel: u16, pl: u8) -> Step<(Segment, u64)> {
+        if sel & !3 == 0 {
+            return Err(gp(0));
+        }
+        let desc = self.read_descriptor(sel, gp)?;
+        let s = Segment::from_descriptor(sel, desc);
+        let a = s.attrs;
+        let writable_data = a & attr::S != 0 && a & attr::CODE == 0 && a & attr::RW != 0;
+        if (sel & 3) as u8 != pl || s.dpl() != pl || !writable_data {
+            return Err(gp(u32::from(sel & 0xfffc)));
+        }
+        if a & attr::P == 0 {
+            return Err(ss(u32::from(sel & 0xfffc)));
+        }
+        Ok((Segment { attrs: a | attr::ACCESSED, ..s }, desc))
     }
 
     /// Checks a code-segment descriptor for a direct far `jmp`/`call` to

@@ -8,7 +8,7 @@
 
 use super::{read_op_sized, Op};
 use crate::interp::core::Core;
-use crate::interp::event::{gp, np, ss, Event, Step};
+use crate::interp::event::{gp, np, Event, Step};
 use crate::interp::state::{attr, flag, SegReg, Segment};
 use iced_x86::OpKind;
 
@@ -267,7 +267,7 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
         let esp = c.peek(2 * n as u32 + imm, n)?;
         let ss_sel = c.peek(3 * n as u32 + imm, n)? as u16;
         let rpl = (sel & 3) as u8;
-        let (new_ss, ss_desc) = outer_stack(c, ss_sel, rpl)?;
+        let (new_ss, ss_desc) = c.stack_segment(ss_sel, rpl)?;
         c.set_accessed(sel, desc)?;
         c.set_accessed(ss_sel, ss_desc)?;
         c.set_cs(cs);
@@ -308,24 +308,6 @@ fn return_target(c: &mut Core, sel: u16) -> Step<(Segment, u64)> {
         return Err(np(u32::from(sel & 0xfffc)));
     }
     Ok((Segment { selector: sel, attrs: a | attr::ACCESSED, ..s }, desc))
-}
-
-/// The stack segment of a return to privilege `rpl`.
-fn outer_stack(c: &mut Core, sel: u16, rpl: u8) -> Step<(Segment, u64)> {
-    if sel & !3 == 0 {
-        return Err(gp(0));
-    }
-    let desc = c.read_descriptor(sel, gp)?;
-    let s = Segment::from_descriptor(sel, desc);
-    let a = s.attrs;
-    let writable_data = a & attr::S != 0 && a & attr::CODE == 0 && a & attr::RW != 0;
-    if (sel & 3) as u8 != rpl || s.dpl() != rpl || !writable_data {
-        return Err(gp(u32::from(sel & 0xfffc)));
-    }
-    if a & attr::P == 0 {
-        return Err(ss(u32::from(sel & 0xfffc)));
-    }
-    Ok((Segment { attrs: a | attr::ACCESSED, ..s }, desc))
 }
 
 /// After a return to an outer privilege, data segments the new CPL may
@@ -416,7 +398,7 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
     if rpl > cpl {
         let esp = c.peek(3 * n as u32, n)?;
         let ss_sel = c.peek(4 * n as u32, n)? as u16;
-        let (new_ss, ss_desc) = outer_stack(c, ss_sel, rpl)?;
+        let (new_ss, ss_desc) = c.stack_segment(ss_sel, rpl)?;
         c.set_accessed(sel, desc)?;
         c.set_accessed(ss_sel, ss_desc)?;
         c.s.set_eflags(flags);
