@@ -273,7 +273,7 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
         c.set_cs(cs);
         c.s.seg[SegReg::Ss as usize] = new_ss;
         let esp = esp.wrapping_add(imm);
-        c.s.gpr[4] = if new_ss.is_32() { esp } else { (c.s.gpr[4] & 0xffff_0000) | (esp & 0xffff) };
+        c.set_sp(esp);
         null_outer_data_segments(c);
     } else {
         c.set_accessed(sel, desc)?;
@@ -404,9 +404,8 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
         c.s.set_eflags(flags);
         c.set_cs(cs);
         c.s.seg[SegReg::Ss as usize] = new_ss;
-        c.s.gpr[4] = if new_ss.is_32() { esp } else { (c.s.gpr[4] & 0xffff_0000) | (esp & 0xffff) };
+        c.set_sp(esp);
         null_outer_data_segments(c);
-        c.mode_changed();
     } else {
         c.set_accessed(sel, desc)?;
         c.set_sp(c.sp_offset(3 * n as u32));
