@@ -48,7 +48,8 @@ impl Core {
     }
 
     /// Loads a data or stack segment register (ES, SS, DS, FS, GS) with
-    /// `sel`, as `mov`, `pop`, `lds` and friends do.
+    /// `sel`, as `mov`, `pop`, `lds` and friends do. A load of SS inhibits
+    /// interrupts until the next instruction retires.
     pub(crate) fn load_seg(&mut self, seg: usize, sel: u16) -> Step {
         if !self.prot() {
             let s = &mut self.s.seg[seg];
@@ -60,6 +61,9 @@ impl Core {
             if seg == SegReg::Ss as usize || seg == SegReg::Cs as usize {
                 self.mode_changed();
             }
+            if seg == SegReg::Ss as usize {
+                self.shadow = true;
+            }
             return Ok(());
         }
         let cpl = self.s.cpl();
@@ -68,6 +72,7 @@ impl Core {
             let (s, desc) = self.stack_segment(sel, cpl)?;
             self.set_accessed(sel, desc)?;
             self.s.seg[seg] = s;
+            self.shadow = true;
             return Ok(());
         }
         if sel & !3 == 0 {

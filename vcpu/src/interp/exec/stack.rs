@@ -61,9 +61,6 @@ pub(crate) fn pop_sreg(c: &mut Core, op: &Op) -> Step {
     let seg = sreg_index(op.ins.op0_register());
     c.load_seg(seg, sel)?;
     c.set_sp(c.sp_offset(n as u32));
-    if seg == SegReg::Ss as usize {
-        c.shadow = true;
-    }
     Ok(())
 }
 
@@ -73,11 +70,7 @@ pub(crate) fn mov_to_sreg(c: &mut Core, op: &Op) -> Step {
         return Err(ud());
     }
     let sel = read_op_sized(c, op, 1, 2)? as u16;
-    c.load_seg(seg, sel)?;
-    if seg == SegReg::Ss as usize {
-        c.shadow = true;
-    }
-    Ok(())
+    c.load_seg(seg, sel)
 }
 
 pub(crate) fn load_far_pointer(c: &mut Core, op: &Op) -> Step {
@@ -94,9 +87,6 @@ pub(crate) fn load_far_pointer(c: &mut Core, op: &Op) -> Step {
     } as usize;
     c.load_seg(seg, sel)?;
     set_reg(c, op.ins.op0_register(), offset);
-    if seg == SegReg::Ss as usize {
-        c.shadow = true;
-    }
     Ok(())
 }
 
