@@ -21,12 +21,20 @@ fn near_target(op: &Op) -> u32 {
     }
 }
 
+/// `#GP(0)` unless `off` is within CS's limit (a real-mode far transfer
+/// keeps the limit of the CS it leaves).
+#[inline(always)]
+fn check_cs_limit(c: &Core, off: u32) -> Step {
+    if off > c.s.seg[SegReg::Cs as usize].limit {
+        return Err(gp(0));
+    }
+    Ok(())
+}
+
 /// Sets the next EIP after a limit check (`#GP(0)` beyond CS's limit).
 #[inline(always)]
 fn go(c: &mut Core, target: u32) -> Step {
-    if target > c.s.seg[SegReg::Cs as usize].limit {
-        return Err(gp(0));
-    }
+    check_cs_limit(c, target)?;
     c.next_eip = target;
     Ok(())
 }
@@ -58,7 +66,6 @@ pub(crate) fn jmp(c: &mut Core, op: &Op) -> Step {
         }
         _ => {
             let t = target(c, op)?;
-            let t = if branch_size(op) == 2 { t & 0xffff } else { t };
             go(c, t)
         }
     }
@@ -147,10 +154,7 @@ pub(crate) fn call(c: &mut Core, op: &Op) -> Step {
         _ => {
             let n = branch_size(op);
             let t = target(c, op)?;
-            let t = if n == 2 { t & 0xffff } else { t };
-            if t > c.s.seg[SegReg::Cs as usize].limit {
-                return Err(gp(0));
-            }
+            check_cs_limit(c, t)?;
             let ret = c.next_eip;
             c.push(ret, n)?;
             c.next_eip = t;
@@ -162,27 +166,16 @@ pub(crate) fn call(c: &mut Core, op: &Op) -> Step {
 pub(crate) fn ret(c: &mut Core, op: &Op) -> Step {
     let n = if matches!(op.ins.code(), iced_x86::Code::Retnw | iced_x86::Code::Retnw_imm16) { 2 } else { 4 };
     let t = c.peek(0, n)?;
-    if t > c.s.seg[SegReg::Cs as usize].limit {
-        return Err(gp(0));
-    }
+    check_cs_limit(c, t)?;
     let imm = if op.ins.op_count() > 0 { u32::from(op.ins.immediate16()) } else { 0 };
     c.set_sp(c.sp_offset(n as u32 + imm));
     c.next_eip = t;
     Ok(())
 }
 
-/// `#GP(0)` unless `off` is within CS's limit: a real-mode far transfer
-/// keeps the limit of the CS it leaves.
-fn real_limit(c: &Core, off: u32) -> Step {
-    if off > c.s.seg[SegReg::Cs as usize].limit {
-        return Err(gp(0));
-    }
-    Ok(())
-}
-
 fn far_jump(c: &mut Core, sel: u16, off: u32) -> Step {
     if !c.prot() {
-        real_limit(c, off)?;
+        check_cs_limit(c, off)?;
         c.set_cs_real(sel);
         c.next_eip = off;
         return Ok(());
@@ -224,7 +217,7 @@ fn far_call(c: &mut Core, sel: u16, off: u32, n: usize) -> Step {
     let ret = c.next_eip;
     let old_sp = c.s.gpr[4];
     if !c.prot() {
-        real_limit(c, off)?;
+        check_cs_limit(c, off)?;
         c.push(old_cs, n)?;
         if let Err(e) = c.push(ret, n) {
             c.s.gpr[4] = old_sp;
@@ -252,7 +245,7 @@ pub(crate) fn retf(c: &mut Core, op: &Op) -> Step {
     let off = c.peek(0, n)?;
     let sel = c.peek(n as u32, n)? as u16;
     if !c.prot() {
-        real_limit(c, off)?;
+        check_cs_limit(c, off)?;
         c.set_sp(c.sp_offset(2 * n as u32 + imm));
         c.set_cs_real(sel);
         c.next_eip = off;
@@ -361,7 +354,7 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
             tracing::warn!(cpu = c.index, "iret in virtual-8086 mode: not modelled (#GP)");
             return Err(gp(0));
         }
-        real_limit(c, off)?;
+        check_cs_limit(c, off)?;
         c.set_sp(c.sp_offset(3 * n as u32));
         c.set_cs_real(sel);
         let keep = if n == 2 { 0xffff_0000 } else { flag::VM | flag::VIF | flag::VIP };
