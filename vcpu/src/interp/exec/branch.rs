@@ -6,7 +6,7 @@
 //! outer privilege. Call gates, task gates and returns to virtual-8086
 //! mode are not modelled: they raise `#GP` (with a warning).
 
-use super::{read_op_sized, Op};
+use super::{addr_reg, read_op_sized, set_addr_reg, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{gp, np, Event, Step};
 use crate::interp::state::{attr, flag, SegReg, Segment};
@@ -91,31 +91,15 @@ pub(crate) fn jcc(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
-/// The count register of `loop`/`jcxz`: ECX, or CX with a 16-bit address
-/// size (`Op::addr16`).
-#[inline]
-fn counter(c: &Core, op: &Op) -> u32 {
-    if op.addr16 {
-        c.s.gpr[1] & 0xffff
-    } else {
-        c.s.gpr[1]
-    }
-}
-
+/// ECX (CX with a 16-bit address size), decremented; returns the new count.
 #[inline]
 fn decrement_counter(c: &mut Core, op: &Op) -> u32 {
-    let n = counter(c, op).wrapping_sub(1);
-    if op.addr16 {
-        c.s.gpr[1] = (c.s.gpr[1] & 0xffff_0000) | (n & 0xffff);
-        n & 0xffff
-    } else {
-        c.s.gpr[1] = n;
-        n
-    }
+    set_addr_reg(c, op, 1, addr_reg(c, op, 1).wrapping_sub(1));
+    addr_reg(c, op, 1)
 }
 
 pub(crate) fn jcxz(c: &mut Core, op: &Op) -> Step {
-    if counter(c, op) == 0 {
+    if addr_reg(c, op, 1) == 0 {
         go(c, near_target(op))?;
     }
     Ok(())

@@ -86,6 +86,29 @@ pub(crate) fn set_reg(c: &mut Core, r: Register, v: u32) {
     }
 }
 
+/// GPR `r` at the address size: its low 16 bits with a 16-bit address
+/// size ([`Op::addr16`]; SI, DI and CX of string instructions, CX of
+/// `loop`/`jcxz`).
+#[inline]
+pub(crate) fn addr_reg(c: &Core, op: &Op, r: usize) -> u32 {
+    if op.addr16 {
+        c.s.gpr[r] & 0xffff
+    } else {
+        c.s.gpr[r]
+    }
+}
+
+/// Writes GPR `r` at the address size (keeping the upper half with a
+/// 16-bit address size).
+#[inline]
+pub(crate) fn set_addr_reg(c: &mut Core, op: &Op, r: usize, v: u32) {
+    if op.addr16 {
+        c.s.gpr[r] = (c.s.gpr[r] & 0xffff_0000) | (v & 0xffff);
+    } else {
+        c.s.gpr[r] = v;
+    }
+}
+
 /// The size in bytes of a GPR view.
 pub(crate) fn reg_size(r: Register) -> u8 {
     match r as usize {
