@@ -360,22 +360,14 @@ pub(crate) fn ltr(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
-fn store_selector(c: &mut Core, op: &Op, sel: u16) -> Step {
-    if op.ins.op0_kind() == OpKind::Memory {
-        let off = ea(c, op);
-        c.write_seg(op.seg as usize, off, u64::from(sel), 2)
-    } else {
-        // A register destination is zero-extended.
-        write_op(c, op, 0, u32::from(sel))
-    }
-}
-
+/// `sldt` (and `str`, below) store 16 bits to memory (the memory forms'
+/// operand size) and zero-extend into a register.
 pub(crate) fn sldt(c: &mut Core, op: &Op) -> Step {
     if !c.prot() {
         return Err(ud());
     }
     let sel = c.s.ldtr.selector;
-    store_selector(c, op, sel)
+    write_op(c, op, 0, u32::from(sel))
 }
 
 pub(crate) fn str_(c: &mut Core, op: &Op) -> Step {
@@ -383,7 +375,7 @@ pub(crate) fn str_(c: &mut Core, op: &Op) -> Step {
         return Err(ud());
     }
     let sel = c.s.tr.selector;
-    store_selector(c, op, sel)
+    write_op(c, op, 0, u32::from(sel))
 }
 
 pub(crate) fn lmsw(c: &mut Core, op: &Op) -> Step {
@@ -418,9 +410,14 @@ pub(crate) fn invlpg(c: &mut Core, op: &Op) -> Step {
     Ok(())
 }
 
-/// The descriptor `lar`/`lsl`/`verr`/`verw` look at, if the selector is
-/// visible at the current privilege (else `None`: ZF cleared).
-fn visible_descriptor(c: &mut Core, sel: u16) -> Step<Option<Segment>> {
+/// The descriptor `lar`/`lsl`/`verr`/`verw` look at: `#UD` outside
+/// protected mode, else the descriptor of the selector in operand `i`, if
+/// it is visible at the current privilege (else `None`: ZF cleared).
+fn visible_descriptor(c: &mut Core, op: &Op, i: u32) -> Step<Option<Segment>> {
+    if !c.prot() {
+        return Err(ud());
+    }
+    let sel = read_op_sized(c, op, i, 2)? as u16;
     if sel & !3 == 0 || c.descriptor_addr(sel).is_none() {
         return Ok(None);
     }
@@ -439,11 +436,7 @@ fn set_zf(c: &mut Core, on: bool) {
 }
 
 pub(crate) fn lar(c: &mut Core, op: &Op) -> Step {
-    if !c.prot() {
-        return Err(ud());
-    }
-    let sel = read_op_sized(c, op, 1, 2)? as u16;
-    let s = visible_descriptor(c, sel)?;
+    let s = visible_descriptor(c, op, 1)?;
     // System types lar accepts: TSSs, LDT, call and task gates.
     let ok = s.filter(|s| s.attrs & attr::S != 0 || matches!(s.attrs & 0xf, 1..=5 | 9 | 0xb | 0xc));
     if let Some(s) = ok {
@@ -455,11 +448,7 @@ pub(crate) fn lar(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn lsl(c: &mut Core, op: &Op) -> Step {
-    if !c.prot() {
-        return Err(ud());
-    }
-    let sel = read_op_sized(c, op, 1, 2)? as u16;
-    let s = visible_descriptor(c, sel)?;
+    let s = visible_descriptor(c, op, 1)?;
     let ok = s.filter(|s| s.attrs & attr::S != 0 || matches!(s.attrs & 0xf, 1..=3 | 9 | 0xb));
     if let Some(s) = ok {
         set_reg(c, op.ins.op0_register(), s.limit);
@@ -469,22 +458,14 @@ pub(crate) fn lsl(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn verr(c: &mut Core, op: &Op) -> Step {
-    if !c.prot() {
-        return Err(ud());
-    }
-    let sel = read_op_sized(c, op, 0, 2)? as u16;
-    let s = visible_descriptor(c, sel)?;
+    let s = visible_descriptor(c, op, 0)?;
     let ok = s.is_some_and(|s| s.attrs & attr::S != 0 && (s.attrs & attr::CODE == 0 || s.attrs & attr::RW != 0));
     set_zf(c, ok);
     Ok(())
 }
 
 pub(crate) fn verw(c: &mut Core, op: &Op) -> Step {
-    if !c.prot() {
-        return Err(ud());
-    }
-    let sel = read_op_sized(c, op, 0, 2)? as u16;
-    let s = visible_descriptor(c, sel)?;
+    let s = visible_descriptor(c, op, 0)?;
     let ok = s.is_some_and(|s| s.attrs & attr::S != 0 && s.attrs & attr::CODE == 0 && s.attrs & attr::RW != 0);
     set_zf(c, ok);
     Ok(())
