@@ -330,6 +330,19 @@ enum BitOp {
     Complement,
 }
 
+impl BitOp {
+    /// `d` with bit `bit` set, cleared, complemented or kept.
+    #[inline(always)]
+    fn apply(self, d: u32, bit: u32) -> u32 {
+        match self {
+            BitOp::Test => d,
+            BitOp::Set => d | (1 << bit),
+            BitOp::Reset => d & !(1 << bit),
+            BitOp::Complement => d ^ (1 << bit),
+        }
+    }
+}
+
 fn bit_op(c: &mut Core, op: &Op, k: BitOp) -> Step {
     let width = u32::from(op.size) * 8;
     let offset = read_op_sized(c, op, 1, op.size)?;
@@ -341,12 +354,7 @@ fn bit_op(c: &mut Core, op: &Op, k: BitOp) -> Step {
         let bit = signed.rem_euclid(width as i32) as u32;
         let off = ea(c, op).wrapping_add((unit * i32::from(op.size)) as u32);
         let off = if op.addr16 { off & 0xffff } else { off };
-        let f = |d: u32| match k {
-            BitOp::Test => d,
-            BitOp::Set => d | (1 << bit),
-            BitOp::Reset => d & !(1 << bit),
-            BitOp::Complement => d ^ (1 << bit),
-        };
+        let f = |d: u32| k.apply(d, bit);
         let old = if k == BitOp::Test {
             c.read_seg(op.seg as usize, off, op.size as usize)? as u32
         } else if op.ins.has_lock_prefix() {
@@ -360,12 +368,7 @@ fn bit_op(c: &mut Core, op: &Op, k: BitOp) -> Step {
         (bit, old)
     } else {
         let bit = offset % width;
-        let f = |d: u32| match k {
-            BitOp::Test => d,
-            BitOp::Set => d | (1 << bit),
-            BitOp::Reset => d & !(1 << bit),
-            BitOp::Complement => d ^ (1 << bit),
-        };
+        let f = |d: u32| k.apply(d, bit);
         let old = if k == BitOp::Test { read_op(c, op, 0)? } else { modify(c, op, f)? };
         (bit, old)
     };
