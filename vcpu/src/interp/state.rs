@@ -300,6 +300,11 @@ impl CpuState {
         }
     }
 
+    /// EFLAGS.IOPL.
+    pub(crate) fn iopl(&self) -> u8 {
+        ((self.flags.base() & flag::IOPL) >> 12) as u8
+    }
+
     /// Whether the CPU is in protected mode (CR0.PE, not virtual-8086).
     pub fn protected(&self) -> bool {
         self.cr0 & cr0::PE != 0 && self.flags.base() & flag::VM == 0

@@ -6,7 +6,7 @@
 //! outer privilege. Call gates, task gates and returns to virtual-8086
 //! mode are not modelled: they raise `#GP` (with a warning).
 
-use super::{addr_reg, read_op_sized, set_addr_reg, Op};
+use super::{addr_reg, read_op_sized, set_addr_reg, vm86_iopl_check, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{gp, np, Event, Step};
 use crate::interp::state::{attr, flag, SegReg, Segment};
@@ -301,9 +301,7 @@ fn null_outer_data_segments(c: &mut Core) {
 }
 
 pub(crate) fn int(c: &mut Core, op: &Op) -> Step {
-    if c.s.flags.base() & flag::VM != 0 && c.s.flags.base() & flag::IOPL != flag::IOPL {
-        return Err(gp(0));
-    }
+    vm86_iopl_check(c)?;
     Err(Event::SoftInt(op.ins.immediate8()))
 }
 
@@ -359,7 +357,7 @@ pub(crate) fn iret(c: &mut Core, op: &Op) -> Step {
     if off > cs.limit {
         return Err(gp(0));
     }
-    let iopl = ((old & flag::IOPL) >> 12) as u8;
+    let iopl = c.s.iopl();
     let mut changeable = flag::ARITH | flag::TF | flag::DF | flag::NT | flag::AC | flag::ID | flag::RF;
     if cpl == 0 {
         changeable |= flag::IOPL | flag::VIF | flag::VIP;

@@ -21,7 +21,7 @@ pub(crate) mod system;
 
 use super::core::Core;
 use super::event::{ud, Event, Step};
-use super::state::cr0;
+use super::state::{cr0, flag};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 /// What executes one decoded instruction.
@@ -107,6 +107,16 @@ pub(crate) fn set_addr_reg(c: &mut Core, op: &Op, r: usize, v: u32) {
     } else {
         c.s.gpr[r] = v;
     }
+}
+
+/// `#GP(0)` in virtual-8086 mode with IOPL below 3 (`pushf`, `popf`,
+/// `cli`, `sti` and `int n` are IOPL-sensitive there).
+#[inline]
+pub(crate) fn vm86_iopl_check(c: &Core) -> Step {
+    if c.s.flags.base() & flag::VM != 0 && c.s.iopl() < 3 {
+        return Err(super::event::gp(0));
+    }
+    Ok(())
 }
 
 /// The size in bytes of a GPR view.

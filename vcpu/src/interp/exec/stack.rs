@@ -2,9 +2,9 @@
 //! `leave`) and segment-register loads (`mov sreg`, `pop sreg`, `lds` and
 //! friends).
 
-use super::{ea, get_reg, read_op_sized, set_reg, write_op, Op};
+use super::{ea, get_reg, read_op_sized, set_reg, vm86_iopl_check, write_op, Op};
 use crate::interp::core::Core;
-use crate::interp::event::{gp, ud, Step};
+use crate::interp::event::{ud, Step};
 use crate::interp::state::{flag, SegReg};
 use iced_x86::{OpKind, Register};
 
@@ -121,23 +121,18 @@ pub(crate) fn popa(c: &mut Core, op: &Op) -> Step {
 
 pub(crate) fn pushf(c: &mut Core, op: &Op) -> Step {
     let n = stack_size(op);
-    if c.s.flags.base() & flag::VM != 0 && c.s.flags.base() & flag::IOPL != flag::IOPL {
-        return Err(gp(0));
-    }
+    vm86_iopl_check(c)?;
     let f = c.s.flags.get() & !(flag::VM | flag::RF);
     c.push(f, n)
 }
 
 pub(crate) fn popf(c: &mut Core, op: &Op) -> Step {
     let n = stack_size(op);
-    let base = c.s.flags.base();
-    if base & flag::VM != 0 && base & flag::IOPL != flag::IOPL {
-        return Err(gp(0));
-    }
+    vm86_iopl_check(c)?;
     let v = c.pop(n)?;
     let old = c.s.flags.get();
     let cpl = c.s.cpl();
-    let iopl = ((old & flag::IOPL) >> 12) as u8;
+    let iopl = c.s.iopl();
     let mut changeable = flag::ARITH | flag::TF | flag::DF | flag::NT | flag::AC | flag::ID;
     if !c.prot() || cpl == 0 {
         changeable |= flag::IOPL | flag::IF;

@@ -2,7 +2,7 @@
 //! registers, `hlt`, `cli`/`sti`, port I/O with the protected-mode
 //! permission checks, `cpuid`, `rdtsc`, MSRs.
 
-use super::{ea, get_reg, read_op_sized, set_reg, write_op, Op};
+use super::{ea, get_reg, read_op_sized, set_reg, vm86_iopl_check, write_op, Op};
 use crate::interp::core::Core;
 use crate::interp::event::{gp, ud, Event, Step};
 use crate::interp::state::{attr, cr0, cr4, flag, Segment};
@@ -24,12 +24,10 @@ pub(crate) fn hlt(c: &mut Core, _op: &Op) -> Step {
 
 /// Whether the CPU may change IF (`cli`, `sti`): CPL ≤ IOPL.
 fn may_change_if(c: &Core) -> Step {
-    let iopl = ((c.s.flags.base() & flag::IOPL) >> 12) as u8;
-    let vm = c.s.flags.base() & flag::VM != 0;
-    if (c.prot() && c.s.cpl() > iopl) || (vm && iopl < 3) {
+    if c.prot() && c.s.cpl() > c.s.iopl() {
         return Err(gp(0));
     }
-    Ok(())
+    vm86_iopl_check(c)
 }
 
 pub(crate) fn cli(c: &mut Core, _op: &Op) -> Step {
@@ -52,10 +50,8 @@ pub(crate) fn sti(c: &mut Core, _op: &Op) -> Step {
 /// virtual-8086 mode) every port of the access must be allowed by the
 /// TSS's I/O bitmap.
 pub(crate) fn check_io(c: &mut Core, port: u16, size: usize) -> Step {
-    let base = c.s.flags.base();
-    let iopl = ((base & flag::IOPL) >> 12) as u8;
-    let vm = base & flag::VM != 0;
-    if !(vm || (c.prot() && c.s.cpl() > iopl)) {
+    let vm = c.s.flags.base() & flag::VM != 0;
+    if !(vm || (c.prot() && c.s.cpl() > c.s.iopl())) {
         return Ok(());
     }
     let tr = c.s.tr;
