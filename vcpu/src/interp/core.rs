@@ -287,10 +287,15 @@ impl Core {
     /// writing: a read-modify-write does this before it reads, so that its
     /// `#PF` reports a write, as the CPU's does.
     pub(crate) fn probe_write(&mut self, la: u32, size: usize) -> Step {
-        self.entry(la, Access::Write, self.user)?;
+        self.probe_write_as(la, size, self.user)
+    }
+
+    /// [`probe_write`](Self::probe_write) at privilege `user`.
+    fn probe_write_as(&mut self, la: u32, size: usize, user: u32) -> Step {
+        self.entry(la, Access::Write, user)?;
         let last = la.wrapping_add(size as u32 - 1);
         if last & !0xfff != la & !0xfff {
-            self.entry(last & !0xfff, Access::Write, self.user)?;
+            self.entry(last & !0xfff, Access::Write, user)?;
         }
         Ok(())
     }
@@ -397,8 +402,7 @@ impl Core {
         if off + size > 0x1000 {
             // Both pages must be writable before any byte is written; a
             // fault on the second reports its first byte in CR2.
-            self.entry(la, Access::Write, user)?;
-            self.entry(la.wrapping_add(size as u32 - 1) & !0xfff, Access::Write, user)?;
+            self.probe_write_as(la, size, user)?;
             for i in 0..size {
                 self.write_as(la.wrapping_add(i as u32), value >> (8 * i), 1, user)?;
             }
