@@ -28,8 +28,9 @@ const INVALID: u32 = 2;
 #[derive(Debug, Clone)]
 enum Target {
     Ram(RamPage),
-    /// Anything that is not one RAM page: the accessor dispatches.
-    Mmio(u64),
+    /// Anything that is not one RAM page (at the entry's `phys`): the
+    /// accessor dispatches.
+    Mmio,
     /// This CPU's local APIC page.
     Apic,
 }
@@ -57,7 +58,7 @@ impl Default for TlbEntry {
             write_tag: INVALID,
             fetch_tag: INVALID,
             phys: 0,
-            target: Target::Mmio(0),
+            target: Target::Mmio,
             coalesced: None,
             page_mask: 0xfff,
         }
@@ -239,9 +240,9 @@ impl Core {
                     if self.coalesced.is_some() {
                         coalesced = coalesced_ranges(section);
                     }
-                    Target::Mmio(page)
+                    Target::Mmio
                 }
-                _ => Target::Mmio(page),
+                _ => Target::Mmio,
             }
         };
         let tag = (la & !0xfff) | user;
@@ -339,8 +340,8 @@ impl Core {
             if tag == (la & !0xfff) | user {
                 match &e.target {
                     Target::Ram(p) => return Ok(p.load(off, size)),
-                    Target::Mmio(page) if access != Access::Fetch => {
-                        let addr = page | off as u64;
+                    Target::Mmio if access != Access::Fetch => {
+                        let addr = e.phys | off as u64;
                         return self.mmio_read(addr, size);
                     }
                     _ => {}
@@ -363,8 +364,8 @@ impl Core {
         let idx = self.entry(la, access, user)?;
         match &self.tlb[idx].target {
             Target::Ram(p) => Ok(p.load(off, size)),
-            Target::Mmio(page) => {
-                let addr = page | off as u64;
+            Target::Mmio => {
+                let addr = self.tlb[idx].phys | off as u64;
                 self.mmio_read(addr, size)
             }
             Target::Apic => Ok(self.apic_read(off, size)),
@@ -385,8 +386,8 @@ impl Core {
             if e.write_tag == (la & !0xfff) | user {
                 match &e.target {
                     Target::Ram(p) if p.store(off, value, size) => return Ok(()),
-                    Target::Mmio(page) if e.coalesced.is_none() => {
-                        let addr = page | off as u64;
+                    Target::Mmio if e.coalesced.is_none() => {
+                        let addr = e.phys | off as u64;
                         return self.mmio_write(addr, value, size);
                     }
                     _ => {}
@@ -500,7 +501,7 @@ impl Core {
                 self.apic_write(off, f(old), size);
                 return Ok(old);
             }
-            Target::Mmio(_) | Target::Ram(_) => self.tlb[idx].phys | off as u64,
+            Target::Mmio | Target::Ram(_) => self.tlb[idx].phys | off as u64,
         };
         let (r, res) = self.io.memory().atomic_fetch_update(addr, size as u32, |old| Some(f(old)));
         let res = self.io.record(res, Space::Memory, addr, size, true);
