@@ -78,6 +78,15 @@ impl Core {
         }
     }
 
+    /// Sets the Accessed bit of the leaf `entry` at `addr` (and Dirty for
+    /// a write) and returns whether writes through it may be cached: the
+    /// permission check allowed them (`writable`) and Dirty is set.
+    fn leaf_accessed(&mut self, addr: u64, entry: u64, access: Access, writable: bool) -> bool {
+        let set = if access == Access::Write { A | D } else { A };
+        self.pt_set(addr, entry, set);
+        writable && (access == Access::Write || entry & D != 0)
+    }
+
     fn page_fault(&mut self, la: u32, access: Access, user: bool, code: u32) -> Event {
         let mut code = code;
         if access == Access::Write {
@@ -120,17 +129,11 @@ impl Core {
                 return Err(self.page_fault(la, access, user, pf::PRESENT | pf::RSVD));
             }
             let writable = self.check(la, access, user, pde & US != 0, pde & RW != 0, false)?;
-            let set = if access == Access::Write { A | D } else { A };
-            self.pt_set(pde_addr, pde, set);
+            let writable = self.leaf_accessed(pde_addr, pde, access, writable);
             // PSE-36: bits 13-16 of the entry are physical bits 32-35.
             let high = ((pde >> 13) & 0xf) << 32;
             let phys = high | (pde & 0xffc0_0000) | u64::from(la & 0x3f_ffff);
-            return Ok(Walk {
-                phys,
-                writable: writable && (access == Access::Write || pde & D != 0),
-                executable: true,
-                page_mask: 0x3f_ffff,
-            });
+            return Ok(Walk { phys, writable, executable: true, page_mask: 0x3f_ffff });
         }
         let pte_addr = (pde & 0xffff_f000) | u64::from(((la >> 12) & 0x3ff) << 2);
         let pte = self.pt_read(pte_addr, 4);
@@ -139,15 +142,9 @@ impl Core {
         }
         let writable = self.check(la, access, user, pde & pte & US != 0, pde & pte & RW != 0, false)?;
         self.pt_set(pde_addr, pde, A);
-        let set = if access == Access::Write { A | D } else { A };
-        self.pt_set(pte_addr, pte, set);
+        let writable = self.leaf_accessed(pte_addr, pte, access, writable);
         let phys = (pte & 0xffff_f000) | u64::from(la & 0xfff);
-        Ok(Walk {
-            phys,
-            writable: writable && (access == Access::Write || pte & D != 0),
-            executable: true,
-            page_mask: 0xfff,
-        })
+        Ok(Walk { phys, writable, executable: true, page_mask: 0xfff })
     }
 
     fn walk_pae(&mut self, la: u32, access: Access, user: bool) -> Result<Walk, Event> {
@@ -174,16 +171,10 @@ impl Core {
                 return Err(self.page_fault(la, access, user, pf::PRESENT | pf::RSVD));
             }
             let writable = self.check(la, access, user, pde & US != 0, pde & RW != 0, pde & NX != 0)?;
-            let set = if access == Access::Write { A | D } else { A };
-            self.pt_set(pde_addr, pde, set);
+            let writable = self.leaf_accessed(pde_addr, pde, access, writable);
             let phys = (pde & 0x000f_ffff_ffe0_0000) | u64::from(la & 0x1f_ffff);
             let executable = pde & NX == 0 || !self.nx_enabled();
-            return Ok(Walk {
-                phys,
-                writable: writable && (access == Access::Write || pde & D != 0),
-                executable,
-                page_mask: 0x1f_ffff,
-            });
+            return Ok(Walk { phys, writable, executable, page_mask: 0x1f_ffff });
         }
         let pte_addr = (pde & ADDR) + u64::from((la >> 12) & 0x1ff) * 8;
         let pte = self.pt_read(pte_addr, 8);
@@ -196,10 +187,9 @@ impl Core {
         let nx = (pde | pte) & NX != 0;
         let writable = self.check(la, access, user, pde & pte & US != 0, pde & pte & RW != 0, nx)?;
         self.pt_set(pde_addr, pde, A);
-        let set = if access == Access::Write { A | D } else { A };
-        self.pt_set(pte_addr, pte, set);
+        let writable = self.leaf_accessed(pte_addr, pte, access, writable);
         let phys = (pte & ADDR) | u64::from(la & 0xfff);
         let executable = !nx || !self.nx_enabled();
-        Ok(Walk { phys, writable: writable && (access == Access::Write || pte & D != 0), executable, page_mask: 0xfff })
+        Ok(Walk { phys, writable, executable, page_mask: 0xfff })
     }
 }
