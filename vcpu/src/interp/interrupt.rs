@@ -211,20 +211,16 @@ impl Core {
             frame[len] = code;
             len += 1;
         }
-        if let Err(e) = frame[..len].iter().try_for_each(|&v| self.push(v, n)) {
+        let pushed = frame[..len].iter().try_for_each(|&v| self.push(v, n)).map_err(|e| match e {
+            Event::Exception { vector: 12, .. } if inner => ss(u32::from(new_ss_sel & 0xfffc) + ext),
+            e => e,
+        });
+        // After the pushes, the new EIP is checked against the new CS's limit.
+        if let Err(e) = pushed.and_then(|()| if offset > cs.limit { Err(gp(0)) } else { Ok(()) }) {
             self.s.seg[SegReg::Ss as usize] = old_ss;
             self.s.gpr[4] = old_esp;
             self.mode_changed();
-            return Err(match e {
-                Event::Exception { vector: 12, .. } if inner => ss(u32::from(new_ss_sel & 0xfffc) + ext),
-                e => e,
-            });
-        }
-        if offset > cs.limit {
-            self.s.seg[SegReg::Ss as usize] = old_ss;
-            self.s.gpr[4] = old_esp;
-            self.mode_changed();
-            return Err(gp(0));
+            return Err(e);
         }
         self.set_accessed(sel, desc)?;
         let mut f = flags & !(flag::TF | flag::NT | flag::VM | flag::RF);
