@@ -58,9 +58,6 @@ impl Core {
             if self.s.flags.base() & super::state::flag::VM != 0 {
                 *s = Segment { selector: sel, base: u32::from(sel) << 4, limit: 0xffff, attrs: 0xf3 };
             }
-            if seg == SegReg::Ss as usize || seg == SegReg::Cs as usize {
-                self.mode_changed();
-            }
             if seg == SegReg::Ss as usize {
                 self.shadow = true;
             }
