@@ -305,18 +305,15 @@ fn io_memory_space(io: &VcpuIo) -> AddressSpace {
 /// loop's time (`cargo bench -p topos-vcpu --bench interp -- loop`).
 #[inline(always)]
 fn run_ops(core: &mut Core, ops: &[super::exec::Op], budget: &mut u64, cache: &BlockCache) -> Result<(), Exit> {
+    // One instruction only: the one after `sti`/`mov ss`, which runs with
+    // interrupts still inhibited (they are looked at after it), and under
+    // single-step (EFLAGS.TF: a debug trap after it when it completed; a
+    // fault's or an interrupt's delivery clears TF).
+    let single_step = core.s.flags.base() & flag::TF != 0;
     let mut ops = ops;
-    if core.shadow {
-        // The instruction after `sti`/`mov ss` runs with interrupts still
-        // inhibited; they are looked at after it.
+    if core.shadow || single_step {
         ops = &ops[..1.min(ops.len())];
         core.shadow = false;
-    }
-    // Single-step (EFLAGS.TF): one instruction, then a debug trap after it
-    // when it completed (a fault's or an interrupt's delivery clears TF).
-    let single_step = core.s.flags.base() & flag::TF != 0;
-    if single_step {
-        ops = &ops[..1.min(ops.len())];
     }
     let (retired, deliveries) = (core.retired, core.deliveries);
     for op in ops {
