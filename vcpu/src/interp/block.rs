@@ -170,7 +170,7 @@ impl BlockCache {
     }
 
     /// Adds a block decoded from the watched page `page`; returns its slot.
-    pub(crate) fn insert(&mut self, block: Block, watch: Option<CodeWatch>) -> u32 {
+    pub(crate) fn insert(&mut self, block: Block, watch: CodeWatch) -> u32 {
         if self.map.len() >= MAX_BLOCKS {
             self.clear();
         }
@@ -187,9 +187,7 @@ impl BlockCache {
         };
         self.map.insert(key, i);
         self.fast[Self::slot(&key)] = (key, i);
-        if let Some(w) = watch {
-            self.watches.entry(key.phys & !0xfff).or_insert_with(|| (w, Vec::new())).1.push(i);
-        }
+        self.watches.entry(key.phys & !0xfff).or_insert_with(|| (watch, Vec::new())).1.push(i);
         i
     }
 

@@ -192,7 +192,7 @@ impl Cpu {
         let slot = match self.cache.get(&key) {
             Some(i) => i,
             None => match decode(&mut self.core, &self.cache) {
-                Ok((block, Some(watch))) => self.cache.insert(block, Some(watch)),
+                Ok((block, Some(watch))) => self.cache.insert(block, watch),
                 Ok((block, None)) => {
                     // Uncached: run it once.
                     return self.run_ops(&block.ops, budget);
