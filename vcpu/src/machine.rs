@@ -1,10 +1,10 @@
 //! A whole machine: the `pc` board on an accelerator, its vCPU threads, and
 //! why it stopped. What `topos run` runs.
 
-use crate::board::multiboot::MapOptions;
+use crate::board::multiboot::{MapOptions, ENTRY_CODE_SELECTOR, ENTRY_DATA_SELECTOR};
 use crate::board::{BoardWiring, PcBoard, PcConfig};
 use crate::error::{Error, Result};
-use crate::interp::{CoalescedMmio, InterpVcpu, Segment};
+use crate::interp::{CoalescedMmio, InterpVcpu};
 use crate::kvm::KvmVm;
 use crate::vm::{StopLatch, StopReason, Vm};
 use std::sync::Arc;
@@ -178,11 +178,9 @@ impl Machine {
                     vcpu.cpu().set_coalesced_buffer(coalesced.buffer());
                     if let (0, Some(entry)) = (i, self.board.entry) {
                         // As the KVM backend and QEMU's multiboot loader
-                        // leave it: CS 0x10, data 0x18.
+                        // leave it.
                         let st = vcpu.cpu().state_mut();
-                        st.enter_flat32(entry.eip);
-                        let data = Segment::flat32(0x18, false);
-                        st.seg = [data, Segment::flat32(0x10, true), data, data, data, data];
+                        st.enter_flat32_with(entry.eip, ENTRY_CODE_SELECTOR, ENTRY_DATA_SELECTOR);
                         st.gpr[0] = entry.eax;
                         st.gpr[3] = entry.ebx;
                     }

@@ -56,6 +56,14 @@ pub const KVM_RESERVED: (u64, u64) = (0xfeff_c000, 0x4000);
 /// `AMD_HT_START`, `AMD_HT_SIZE`).
 pub const AMD_HT: (u64, u64) = (0xfd_0000_0000, 0x3_0000_0000);
 
+/// The code selector the kernel is entered with (flat 32-bit), as QEMU's
+/// Multiboot loader leaves it.
+pub const ENTRY_CODE_SELECTOR: u16 = 0x10;
+
+/// The data and stack selector the kernel is entered with (flat 32-bit),
+/// as QEMU's Multiboot loader leaves it.
+pub const ENTRY_DATA_SELECTOR: u16 = 0x18;
+
 /// How the kernel must be entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flat32Entry {

@@ -318,9 +318,15 @@ impl CpuState {
     /// Enters flat 32-bit protected mode at `eip` with interrupts off, as a
     /// multiboot loader leaves the CPU: CS `0x08`, data segments `0x10`.
     pub fn enter_flat32(&mut self, eip: u32) {
+        self.enter_flat32_with(eip, 0x08, 0x10);
+    }
+
+    /// [`enter_flat32`](Self::enter_flat32) with CS `code_sel` and the data
+    /// segments (SS too) `data_sel`.
+    pub fn enter_flat32_with(&mut self, eip: u32, code_sel: u16, data_sel: u16) {
         self.cr0 |= cr0::PE;
-        let data = Segment::flat32(0x10, false);
-        self.seg = [data, Segment::flat32(0x08, true), data, data, data, data];
+        let data = Segment::flat32(data_sel, false);
+        self.seg = [data, Segment::flat32(code_sel, true), data, data, data, data];
         self.eip = eip;
         self.set_eflags(flag::FIXED);
     }

@@ -2,7 +2,7 @@
 //! protected mode, as a Multiboot kernel is entered.
 
 use super::vcpu::KvmVcpu;
-use crate::board::multiboot::Flat32Entry;
+use crate::board::multiboot::{Flat32Entry, ENTRY_CODE_SELECTOR, ENTRY_DATA_SELECTOR};
 use crate::error::{Error, Result};
 use kvm_bindings::kvm_segment;
 
@@ -29,14 +29,15 @@ pub fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
 
 impl KvmVcpu {
     /// Puts the vCPU in flat 32-bit protected mode (paging and interrupts
-    /// off; code selector 0x10, data 0x18, as QEMU's Multiboot loader
-    /// leaves them) at `entry`.
+    /// off; code selector [`ENTRY_CODE_SELECTOR`], data
+    /// [`ENTRY_DATA_SELECTOR`], as QEMU's Multiboot loader leaves them) at
+    /// `entry`.
     pub fn enter_flat32(&mut self, entry: Flat32Entry) -> Result<()> {
         let fd = self.fd();
         let mut sregs = fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-        sregs.cs = flat_segment(0x10, 0xb);
+        sregs.cs = flat_segment(ENTRY_CODE_SELECTOR, 0xb);
         for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
-            *s = flat_segment(0x18, 0x3);
+            *s = flat_segment(ENTRY_DATA_SELECTOR, 0x3);
         }
         sregs.cr0 = (sregs.cr0 | 1) & !(1 << 31);
         fd.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
