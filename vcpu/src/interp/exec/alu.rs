@@ -1,7 +1,9 @@
 //! Arithmetic, logic, moves, conversions, bit operations and the flag
 //! instructions.
 
-use super::{bits, dst_is_mem, ea, get_reg, mask, mem_la, read_dst, read_op, read_op_sized, set_reg, write_op, Op};
+use super::{
+    bits, dst_is_mem, ea, get_reg, mask, mem_la, read_dst, read_op, read_op_sized, set_reg, write_dst, write_op, Op,
+};
 use crate::interp::core::Core;
 use crate::interp::event::Step;
 use crate::interp::flags::{parity, FlagOp};
@@ -39,18 +41,12 @@ fn alu(c: &mut Core, op: &Op, k: Alu) -> Step {
     let m = mask(op.size);
     let src = read_op(c, op, 1)? & m;
     let cin = u32::from(matches!(k, Alu::Adc | Alu::Sbb) && c.s.flags.cf());
-    let writes = !matches!(k, Alu::Cmp | Alu::Test);
-    let dst = if writes && op.ins.has_lock_prefix() {
-        let la = mem_la(c, op, u32::from(op.size), true)?;
-        c.atomic_lin(la, op.size as usize, |d| u64::from(compute(k, d as u32, src, cin, m)))? as u32
+    let (dst, res) = if matches!(k, Alu::Cmp | Alu::Test) {
+        let d = read_op(c, op, 0)?;
+        (d, compute(k, d, src, cin, m))
     } else {
-        let d = if writes { read_dst(c, op)? } else { read_op(c, op, 0)? };
-        if writes {
-            write_op(c, op, 0, compute(k, d, src, cin, m))?;
-        }
-        d
+        modify(c, op, |d| compute(k, d, src, cin, m))?
     };
-    let res = compute(k, dst, src, cin, m);
     let fop = match k {
         Alu::Add => FlagOp::Add,
         Alu::Adc if cin != 0 => FlagOp::Adc,
@@ -93,17 +89,19 @@ pub(crate) fn test(c: &mut Core, op: &Op) -> Step {
 }
 
 /// A read-modify-write of operand 0 through `f` (atomic with `lock`);
-/// returns the old value.
+/// returns the old value and the new one.
 #[inline(always)]
-fn modify(c: &mut Core, op: &Op, f: impl Fn(u32) -> u32) -> Step<u32> {
+fn modify(c: &mut Core, op: &Op, f: impl Fn(u32) -> u32) -> Step<(u32, u32)> {
     let m = mask(op.size);
     if op.ins.has_lock_prefix() {
         let la = mem_la(c, op, u32::from(op.size), true)?;
-        Ok(c.atomic_lin(la, op.size as usize, |d| u64::from(f(d as u32) & m))? as u32)
+        let d = c.atomic_lin(la, op.size as usize, |d| u64::from(f(d as u32) & m))? as u32;
+        Ok((d, f(d) & m))
     } else {
-        let d = read_dst(c, op)?;
-        write_op(c, op, 0, f(d) & m)?;
-        Ok(d)
+        let (d, dst) = read_dst(c, op)?;
+        let res = f(d) & m;
+        write_dst(c, op, dst, res)?;
+        Ok((d, res))
     }
 }
 
@@ -126,20 +124,20 @@ pub(crate) fn dec_r32(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn inc(c: &mut Core, op: &Op) -> Step {
-    let d = modify(c, op, |d| d.wrapping_add(1))?;
-    c.s.flags.record(FlagOp::Inc, bits(op), d, 1, d.wrapping_add(1) & mask(op.size));
+    let (d, res) = modify(c, op, |d| d.wrapping_add(1))?;
+    c.s.flags.record(FlagOp::Inc, bits(op), d, 1, res);
     Ok(())
 }
 
 pub(crate) fn dec(c: &mut Core, op: &Op) -> Step {
-    let d = modify(c, op, |d| d.wrapping_sub(1))?;
-    c.s.flags.record(FlagOp::Dec, bits(op), d, 1, d.wrapping_sub(1) & mask(op.size));
+    let (d, res) = modify(c, op, |d| d.wrapping_sub(1))?;
+    c.s.flags.record(FlagOp::Dec, bits(op), d, 1, res);
     Ok(())
 }
 
 pub(crate) fn neg(c: &mut Core, op: &Op) -> Step {
-    let d = modify(c, op, |d| 0u32.wrapping_sub(d))?;
-    c.s.flags.record(FlagOp::Sub, bits(op), 0, d, 0u32.wrapping_sub(d) & mask(op.size));
+    let (d, res) = modify(c, op, |d| 0u32.wrapping_sub(d))?;
+    c.s.flags.record(FlagOp::Sub, bits(op), 0, d, res);
     Ok(())
 }
 
@@ -214,9 +212,10 @@ pub(crate) fn xadd(c: &mut Core, op: &Op) -> Step {
         let la = mem_la(c, op, u32::from(op.size), true)?;
         c.atomic_lin(la, op.size as usize, |d| u64::from((d as u32).wrapping_add(src) & m))? as u32
     } else {
-        let dst = read_dst(c, op)? & m;
+        let (dst, at) = read_dst(c, op)?;
+        let dst = dst & m;
         if dst_is_mem(op) {
-            write_op(c, op, 0, dst.wrapping_add(src) & m)?;
+            write_dst(c, op, at, dst.wrapping_add(src) & m)?;
         }
         dst
     };
@@ -369,7 +368,7 @@ fn bit_op(c: &mut Core, op: &Op, k: BitOp) -> Step {
     } else {
         let bit = offset % width;
         let f = |d: u32| k.apply(d, bit);
-        let old = if k == BitOp::Test { read_op(c, op, 0)? } else { modify(c, op, f)? };
+        let old = if k == BitOp::Test { read_op(c, op, 0)? } else { modify(c, op, f)?.0 };
         (bit, old)
     };
     let cf = (value >> bit) & 1;

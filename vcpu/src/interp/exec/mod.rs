@@ -179,18 +179,40 @@ pub(crate) fn read_op_sized(c: &mut Core, op: &Op, i: u32, size: u8) -> Step<u32
     }
 }
 
+/// Where a read-modify-write's operand 0 is: a register, or a memory
+/// destination at this linear address, already checked for writing.
+#[derive(Clone, Copy)]
+pub(crate) enum Dst {
+    Reg,
+    Mem(u32),
+}
+
 /// Reads operand 0 of a read-modify-write: a memory destination is
 /// checked for writing (segment, then page) before it is read, as the CPU
 /// translates it for writing first — a `#PF` reports W even when the page
 /// is not present, and nothing is read from a page that cannot be written.
+/// Returns the value and where [`write_dst`] puts the result.
 #[inline(always)]
-pub(crate) fn read_dst(c: &mut Core, op: &Op) -> Step<u32> {
+pub(crate) fn read_dst(c: &mut Core, op: &Op) -> Step<(u32, Dst)> {
     if !dst_is_mem(op) {
-        return read_op(c, op, 0);
+        return Ok((read_op(c, op, 0)?, Dst::Reg));
     }
     let la = mem_la(c, op, u32::from(op.size), true)?;
     c.probe_write(la, op.size as usize)?;
-    Ok(c.read_lin(la, op.size as usize)? as u32)
+    Ok((c.read_lin(la, op.size as usize)? as u32, Dst::Mem(la)))
+}
+
+/// Writes the result of a read-modify-write where [`read_dst`] read it
+/// from (a memory destination's segment check is not repeated).
+#[inline(always)]
+pub(crate) fn write_dst(c: &mut Core, op: &Op, dst: Dst, v: u32) -> Step {
+    match dst {
+        Dst::Reg => {
+            set_reg(c, op.ins.op0_register(), v);
+            Ok(())
+        }
+        Dst::Mem(la) => c.write_lin(la, u64::from(v), op.size as usize),
+    }
 }
 
 /// Writes operand `i` (a register or the memory operand).

@@ -6,7 +6,7 @@
 //! the differential test against KVM's ring-3 (native) execution checks
 //! them.
 
-use super::{mask, read_dst, read_op, read_op_sized, write_op, Op};
+use super::{mask, read_dst, read_op, read_op_sized, write_dst, Dst, Op};
 use crate::interp::core::Core;
 use crate::interp::event::Step;
 use crate::interp::state::flag;
@@ -36,35 +36,35 @@ fn set_cf_of(c: &mut Core, cf: bool, of: bool) {
     c.s.flags.set_some(flag::CF | flag::OF, v);
 }
 
-/// The count, the destination and the width in bits of a shift or rotate
-/// by CL or an immediate; `None` for a count of zero (nothing changes, not
-/// even the flags).
+/// The count, the destination's value, the width in bits and where the
+/// result goes of a shift or rotate by CL or an immediate; `None` for a
+/// count of zero (nothing changes, not even the flags).
 #[inline]
-fn operands(c: &mut Core, op: &Op) -> Step<Option<(u32, u32, u32)>> {
+fn operands(c: &mut Core, op: &Op) -> Step<Option<(u32, u32, u32, Dst)>> {
     let n = count(c, op, 1)?;
     // A memory destination is checked for writing before it is read (a
     // #PF says W), as for every read-modify-write.
-    let d = read_dst(c, op)? & mask(op.size);
-    Ok((n != 0).then(|| (n, d, u32::from(op.size) * 8)))
+    let (d, at) = read_dst(c, op)?;
+    Ok((n != 0).then(|| (n, d & mask(op.size), u32::from(op.size) * 8, at)))
 }
 
 pub(crate) fn shl(c: &mut Core, op: &Op) -> Step {
-    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, w, at)) = operands(c, op)? else { return Ok(()) };
     let m = mask(op.size);
     let wide = u64::from(d) << n;
     let res = (wide as u32) & m;
     let cf = (wide >> w) & 1 != 0;
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     let of = ((res >> (w - 1)) & 1 != 0) != cf;
     set_flags(c, op.size, res, cf, of);
     Ok(())
 }
 
 pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
-    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, w, at)) = operands(c, op)? else { return Ok(()) };
     let res = if n >= 32 { 0 } else { d >> n };
     let cf = n <= w && (u64::from(d) >> (n - 1)) & 1 != 0;
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     // OF is defined for a count of 1 (the operand's sign); for larger
     // counts the CPUs compute it from the result's two top bits, which is
     // the same for a count of 1.
@@ -74,7 +74,7 @@ pub(crate) fn shr(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn sar(c: &mut Core, op: &Op) -> Step {
-    let Some((n, d, _)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, _, at)) = operands(c, op)? else { return Ok(()) };
     let sd = match op.size {
         1 => d as u8 as i8 as i64,
         2 => d as u16 as i16 as i64,
@@ -82,16 +82,16 @@ pub(crate) fn sar(c: &mut Core, op: &Op) -> Step {
     };
     let res = (sd >> n.min(63)) as u32 & mask(op.size);
     let cf = (sd >> (n - 1).min(63)) & 1 != 0;
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     set_flags(c, op.size, res, cf, false);
     Ok(())
 }
 
 pub(crate) fn rol(c: &mut Core, op: &Op) -> Step {
-    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, w, at)) = operands(c, op)? else { return Ok(()) };
     let r = n % w;
     let res = if r == 0 { d } else { ((d << r) | (d >> (w - r))) & mask(op.size) };
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     let cf = res & 1 != 0;
     let of = ((res >> (w - 1)) & 1 != 0) != cf;
     set_cf_of(c, cf, of);
@@ -99,10 +99,10 @@ pub(crate) fn rol(c: &mut Core, op: &Op) -> Step {
 }
 
 pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
-    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, w, at)) = operands(c, op)? else { return Ok(()) };
     let r = n % w;
     let res = if r == 0 { d } else { ((d >> r) | (d << (w - r))) & mask(op.size) };
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     let msb = (res >> (w - 1)) & 1 != 0;
     let next = (res >> (w - 2)) & 1 != 0;
     set_cf_of(c, msb, msb != next);
@@ -114,7 +114,7 @@ pub(crate) fn ror(c: &mut Core, op: &Op) -> Step {
 /// OF (as AMD CPUs do; OF is undefined for counts above 1): CF xor the
 /// result's sign after `rcl`, the result's two top bits xored after `rcr`.
 fn rotate_through_carry(c: &mut Core, op: &Op, left: bool) -> Step {
-    let Some((n, d, w)) = operands(c, op)? else { return Ok(()) };
+    let Some((n, d, w, at)) = operands(c, op)? else { return Ok(()) };
     let span = w + 1;
     let r = n % span;
     let full = (u64::from(c.s.flags.cf()) << w) | u64::from(d);
@@ -125,7 +125,7 @@ fn rotate_through_carry(c: &mut Core, op: &Op, left: bool) -> Step {
     };
     let res = (rotated as u32) & mask(op.size);
     let cf = (rotated >> w) & 1 != 0;
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     let msb = (res >> (w - 1)) & 1 != 0;
     let of = if left { msb != cf } else { msb != ((res >> (w - 2)) & 1 != 0) };
     set_cf_of(c, cf, of);
@@ -151,7 +151,8 @@ fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
     if n == 0 {
         return Ok(());
     }
-    let d = read_dst(c, op)? & mask(op.size);
+    let (d, at) = read_dst(c, op)?;
+    let d = d & mask(op.size);
     let s = read_op(c, op, 1)? & mask(op.size);
     let w = u32::from(op.size) * 8;
     let (res, cf) = if w == 32 {
@@ -175,7 +176,7 @@ fn double_shift(c: &mut Core, op: &Op, left: bool) -> Step {
         let wide = (s << 16) | d;
         ((wide >> n) & 0xffff, (wide >> (n - 1)) & 1 != 0)
     };
-    write_op(c, op, 0, res)?;
+    write_dst(c, op, at, res)?;
     let msb = (res >> (w - 1)) & 1 != 0;
     let of = if left {
         match (w, n) {
