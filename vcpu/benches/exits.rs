@@ -40,10 +40,13 @@
 //! default 50). Run with
 //! `cargo bench -p topos-vcpu --bench exits`.
 
+mod common;
+
+use common::{env_u32, max, median, min, settle, thread_cpu, which, Control};
 use kvm_bindings::{kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,16 +158,6 @@ fn setup_vcpu(fd: &VcpuFd, index: u32, accesses: u32) {
     regs.rflags = 2;
     fd.set_regs(&regs).unwrap();
     fd.set_mp_state(kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE }).unwrap();
-}
-
-/// The CPU time of the calling thread (user + system: under PVM the
-/// guest's emulated ring-0 code runs as the vCPU thread's system time).
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer; the clock id is a constant.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(r, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// One vCPU's marker times: wall clock, and its thread's CPU time (both
@@ -457,42 +450,6 @@ fn topos_run(kind: Kind, n: u32, accesses: u32) -> Run {
 }
 
 // ---------------------------------------------------------------------------
-// Statistics and tables.
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-}
-
-/// Lets the previous run's VM finish going away (part of a VM's teardown
-/// runs in kernel workers after its last descriptor is closed, and topos
-/// closes its descriptors from the runtime's threads) before the next run
-/// starts: `TOPOS_BENCH_GAP_MS`, default 50.
-fn settle() {
-    static GAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *GAP.get_or_init(|| u64::from(env_u32("TOPOS_BENCH_GAP_MS", 50)));
-    std::thread::sleep(Duration::from_millis(ms));
-}
-
-fn env_u32(name: &str, default: u32) -> u32 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-// ---------------------------------------------------------------------------
 // Sections.
 
 fn exits_section(kvm: &Kvm, accesses: u32, rounds: u32) {
@@ -627,41 +584,13 @@ fn dispatch_section(rounds: u32, calls: u32) {
     println!();
 }
 
-/// Host CPU work (no KVM): `iterations` steps of an integer hash.
-fn spin(iterations: u64) -> u64 {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for i in 0..iterations {
-        x = black_box(x.rotate_left(5) ^ i).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    x
-}
-
-/// How much host work `threads` threads get done per second, each doing
-/// `iterations` steps: the machine's own parallelism at that moment.
-fn spin_rate(threads: u32, iterations: u64) -> f64 {
-    settle();
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| black_box(spin(iterations)));
-        }
-    });
-    f64::from(threads) * iterations as f64 / t.elapsed().as_secs_f64()
-}
-
 fn smp_section(kvm: &Kvm, accesses: u32, rounds: u32) {
     println!("## two vCPUs on two devices: {accesses} accesses per vCPU per run, {rounds} rounds, aggregate exits/s");
     println!();
     // Host work of about one run's length, as a control of what the 2
     // cores give at the moment.
-    let t = Instant::now();
-    spin(10_000_000);
-    let per_run = Duration::from_secs_f64(f64::from(accesses) * 8.5e-6);
-    let iterations = (10_000_000.0 * per_run.as_secs_f64() / t.elapsed().as_secs_f64()) as u64;
-    let control = || {
-        let one = spin_rate(1, iterations);
-        spin_rate(2, iterations) / one
-    };
+    let control = Control::new(f64::from(accesses) * 8.5e-6, true);
+    let control = || control.measure();
     let kinds = [Kind::MmioWrite, Kind::PioWrite];
     // [kind][variant] with variants: bare 1, bare 2, topos 1, topos 2; one
     // entry per round, with the host control just before and just after.
@@ -1099,10 +1028,6 @@ fn startup_section(starts: u32) {
     }
     println!();
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }
 
 fn main() {

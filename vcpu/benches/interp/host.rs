@@ -1,14 +1,10 @@
 //! The host side of the external baselines: finding (or installing) an
 //! emulator, a scratch directory for images and configurations.
 
-use std::path::{Path, PathBuf};
+use crate::common::which;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// `program` on the `PATH`.
-pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
-}
 
 /// `program`, installing the Debian `package` that holds it when it is
 /// missing and `install` is true (says so on stderr). `Err` says why it is

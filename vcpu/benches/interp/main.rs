@@ -34,14 +34,17 @@
 //! before each run, 50). Run with `cargo bench -p topos-vcpu --bench interp`.
 
 mod bochs;
+#[path = "../common/mod.rs"]
+mod common;
 mod guest;
 mod host;
 mod qemu;
 mod stats;
 mod topos;
 
+use common::{env_u32, max, median, min, settle, Control};
 use guest::Kind;
-use stats::{env_u32, max, median, mega, min, settle, spread, times, Control, Run};
+use stats::{mega, spread, times, Run};
 use std::time::Duration;
 use topos_vcpu::machine::Accel;
 
@@ -300,7 +303,7 @@ fn smp_section(bench: &Bench) {
     let kinds = bench.kinds(&[Kind::MmioWrite, Kind::MmioRead, Kind::PioWrite]);
     println!("## two vCPUs against one: {} rounds, aggregate accesses/s (each vCPU does the same count)", bench.rounds);
     println!();
-    let control = Control::new(if bench.smoke { 0.01 } else { 0.3 });
+    let control = Control::new(if bench.smoke { 0.01 } else { 0.3 }, false);
     let quiet_threshold = 1.8;
     let mut table = Vec::new();
     let mut all_controls = Vec::new();

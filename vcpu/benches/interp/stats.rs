@@ -1,8 +1,7 @@
-//! What one run measured, the statistics over rounds, and the host control
-//! (how much of a second core the machine gives at the moment).
+//! What one run measured and how it is shown (the statistics are in
+//! [`common`](crate::common), shared with the `exits` bench).
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+use crate::common::{max, median, min};
 
 /// One run: the guest's iterations (summed over its CPUs) between the first
 /// start marker and the last end marker, and, where the backend's threads
@@ -37,27 +36,6 @@ impl Run {
     }
 }
 
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-pub fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-pub fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-}
-
 /// `median [min, max]` of `v`, each formatted by `f`.
 pub fn spread(v: &[f64], f: impl Fn(f64) -> String) -> String {
     if v.is_empty() {
@@ -75,65 +53,4 @@ pub fn mega(x: f64) -> String {
 /// A ratio with 2 decimals and a `×`.
 pub fn times(x: f64) -> String {
     format!("{x:.2}×")
-}
-
-/// The CPU time of the calling thread (user + system).
-pub fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer; the clock id is a constant.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(r, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// Host CPU work (no guest): `iterations` steps of an integer hash.
-fn spin(iterations: u64) -> u64 {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for i in 0..iterations {
-        x = black_box(x.rotate_left(5) ^ i).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    x
-}
-
-/// How much host work `threads` threads get done per second.
-fn spin_rate(threads: u32, iterations: u64) -> f64 {
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| black_box(spin(iterations)));
-        }
-    });
-    f64::from(threads) * iterations as f64 / t.elapsed().as_secs_f64()
-}
-
-/// The host control: two threads of integer work ÷ one, each about
-/// `seconds` long — about 2 when the machine gives two cores.
-pub struct Control {
-    iterations: u64,
-}
-
-impl Control {
-    pub fn new(seconds: f64) -> Control {
-        let t = Instant::now();
-        spin(10_000_000);
-        let per_second = 1e7 / t.elapsed().as_secs_f64();
-        Control { iterations: (per_second * seconds) as u64 }
-    }
-
-    pub fn measure(&self) -> f64 {
-        let one = spin_rate(1, self.iterations);
-        spin_rate(2, self.iterations) / one
-    }
-}
-
-pub fn env_u32(name: &str, default: u32) -> u32 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A pause before each run (`TOPOS_BENCH_GAP_MS`, default 50), so that the
-/// previous run's process or VM is gone.
-pub fn settle() {
-    static GAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *GAP.get_or_init(|| u64::from(env_u32("TOPOS_BENCH_GAP_MS", 50)));
-    std::thread::sleep(Duration::from_millis(ms));
 }

@@ -3,8 +3,9 @@
 //! port; and the `dec ecx; jnz` loop through the interpreter's library API
 //! alone ([`Cpu::run`], no board).
 
+use super::common::thread_cpu;
 use super::guest::{self, Kind, MARK_PORT};
-use super::stats::{thread_cpu, Run};
+use super::stats::Run;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use topos_devices::uart::SerialSink;
