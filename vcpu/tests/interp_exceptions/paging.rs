@@ -108,33 +108,35 @@ fn expect_pf3(g: &mut Guest, before: &Before, at: u32, code: u32, fault_la: u32)
     assert_eq!(d.cr2, fault_la, "CR2");
 }
 
+/// Runs `insn` (paging enabled, then `setup`) at ring 0, or at ring 3 if
+/// `ring3`, and expects `#PF(code)` at it with CR2 = `fault_la`.
+fn pf_on(
+    mode: Paging,
+    ring3: bool,
+    setup: impl FnOnce(&Guest),
+    insn: impl FnOnce(&mut Asm) -> Result<(), IcedError>,
+    code: u32,
+    fault_la: u32,
+) {
+    let (mut g, before, c) = paged(mode, ring3, setup, |a| {
+        a.mark("fault");
+        insn(a)?;
+        a.hlt()
+    });
+    if ring3 {
+        expect_pf3(&mut g, &before, c.at("fault"), code, fault_la);
+    } else {
+        expect_pf(&mut g, &before, c.at("fault"), code, fault_la);
+    }
+}
+
 const MODES: [Paging; 2] = [Paging::Bits32, Paging::Pae];
 
 #[test]
 fn not_present_read_and_write() {
     for mode in MODES {
-        let (mut g, before, c) = paged(
-            mode,
-            false,
-            |g| set_pte(g, mode, PAGE, 0),
-            |a| {
-                a.mark("fault");
-                a.mov(eax, dword_ptr(PAGE + 0x10))?;
-                a.hlt()
-            },
-        );
-        expect_pf(&mut g, &before, c.at("fault"), 0, PAGE + 0x10);
-        let (mut g, before, c) = paged(
-            mode,
-            false,
-            |g| set_pte(g, mode, PAGE, 0),
-            |a| {
-                a.mark("fault");
-                a.mov(dword_ptr(PAGE + 0x20), eax)?;
-                a.hlt()
-            },
-        );
-        expect_pf(&mut g, &before, c.at("fault"), E_W, PAGE + 0x20);
+        pf_on(mode, false, |g| set_pte(g, mode, PAGE, 0), |a| a.mov(eax, dword_ptr(PAGE + 0x10)), 0, PAGE + 0x10);
+        pf_on(mode, false, |g| set_pte(g, mode, PAGE, 0), |a| a.mov(dword_ptr(PAGE + 0x20), eax), E_W, PAGE + 0x20);
     }
 }
 
@@ -162,29 +164,9 @@ fn read_modify_write_faults_as_a_write() {
     // a read). Found by the paging differential test against QEMU.
     for mode in MODES {
         for (name, rmw) in RMWS {
-            let (mut g, before, c) = paged(
-                mode,
-                false,
-                |g| set_pte(g, mode, PAGE, 0),
-                |a| {
-                    a.mark("fault");
-                    rmw(a)?;
-                    a.hlt()
-                },
-            );
             println!("{name} ({mode:?})");
-            expect_pf(&mut g, &before, c.at("fault"), E_W, PAGE + 8);
-            let (mut g, before, c) = paged(
-                mode,
-                true,
-                |g| set_pte(g, mode, PAGE, u64::from(PAGE) | P | RW),
-                |a| {
-                    a.mark("fault");
-                    rmw(a)?;
-                    a.hlt()
-                },
-            );
-            expect_pf3(&mut g, &before, c.at("fault"), E_P | E_W | E_U, PAGE + 8);
+            pf_on(mode, false, |g| set_pte(g, mode, PAGE, 0), rmw, E_W, PAGE + 8);
+            pf_on(mode, true, |g| set_pte(g, mode, PAGE, u64::from(PAGE) | P | RW), rmw, E_P | E_W | E_U, PAGE + 8);
         }
     }
 }
@@ -206,8 +188,6 @@ fn write_to_read_only_with_and_without_wp() {
         g.cpu.state_mut().cr0 &= !cr0::WP;
         g.cpu.state_mut().halted = false;
         g.cpu.state_mut().eip = c.at("fault");
-        let before = g.state().clone();
-        let _ = before;
         g.cpu.step();
         assert_eq!(g.read_u32(PAGE + 4), 0x1234_5678, "WP = 0: a supervisor write to a read-only page ({mode:?})");
     }
@@ -216,28 +196,22 @@ fn write_to_read_only_with_and_without_wp() {
 #[test]
 fn user_access_to_a_supervisor_page_and_user_write_to_read_only() {
     for mode in MODES {
-        let (mut g, before, c) = paged(
+        pf_on(
             mode,
             true,
             |g| set_pte(g, mode, PAGE, u64::from(PAGE) | P | RW),
-            |a| {
-                a.mark("fault");
-                a.mov(eax, dword_ptr(PAGE + 8))?;
-                a.hlt()
-            },
+            |a| a.mov(eax, dword_ptr(PAGE + 8)),
+            E_P | E_U,
+            PAGE + 8,
         );
-        expect_pf3(&mut g, &before, c.at("fault"), E_P | E_U, PAGE + 8);
-        let (mut g, before, c) = paged(
+        pf_on(
             mode,
             true,
             |g| set_pte(g, mode, PAGE, u64::from(PAGE) | P | US),
-            |a| {
-                a.mark("fault");
-                a.mov(dword_ptr(PAGE + 12), eax)?;
-                a.hlt()
-            },
+            |a| a.mov(dword_ptr(PAGE + 12), eax),
+            E_P | E_W | E_U,
+            PAGE + 12,
         );
-        expect_pf3(&mut g, &before, c.at("fault"), E_P | E_W | E_U, PAGE + 12);
     }
 }
 
@@ -280,17 +254,7 @@ fn access_straddling_into_a_bad_page() {
         );
         expect_pf(&mut g, &before, c.at("fault"), E_P | E_W, PAGE);
         assert_eq!(g.read(PAGE - 2, 4), [0; 4], "nothing written ({mode:?})");
-        let (mut g, before, c) = paged(
-            mode,
-            false,
-            |g| set_pte(g, mode, PAGE, 0),
-            |a| {
-                a.mark("fault");
-                a.mov(eax, dword_ptr(PAGE - 1))?;
-                a.hlt()
-            },
-        );
-        expect_pf(&mut g, &before, c.at("fault"), 0, PAGE);
+        pf_on(mode, false, |g| set_pte(g, mode, PAGE, 0), |a| a.mov(eax, dword_ptr(PAGE - 1)), 0, PAGE);
     }
 }
 
@@ -324,29 +288,23 @@ fn large_pages() {
         expect_pf(&mut g, &before, c.at("fault"), E_P | E_W, LARGE + DATA + 4);
         assert_eq!(g.state().gpr[3], 0x5566_7788, "read through the large page ({mode:?})");
         // Supervisor-only, from ring 3.
-        let (mut g, before, c) = paged(
+        pf_on(
             mode,
             true,
             |g| large_page(g, mode, P | RW),
-            |a| {
-                a.mark("fault");
-                a.mov(ebx, dword_ptr(LARGE + DATA))?;
-                a.hlt()
-            },
+            |a| a.mov(ebx, dword_ptr(LARGE + DATA)),
+            E_P | E_U,
+            LARGE + DATA,
         );
-        expect_pf3(&mut g, &before, c.at("fault"), E_P | E_U, LARGE + DATA);
         // Not present.
-        let (mut g, before, c) = paged(
+        pf_on(
             mode,
             false,
             |g| large_page(g, mode, RW),
-            |a| {
-                a.mark("fault");
-                a.mov(dword_ptr(LARGE + 0x12345), ebx)?;
-                a.hlt()
-            },
+            |a| a.mov(dword_ptr(LARGE + 0x12345), ebx),
+            E_W,
+            LARGE + 0x12345,
         );
-        expect_pf(&mut g, &before, c.at("fault"), E_W, LARGE + 0x12345);
     }
 }
 
@@ -385,28 +343,22 @@ fn pae_reserved_bits() {
     // Bit 63 (NX) is reserved without EFER.NXE, and so are a 2 MiB page's
     // bits 13-20 (address bits from MAXPHYADDR up: see
     // `address_bits_from_maxphyaddr_up_are_reserved`).
-    let (mut g, before, c) = paged(
+    pf_on(
         Paging::Pae,
         false,
         |g| set_pte(g, Paging::Pae, PAGE, u64::from(PAGE) | P | RW | (1 << 63)),
-        |a| {
-            a.mark("fault");
-            a.mov(eax, dword_ptr(PAGE))?;
-            a.hlt()
-        },
+        |a| a.mov(eax, dword_ptr(PAGE)),
+        E_P | E_RSVD,
+        PAGE,
     );
-    expect_pf(&mut g, &before, c.at("fault"), E_P | E_RSVD, PAGE);
-    let (mut g, before, c) = paged(
+    pf_on(
         Paging::Pae,
         false,
         |g| large_page(g, Paging::Pae, P | RW | (1 << 13)),
-        |a| {
-            a.mark("fault");
-            a.mov(dword_ptr(LARGE), eax)?;
-            a.hlt()
-        },
+        |a| a.mov(dword_ptr(LARGE), eax),
+        E_P | E_W | E_RSVD,
+        LARGE,
     );
-    expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
 }
 
 #[test]
@@ -417,44 +369,35 @@ fn address_bits_from_maxphyaddr_up_are_reserved() {
     // differential test against QEMU (whose MAXPHYADDR is 40: it agrees
     // on bits 40-62 and bit 21).
     for bit in [36, 40, 51, 52, 62] {
-        let (mut g, before, c) = paged(
+        println!("PAE PTE bit {bit}");
+        pf_on(
             Paging::Pae,
             false,
             |g| set_pte(g, Paging::Pae, PAGE, u64::from(PAGE) | P | RW | (1 << bit)),
-            |a| {
-                a.mark("fault");
-                a.mov(eax, dword_ptr(PAGE))?;
-                a.hlt()
-            },
+            |a| a.mov(eax, dword_ptr(PAGE)),
+            E_P | E_RSVD,
+            PAGE,
         );
-        println!("PAE PTE bit {bit}");
-        expect_pf(&mut g, &before, c.at("fault"), E_P | E_RSVD, PAGE);
-        let (mut g, before, c) = paged(
+        println!("PAE 2 MiB PDE bit {bit}");
+        pf_on(
             Paging::Pae,
             false,
             |g| large_page(g, Paging::Pae, P | RW | (1 << bit)),
-            |a| {
-                a.mark("fault");
-                a.mov(dword_ptr(LARGE), eax)?;
-                a.hlt()
-            },
+            |a| a.mov(dword_ptr(LARGE), eax),
+            E_P | E_W | E_RSVD,
+            LARGE,
         );
-        println!("PAE 2 MiB PDE bit {bit}");
-        expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
     }
     for bit in [17, 21] {
-        let (mut g, before, c) = paged(
+        println!("4 MiB PDE bit {bit}");
+        pf_on(
             Paging::Bits32,
             false,
             |g| large_page(g, Paging::Bits32, P | RW | (1 << bit)),
-            |a| {
-                a.mark("fault");
-                a.mov(dword_ptr(LARGE), eax)?;
-                a.hlt()
-            },
+            |a| a.mov(dword_ptr(LARGE), eax),
+            E_P | E_W | E_RSVD,
+            LARGE,
         );
-        println!("4 MiB PDE bit {bit}");
-        expect_pf(&mut g, &before, c.at("fault"), E_P | E_W | E_RSVD, LARGE);
     }
 }
 
@@ -462,7 +405,7 @@ fn address_bits_from_maxphyaddr_up_are_reserved() {
 fn a_fixed_entry_works_after_the_fault() {
     // The handler's fix (here the host's) and a retry: the TLB holds no
     // stale not-present entry.
-    let (mut g, before, c) = paged(
+    let (mut g, _, _) = paged(
         Paging::Bits32,
         false,
         |g| set_pte(g, Paging::Bits32, PAGE, 0),
@@ -472,7 +415,6 @@ fn a_fixed_entry_works_after_the_fault() {
             a.hlt()
         },
     );
-    let _ = (before, c);
     let d = g.deliver();
     assert_eq!((d.vector, d.slots[0], d.cr2), (14, E_W, PAGE), "the first write faults");
     set_pte(&g, Paging::Bits32, PAGE, u64::from(PAGE) | P | RW | US);
