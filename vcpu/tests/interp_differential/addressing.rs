@@ -2,7 +2,7 @@
 //! generator picks the form and the target, then the registers (and
 //! displacement) that reach it, and emits the `mov`s that set them.
 
-use super::gen::{gpr, Gen};
+use super::gen::{gpr, holder, Gen};
 use super::layout::WINDOW;
 use super::registry::Profile;
 use iced_x86::{Code, Instruction, MemoryOperand, Register};
@@ -20,22 +20,6 @@ const FORMS16: [(Register, Register); 8] = [
     (Register::BP, Register::None),
     (Register::BX, Register::None),
 ];
-
-/// The 32-bit register's number (0-7, encoding order) for a 16- or 32-bit
-/// register.
-fn number(r: Register) -> usize {
-    let all = [
-        Register::EAX,
-        Register::ECX,
-        Register::EDX,
-        Register::EBX,
-        Register::ESP,
-        Register::EBP,
-        Register::ESI,
-        Register::EDI,
-    ];
-    all.iter().position(|&x| x == r.full_register32()).expect("a general register")
-}
 
 impl Gen {
     /// A segment override, sometimes (none in 64-bit-compatible code but
@@ -155,7 +139,7 @@ impl Gen {
         let usable: Vec<(Register, Register)> = FORMS16
             .iter()
             .copied()
-            .filter(|&(b, i)| avoid & (1 << number(b)) == 0 && (i == Register::None || avoid & (1 << number(i)) == 0))
+            .filter(|&(b, i)| avoid & (1 << holder(b)) == 0 && (i == Register::None || avoid & (1 << holder(i)) == 0))
             .collect();
         if usable.is_empty() || self.rng.random_bool(0.1) {
             return (MemoryOperand::new(Register::None, Register::None, 1, i64::from(target), 2, false, seg), vec![]);

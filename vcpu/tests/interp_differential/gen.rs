@@ -80,7 +80,7 @@ pub fn gpr(bits: u32, n: usize) -> Register {
 }
 
 /// The number of the 32-bit register holding `r` (AH is in EAX).
-fn holder(r: Register) -> usize {
+pub(super) fn holder(r: Register) -> usize {
     (0..8).find(|&n| gpr(32, n) == r.full_register32()).expect("a general register")
 }
 
