@@ -9,15 +9,14 @@ mod support;
 
 use std::sync::Arc;
 use std::time::Instant;
-use support::{kvm_machine as machine, wait_bounded, KvmMachine as Machine, WATCHDOG};
-use topos_vcpu::backend::VcpuBackend;
+use support::{kvm_machine as machine, wait_bounded, wait_until, KvmMachine as Machine, WATCHDOG};
 use topos_vcpu::board::multiboot::Flat32Entry;
 use topos_vcpu::control::Activity;
 use topos_vcpu::kvm::KvmVcpu;
-use topos_vcpu::vm::{StopReason, Vm};
+use topos_vcpu::vm::StopReason;
 
 /// A vCPU in real mode at `ip` (segment 0), with `bx` set.
-fn vcpu_at(m: &Machine, index: u32, ip: u64, bx: u64) -> Box<dyn VcpuBackend> {
+fn vcpu_at(m: &Machine, index: u32, ip: u64, bx: u64) -> KvmVcpu {
     let mut v: KvmVcpu = m.kvm.create_vcpu(index).unwrap();
     let mut sregs = v.fd().get_sregs().unwrap();
     for s in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
@@ -35,7 +34,7 @@ fn vcpu_at(m: &Machine, index: u32, ip: u64, bx: u64) -> Box<dyn VcpuBackend> {
     // LAPIC; these tests start every vCPU directly.
     let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
     v.fd().set_mp_state(runnable).unwrap();
-    Box::new(v)
+    v
 }
 
 #[test]
@@ -43,7 +42,7 @@ fn a_debug_exit_write_stops_the_vm_with_qemus_status() {
     let Some(m) = machine() else { return };
     // mov al, 0x10; out 0xf4, al; hlt
     m.ram.ram().unwrap().write(0x1000, &[0xb0, 0x10, 0xe6, 0xf4, 0xf4]).unwrap();
-    let vm = Vm::start(vec![vcpu_at(&m, 0, 0x1000, 0)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
+    let vm = m.start(vec![vcpu_at(&m, 0, 0x1000, 0)]);
     let reason = wait_bounded(vm);
     assert_eq!(reason, StopReason::DebugExit(0x21));
     assert_eq!(reason.exit_status(), 0x21);
@@ -51,11 +50,7 @@ fn a_debug_exit_write_stops_the_vm_with_qemus_status() {
 
 /// Waits (bounded) until the counter at `addr` moves past `from`.
 fn wait_moves(m: &Machine, addr: u64, from: u32) {
-    let deadline = Instant::now() + WATCHDOG;
-    while m.read_u32(addr) == from {
-        assert!(Instant::now() < deadline, "the vCPU counting at {addr:#x} did not run");
-        std::thread::yield_now();
-    }
+    wait_until(&format!("the vCPU counting at {addr:#x} runs"), || m.read_u32(addr) != from);
 }
 
 #[test]
@@ -65,8 +60,8 @@ fn pausing_resuming_and_kicking_running_vcpus_never_loses_a_kick() {
     // vCPU out of KVM_RUN.
     m.ram.ram().unwrap().write(0x1000, &[0x66, 0xff, 0x07, 0xeb, 0xfb]).unwrap();
     let counters = [0x2000u64, 0x2040];
-    let backends = counters.iter().enumerate().map(|(i, &c)| vcpu_at(&m, i as u32, 0x1000, c)).collect();
-    let vm = Vm::start(backends, &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
+    let vcpus = counters.iter().enumerate().map(|(i, &c)| vcpu_at(&m, i as u32, 0x1000, c)).collect();
+    let vm = m.start(vcpus);
     for &c in &counters {
         wait_moves(&m, c, 0);
     }
@@ -140,16 +135,9 @@ fn an_ioeventfd_is_signalled_by_kvm_without_an_exit_before_and_after_a_move() {
     ];
     m.ram.ram().unwrap().write(0x1000, &code).unwrap();
     let v = m.vcpu_flat32(0, Flat32Entry { eip: 0x1000, eax: 0, ebx: 0x9000 });
-    let vm = Vm::start(vec![Box::new(v)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
+    let vm = m.start(vec![v]);
     let before = wait_signalled(&e, 1000);
-    let wait_ram = |addr: u64, what: &str| {
-        let deadline = Instant::now() + WATCHDOG;
-        while m.read_u32(addr) != 7 {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::yield_now();
-        }
-    };
-    wait_ram(0xa000, "the other write did not reach RAM");
+    wait_until("the other write reaches RAM", || m.read_u32(0xa000) == 7);
 
     // KVM signalled: not one write exited (the runtime would signal too,
     // so the exit count is what tells).
@@ -162,7 +150,7 @@ fn an_ioeventfd_is_signalled_by_kvm_without_an_exit_before_and_after_a_move() {
     while e.read().is_ok() {}
     vm.resume();
     let after = wait_signalled(&e, 1000);
-    wait_ram(0x9000, "the write to the old address did not reach RAM");
+    wait_until("the write to the old address reaches RAM", || m.read_u32(0x9000) == 7);
     assert_eq!(vm.vcpus()[0].io_counts().mmio, 0, "doorbell writes exited after the move ({after} signals)");
     assert_eq!(dev.0.load(std::sync::atomic::Ordering::Relaxed), 0, "a doorbell write reached the device");
     assert_eq!(vm.stop(), StopReason::Requested);
@@ -204,12 +192,8 @@ fn coalesced_writes_do_not_exit_and_are_replayed_in_order_before_a_flushing_acce
     code.extend_from_slice(&[0xc7, 0x05, 0x00, 0x80, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xeb, 0xfe]);
     m.ram.ram().unwrap().write(0x1000, &code).unwrap();
     let v = m.vcpu_flat32(0, Flat32Entry { eip: 0x1000, eax: 0, ebx: 0x9000 });
-    let vm = Vm::start(vec![Box::new(v)], &m.spaces.memory, &m.spaces.io_space, m.latch.clone()).unwrap();
-    let deadline = Instant::now() + WATCHDOG;
-    while m.read_u32(0x8000) != 1 {
-        assert!(Instant::now() < deadline, "the guest did not run");
-        std::thread::yield_now();
-    }
+    let vm = m.start(vec![v]);
+    wait_until("the guest runs", || m.read_u32(0x8000) == 1);
     assert!(log.0.lock().unwrap().is_empty(), "coalesced writes reached the device before a flush");
     // The host reads the flushing register: the ring is drained first.
     assert_eq!(m.spaces.memory.read_u64(0xa000, 4), (3, topos_runtime::MemTxResult::Ok));
