@@ -43,9 +43,7 @@ fn vcpu(m: &KvmMachine, index: u32, eip: u64, acc: u64) -> KvmVcpu {
 
 /// 32-bit code assembled for [`CODE`].
 fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(32).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(CODE).unwrap()
+    support::harness_asm::asm(32, CODE as u32, f)
 }
 
 /// Guest code: `inc dword [RESULT]` for ever, with no exit.
