@@ -146,3 +146,18 @@ pub mod devices {
         matches!((log.iter().position(|&v| v == a), log.iter().position(|&v| v == b)), (Some(i), Some(j)) if i < j)
     }
 }
+
+/// Helpers shared by the vCPU models.
+pub mod vcpu {
+    use topos_vcpu::control::Kick;
+
+    /// A kick that does nothing: the models run no guest code to
+    /// interrupt (scripted runs return by themselves), so a vCPU thread
+    /// leaves a halt only through its control's condition variable.
+    pub struct NoKick;
+
+    impl Kick for NoKick {
+        fn kick(&self) {}
+        fn clear(&self) {}
+    }
+}

@@ -18,21 +18,24 @@
 use loom::thread;
 use std::sync::Arc;
 use topos_devices::irqchip::{Irqchip, LocalApic, Startup};
-use topos_vcpu::control::{Control, Kick};
-
-/// The vCPU thread only leaves a halt through the control's condition
-/// variable here: there is no guest code to interrupt.
-struct NoKick;
-
-impl Kick for NoKick {
-    fn kick(&self) {}
-    fn clear(&self) {}
-}
+use topos_loom_tests::vcpu::NoKick;
+use topos_vcpu::control::Control;
 
 const EOI: u32 = 0xb0;
 const SVR: u32 = 0xf0;
 const ICR: u32 = 0x300;
 const ICR2: u32 = 0x310;
+
+/// Two CPUs, each local APIC software-enabled (SVR 0x1ff): the chip, the
+/// boot processor's local APIC and the application processor's.
+fn two_cpus() -> (Arc<Irqchip>, LocalApic, LocalApic) {
+    let chip = Irqchip::new(2);
+    let mut bsp = chip.take_lapic(0).unwrap();
+    let mut ap = chip.take_lapic(1).unwrap();
+    bsp.write(SVR, 0x1ff);
+    ap.write(SVR, 0x1ff);
+    (chip, bsp, ap)
+}
 
 /// A control for CPU `cpu`, installed as that CPU's waker.
 fn control_for(chip: &Irqchip, cpu: u32) -> Arc<Control> {
@@ -111,11 +114,7 @@ fn send(apic: &mut LocalApic, dest: u8, low: u32) {
 #[test]
 fn an_ipi_racing_a_halt_is_never_lost() {
     loom::model(|| {
-        let chip = Irqchip::new(2);
-        let mut bsp = chip.take_lapic(0).unwrap();
-        let mut ap = chip.take_lapic(1).unwrap();
-        bsp.write(SVR, 0x1ff);
-        ap.write(SVR, 0x1ff);
+        let (chip, mut bsp, ap) = two_cpus();
         let control = control_for(&chip, 1);
         let v = vcpu_until_interrupt(control, ap);
         // Fixed IPI, physical destination 1, vector 0x50.
@@ -127,11 +126,7 @@ fn an_ipi_racing_a_halt_is_never_lost() {
 #[test]
 fn an_ipi_racing_the_vcpu_taking_another_is_never_lost() {
     loom::model(|| {
-        let chip = Irqchip::new(2);
-        let mut bsp = chip.take_lapic(0).unwrap();
-        let mut ap = chip.take_lapic(1).unwrap();
-        bsp.write(SVR, 0x1ff);
-        ap.write(SVR, 0x1ff);
+        let (chip, mut bsp, ap) = two_cpus();
         let control = control_for(&chip, 1);
         let v = vcpu_taking(control, ap, 2);
         // The second may arrive while the vCPU looks at the first.
@@ -146,11 +141,7 @@ fn an_ipi_racing_the_vcpu_taking_another_is_never_lost() {
 #[test]
 fn an_interrupt_racing_the_vcpu_taking_an_nmi_is_never_lost() {
     loom::model(|| {
-        let chip = Irqchip::new(2);
-        let mut bsp = chip.take_lapic(0).unwrap();
-        let mut ap = chip.take_lapic(1).unwrap();
-        bsp.write(SVR, 0x1ff);
-        ap.write(SVR, 0x1ff);
+        let (chip, mut bsp, mut ap) = two_cpus();
         let control = control_for(&chip, 1);
         // The core's loop: NMIs and interrupts are taken when the attention
         // flag says so; before halting, a pending NMI is taken instead.
@@ -220,11 +211,7 @@ fn init_and_sipi_racing_halts_start_the_ap() {
 #[test]
 fn an_event_posted_before_the_waker_is_set_is_not_lost() {
     loom::model(|| {
-        let chip = Irqchip::new(2);
-        let mut bsp = chip.take_lapic(0).unwrap();
-        let mut ap = chip.take_lapic(1).unwrap();
-        bsp.write(SVR, 0x1ff);
-        ap.write(SVR, 0x1ff);
+        let (chip, mut bsp, ap) = two_cpus();
         // The vCPU runs before the machine installs its waker.
         let control = Arc::new(Control::new(Arc::new(NoKick)));
         let v = vcpu_until_interrupt(control.clone(), ap);

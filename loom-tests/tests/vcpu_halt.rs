@@ -14,15 +14,8 @@
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::thread;
 use std::sync::Arc;
-use topos_vcpu::control::{Control, HaltGroup, Kick};
-
-/// Scripted guest code returns by itself: there is nothing to interrupt.
-struct NoKick;
-
-impl Kick for NoKick {
-    fn kick(&self) {}
-    fn clear(&self) {}
-}
+use topos_loom_tests::vcpu::NoKick;
+use topos_vcpu::control::{Control, HaltGroup};
 
 /// How one scripted run ends.
 enum Run {
