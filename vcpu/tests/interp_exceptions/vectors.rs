@@ -453,7 +453,6 @@ fn int_n_soft_interrupt(mode: Mode) {
             a.hlt()
         });
     }
-    let _ = flag::IF;
 }
 
 #[test]
