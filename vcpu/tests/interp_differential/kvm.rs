@@ -14,7 +14,7 @@ use std::time::Duration;
 use topos_runtime::{MemoryRegion, StandardSpaces, Topology};
 use topos_vcpu::backend::VcpuBackend;
 use topos_vcpu::control::Kick;
-use topos_vcpu::kvm::{KvmVcpu, KvmVm};
+use topos_vcpu::kvm::{flat_segment, KvmVcpu, KvmVm};
 
 /// How long one case may run on KVM before the watchdog kicks it out.
 const CASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,19 +63,10 @@ fn segment(env: Env, selector: u16, type_: u8, code: bool) -> kvm_segment {
     }
     let long_code = code && env == Env::Long3;
     kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
         dpl: (selector & 3) as u8,
         db: u8::from(!long_code),
-        s: 1,
         l: u8::from(long_code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+        ..flat_segment(selector, type_)
     }
 }
 
