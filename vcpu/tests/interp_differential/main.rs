@@ -99,30 +99,7 @@ use registry::Profile;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// Which cases a comparison runs.
-struct Seeds {
-    first: u64,
-    count: u64,
-    /// One case, printed even if it passes.
-    verbose: bool,
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
-}
-
-fn seeds(default_count: u64) -> Seeds {
-    if let Some(seed) = env_u64("TOPOS_DIFF_SEED") {
-        return Seeds { first: seed, count: 1, verbose: true };
-    }
-    Seeds {
-        first: env_u64("TOPOS_DIFF_FIRST").unwrap_or(0),
-        count: env_u64("TOPOS_DIFF_CASES").unwrap_or(default_count),
-        verbose: false,
-    }
-}
+use support::{env_u64, Seeds};
 
 /// The KVM runner, or `None` with the reason printed.
 fn kvm() -> Option<KvmRunner> {
@@ -241,7 +218,7 @@ struct Comparison {
 impl Comparison {
     /// Runs the cases on `a` and `b` (each runs a batch) and compares them.
     fn run(&self, mut a: impl FnMut(&[Case]) -> Vec<Outcome>, mut b: impl FnMut(&[Case]) -> Vec<Outcome>) -> Tally {
-        let s = seeds(self.default_count);
+        let s = Seeds::from_env("TOPOS_DIFF", self.default_count);
         let started = Instant::now();
         let mut t = Tally::default();
         let mut seed = s.first;
@@ -446,7 +423,7 @@ fn pvm_ring0_matches_native() {
 #[test]
 fn generated_cases_run_to_their_end_on_kvm() {
     let Some(mut k) = kvm() else { return };
-    let s = seeds(300);
+    let s = Seeds::from_env("TOPOS_DIFF", 300);
     for (profile, env) in [(Profile::Native, Env::Long3), (Profile::Prot32, Env::Prot32), (Profile::Real, Env::Real)] {
         for seed in s.first..s.first + s.count {
             let case = Case::new(profile, seed, Options { strict: true, pvm: true, qemu: false });

@@ -27,24 +27,18 @@ use super::layout::*;
 use super::outcome::{End, Outcome, State};
 use super::registry::Profile;
 use crate::support::harness_asm::{asm, jmp_far};
+use crate::support::qemu_shared_ram::{Bios, Config, SharedRamQemu, ROM};
 use iced_x86::code_asm::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::Command;
 
 /// The spacing of the fault stubs.
 const STUB: u32 = 32;
-/// The BIOS's place: the last 64 KiB below 4 GiB (and its alias at
-/// `f000:0000`).
-const ROM: u32 = 0xffff_0000;
-/// ROM offsets of the harness's parts.
+/// ROM offsets of the harness's parts (after the shared skeleton's reset
+/// code and GDTR).
 mod rom {
-    /// Real mode, from the reset vector: into protected mode.
-    pub const INIT: u32 = 0x0000;
-    /// The GDTR, IDTR (32-bit) and IVT pseudo-descriptors, and the window's
+    /// The IDTR (32-bit) and IVT pseudo-descriptors, and the window's
     /// real-mode segment.
-    pub const GDTR: u32 = 0x0100;
     pub const IDTR: u32 = 0x0110;
     pub const IVTR: u32 = 0x0120;
     pub const WINDOW_SEG: u32 = 0x0130;
@@ -103,39 +97,21 @@ const REC_CODE_MAX: usize = 0x1000;
 
 /// The 64 KiB BIOS image holding the harness.
 fn bios() -> Vec<u8> {
-    let mut image = vec![0xf4u8; 0x1_0000];
-    let mut put = |offset: u32, bytes: &[u8]| {
-        let o = offset as usize;
-        image[o..o + bytes.len()].copy_from_slice(bytes);
-    };
     // Real mode: protected mode with the runner's GDT.
-    put(
-        rom::INIT,
-        &asm(16, rom::INIT, |a| {
-            a.cli()?;
-            a.lgdt(ptr(rom::GDTR).cs())?;
-            a.mov(eax, cr0)?;
-            a.or(eax, 1)?;
-            a.mov(cr0, eax)?;
-            jmp_far(a, SEL_CODE32, ROM + rom::MAIN, true)
-        }),
-    );
-    let mut gdtr = (GDT_LIMIT).to_le_bytes().to_vec();
-    gdtr.extend((GDT as u32).to_le_bytes());
-    put(rom::GDTR, &gdtr);
+    let mut bios = Bios::new(GDT as u32, GDT_LIMIT, SEL_CODE32, rom::MAIN);
     let mut idtr = (u16::from(VECTORS) * 8 - 1).to_le_bytes().to_vec();
     idtr.extend((IDT32 as u32).to_le_bytes());
-    put(rom::IDTR, &idtr);
+    bios.put(rom::IDTR, &idtr);
     let mut ivtr = (u16::from(VECTORS) * 4 - 1).to_le_bytes().to_vec();
     ivtr.extend(0u32.to_le_bytes());
-    put(rom::IVTR, &ivtr);
-    put(rom::WINDOW_SEG, &((WINDOW >> 4) as u16).to_le_bytes());
+    bios.put(rom::IVTR, &ivtr);
+    bios.put(rom::WINDOW_SEG, &((WINDOW >> 4) as u16).to_le_bytes());
     let var = |off: u32| RM_RAM + off;
     let (main, next_ip) = main_loop();
-    put(rom::MAIN, &main);
+    bios.put(rom::MAIN, &main);
     // A ring-0 case's way back, and its fault stubs (note the vector, then
     // save).
-    put(
+    bios.put(
         rom::PM_END,
         &asm(32, ROM + rom::PM_END, |a| {
             a.mov(dword_ptr(var(KIND)), 1)?;
@@ -144,7 +120,7 @@ fn bios() -> Vec<u8> {
     );
     for v in 0..u32::from(VECTORS) {
         let at = rom::PM_STUBS + STUB * v;
-        put(
+        bios.put(
             at,
             &asm(32, ROM + at, |a| {
                 a.mov(byte_ptr(var(VECTOR)), v)?;
@@ -153,12 +129,10 @@ fn bios() -> Vec<u8> {
             }),
         );
     }
-    put(rom::COLLECT, &collect(next_ip));
-    put(rom::RM_LAUNCH, &rm_launch());
-    put(rom::RM_RAM, &rm_ram());
-    // The reset vector.
-    put(0xfff0, &asm(16, 0xfff0, |a| jmp_far(a, 0xf000, rom::INIT, false)));
-    image
+    bios.put(rom::COLLECT, &collect(next_ip));
+    bios.put(rom::RM_LAUNCH, &rm_launch());
+    bios.put(rom::RM_RAM, &rm_ram());
+    bios.image()
 }
 
 /// The main loop, and the address of its `next` (where the collector
@@ -388,33 +362,27 @@ fn code_for_qemu(case: &Case) -> Vec<u8> {
     code
 }
 
-/// `qemu-system-x86_64` and a scratch directory for its RAM file.
-pub struct QemuRunner {
-    qemu: PathBuf,
-    dir: PathBuf,
-    bios: PathBuf,
-}
+/// QEMU over a RAM file shared with it.
+pub struct QemuRunner(SharedRamQemu);
 
 impl QemuRunner {
     /// The runner, if QEMU is installed (says why not otherwise).
     pub fn new() -> Option<QemuRunner> {
-        let qemu = super::support::find_qemu()?;
-        static RUNNERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = RUNNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("topos-diff-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let bios = dir.join("harness.bin");
-        std::fs::write(&bios, bios_image()).expect("the BIOS image");
-        Some(QemuRunner { qemu, dir, bios })
+        // QEMU's own trace of interrupts and resets, for the harness.
+        let config = Config {
+            scratch: "topos-diff",
+            cpu: "max",
+            log_env: "TOPOS_DIFF_QEMU_LOG",
+            log: "int,cpu_reset,guest_errors,in_asm",
+        };
+        SharedRamQemu::new(config, &bios()).map(QemuRunner)
     }
 
     /// Runs `cases` (ring-0 and real-mode profiles) in one QEMU.
     pub fn run(&mut self, cases: &[Case]) -> Vec<Outcome> {
         let n = cases.len() as u64;
         let ram_size = (RECORDS + n * RECORD).next_multiple_of(1 << 20).max(16 << 20);
-        let path = self.dir.join("ram");
-        let file = File::create(&path).expect("the RAM file");
-        file.set_len(ram_size).expect("the RAM file's size");
+        let (path, file) = self.0.ram_file(ram_size);
         for (addr, bytes) in tables() {
             file.write_all_at(&bytes, addr).unwrap();
         }
@@ -432,41 +400,13 @@ impl QemuRunner {
             file.write_all_at(&code, rec + REC_CODE).unwrap();
             file.write_all_at(&case.window, rec + REC_WINDOW_IN).unwrap();
         }
-        drop(file);
-        let mut debug = vec![];
-        if let Ok(log) = std::env::var("TOPOS_DIFF_QEMU_LOG") {
-            // QEMU's own trace of interrupts and resets, for the harness.
-            debug = vec!["-d".to_string(), "int,cpu_reset,guest_errors,in_asm".into(), "-D".into(), log];
-        }
-        let backend = format!("memory-backend-file,id=ram,size={ram_size},mem-path={},share=on", path.display());
-        let run = super::support::run_with_watchdog(
-            Command::new(&self.qemu)
-                .args(["-machine", "pc,accel=tcg,memory-backend=ram", "-cpu", "max"])
-                .args(["-m", &format!("{}M", ram_size >> 20), "-object", &backend])
-                .arg("-bios")
-                .arg(&self.bios)
-                .args(["-nodefaults", "-display", "none", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-                .args(&debug),
-        );
+        let run = self.0.boot(&path, ram_size);
         assert_eq!(run.status, Some(1), "QEMU did not finish the batch: {run:?}");
-        let file = File::open(&path).unwrap();
         let outs =
             cases.iter().enumerate().map(|(i, case)| read_outcome(&file, RECORDS + i as u64 * RECORD, case)).collect();
         let _ = std::fs::remove_file(&path);
         outs
     }
-}
-
-impl Drop for QemuRunner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The BIOS image (built once per runner).
-fn bios_image() -> Vec<u8> {
-    bios()
 }
 
 /// Record `rec`'s outcome for `case`.

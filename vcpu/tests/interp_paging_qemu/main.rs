@@ -98,11 +98,6 @@ const DEFAULT_CASES: u64 = 800;
 /// Scenarios per QEMU process.
 const CHUNK: u64 = 200;
 
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
-}
-
 /// One scenario's full report.
 fn report(s: &Scenario, img: &Image, (q, i): (&Outcome, &Outcome), diffs: &[String]) -> String {
     let mut r = format!(
@@ -136,12 +131,7 @@ fn report(s: &Scenario, img: &Image, (q, i): (&Outcome, &Outcome), diffs: &[Stri
 fn interpreter_pages_as_qemu_tcg() {
     let Some(mut q) = qemu::QemuRunner::new() else { return };
     let mut interp = InterpRunner::new();
-    let (first, count, verbose) = match env_u64("TOPOS_PAGING_SEED") {
-        Some(s) => (s, 1, true),
-        None => {
-            (env_u64("TOPOS_PAGING_FIRST").unwrap_or(0), env_u64("TOPOS_PAGING_CASES").unwrap_or(DEFAULT_CASES), false)
-        }
-    };
+    let support::Seeds { first, count, verbose } = support::Seeds::from_env("TOPOS_PAGING", DEFAULT_CASES);
     let started = Instant::now();
     let (mut mismatches, mut harness, mut faults, mut steps) = (vec![], vec![], 0usize, 0usize);
     let mut modes = std::collections::BTreeMap::<String, u64>::new();

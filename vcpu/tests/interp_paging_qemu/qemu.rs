@@ -15,17 +15,12 @@ use super::guest::Image;
 use super::layout::*;
 use super::outcome::{End, Outcome};
 use crate::support::harness_asm::{asm, jmp_far};
+use crate::support::qemu_shared_ram::{Bios, Config, SharedRamQemu, GDTR, ROM};
 use iced_x86::code_asm::*;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::Command;
 
-/// The BIOS: the last 64 KiB below 4 GiB.
-const ROM: u32 = 0xffff_0000;
-/// ROM offsets: the way into protected mode (at reset), the GDTR, the
-/// main loop (32-bit) and the way back from a scenario.
-const INIT: u32 = 0x0;
-const GDTR: u32 = 0x100;
+/// ROM offsets (after the shared skeleton's): the main loop (32-bit) and
+/// the way back from a scenario.
 const MAIN: u32 = 0x1000;
 const BACK: u32 = 0x2000;
 /// The harness's GDT (flat code 0x08, flat data 0x10, as the scenarios'),
@@ -44,25 +39,7 @@ const NXE: u32 = 1 << 11;
 
 /// The 64 KiB BIOS image.
 fn bios() -> Vec<u8> {
-    let mut image = vec![0xf4u8; 0x1_0000];
-    let mut put = |offset: u32, bytes: &[u8]| {
-        let o = offset as usize;
-        image[o..o + bytes.len()].copy_from_slice(bytes);
-    };
-    put(
-        INIT,
-        &asm(16, INIT, |a| {
-            a.cli()?;
-            a.lgdt(ptr(GDTR).cs())?;
-            a.mov(eax, cr0)?;
-            a.or(eax, 1)?;
-            a.mov(cr0, eax)?;
-            jmp_far(a, SEL_CODE0, ROM + MAIN, true)
-        }),
-    );
-    let mut gdtr = 23u16.to_le_bytes().to_vec();
-    gdtr.extend(GDT.to_le_bytes());
-    put(GDTR, &gdtr);
+    let mut bios = Bios::new(GDT, 23, SEL_CODE0, MAIN);
     let index = HEADER + 4;
     let segments = |a: &mut CodeAssembler| -> Result<(), IcedError> {
         a.mov(ax, u32::from(SEL_DATA0))?;
@@ -72,7 +49,7 @@ fn bios() -> Vec<u8> {
         a.mov(esp, HARNESS_STACK)?;
         a.cld()
     };
-    put(
+    bios.put(
         MAIN,
         &asm(32, ROM + MAIN, |a| {
             let mut next = a.create_label();
@@ -113,14 +90,14 @@ fn bios() -> Vec<u8> {
             a.hlt()
         }),
     );
-    put(
+    bios.put(
         BACK,
         &asm(32, ROM + BACK, |a| {
             a.lgdt(ptr(ROM + GDTR))?;
             jmp_far(a, SEL_CODE0, ROM + BACK + 0x20, true)
         }),
     );
-    put(
+    bios.put(
         BACK + 0x20,
         &asm(32, ROM + BACK + 0x20, |a| {
             segments(a)?;
@@ -136,26 +113,22 @@ fn bios() -> Vec<u8> {
             a.jmp(u64::from(ROM + MAIN))
         }),
     );
-    put(0xfff0, &asm(16, 0xfff0, |a| jmp_far(a, 0xf000, INIT, false)));
-    image
+    bios.image()
 }
 
-/// `qemu-system-x86_64` and a scratch directory.
-pub struct QemuRunner {
-    qemu: PathBuf,
-    dir: PathBuf,
-    bios: PathBuf,
-}
+/// QEMU over a RAM file shared with it.
+pub struct QemuRunner(SharedRamQemu);
 
 impl QemuRunner {
     /// The runner, if QEMU is installed (says why not otherwise).
     pub fn new() -> Option<QemuRunner> {
-        let qemu = super::support::find_qemu()?;
-        let dir = std::env::temp_dir().join(format!("topos-paging-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let path = dir.join("harness.bin");
-        std::fs::write(&path, bios()).expect("the BIOS image");
-        Some(QemuRunner { qemu, dir, bios: path })
+        let config = Config {
+            scratch: "topos-paging",
+            cpu: "qemu64",
+            log_env: "TOPOS_PAGING_QEMU_LOG",
+            log: "int,cpu_reset,guest_errors",
+        };
+        SharedRamQemu::new(config, &bios()).map(QemuRunner)
     }
 
     /// Runs the scenarios `(nxe, image)`, in one QEMU unless one of them
@@ -163,15 +136,7 @@ impl QemuRunner {
     pub fn run(&mut self, scenarios: &[(bool, &Image)]) -> Vec<Outcome> {
         let n = scenarios.len() as u64;
         let ram_size = (RECORDS + n * RECORD).next_multiple_of(1 << 20);
-        let path = self.dir.join("ram");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("the RAM file");
-        file.set_len(ram_size).expect("the RAM file's size");
+        let (path, file) = self.0.ram_file(ram_size);
         let gdt: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
         file.write_all_at(&gdt.iter().flat_map(|d| d.to_le_bytes()).collect::<Vec<_>>(), u64::from(GDT)).unwrap();
         file.write_all_at(&(n as u32).to_le_bytes(), u64::from(HEADER)).unwrap();
@@ -184,7 +149,7 @@ impl QemuRunner {
         let mut first = 0u64;
         while first < n {
             file.write_all_at(&(first as u32).to_le_bytes(), u64::from(HEADER + 4)).unwrap();
-            let status = self.boot(&path, ram_size);
+            let status = self.0.boot(&path, ram_size).status;
             let mut next = n;
             let mut stopped = false;
             for i in first..n {
@@ -224,31 +189,5 @@ impl QemuRunner {
         }
         let _ = std::fs::remove_file(&path);
         outs.into_iter().map(|o| o.expect("every scenario ran")).collect()
-    }
-
-    /// Boots the harness over the RAM file; QEMU's exit status.
-    fn boot(&self, ram: &std::path::Path, size: u64) -> Option<i32> {
-        let mut debug = vec![];
-        if let Ok(log) = std::env::var("TOPOS_PAGING_QEMU_LOG") {
-            debug = vec!["-d".to_string(), "int,cpu_reset,guest_errors".into(), "-D".into(), log];
-        }
-        let backend = format!("memory-backend-file,id=ram,size={size},mem-path={},share=on", ram.display());
-        let run = super::support::run_with_watchdog(
-            Command::new(&self.qemu)
-                .args(["-machine", "pc,accel=tcg,memory-backend=ram", "-cpu", "qemu64"])
-                .args(["-m", &format!("{}M", size >> 20), "-object", &backend])
-                .arg("-bios")
-                .arg(&self.bios)
-                .args(["-nodefaults", "-display", "none", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-                .args(&debug),
-        );
-        run.status
-    }
-}
-
-impl Drop for QemuRunner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod firmware_checks;
 pub mod harness_asm;
+pub mod qemu_shared_ram;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -43,6 +44,36 @@ pub fn find_qemu() -> Option<PathBuf> {
         println!("skipped: qemu-system-x86_64 not found");
     }
     found
+}
+
+/// The number in the environment variable `name`, if it is set (panics if
+/// it is not a number).
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
+}
+
+/// Which seeds a randomised test runs: `{prefix}_SEED=s` runs `s` alone
+/// (and asks for it to be printed), else `{prefix}_CASES` (default
+/// `default_count`) seeds from `{prefix}_FIRST` (default 0).
+pub struct Seeds {
+    pub first: u64,
+    pub count: u64,
+    /// One seed, printed even if it passes.
+    pub verbose: bool,
+}
+
+impl Seeds {
+    pub fn from_env(prefix: &str, default_count: u64) -> Seeds {
+        if let Some(seed) = env_u64(&format!("{prefix}_SEED")) {
+            return Seeds { first: seed, count: 1, verbose: true };
+        }
+        Seeds {
+            first: env_u64(&format!("{prefix}_FIRST")).unwrap_or(0),
+            count: env_u64(&format!("{prefix}_CASES")).unwrap_or(default_count),
+            verbose: false,
+        }
+    }
 }
 
 /// What one run produced.
