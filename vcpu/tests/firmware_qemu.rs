@@ -12,7 +12,7 @@ use topos_vcpu::firmware::{self, transcript, Machine};
 
 mod support;
 
-use support::{find_qemu, run_with_watchdog, Run};
+use support::{find_qemu, run_with_watchdog, Run, Scratch};
 
 #[test]
 fn image_is_128k_with_a_far_jump_at_the_reset_vector() {
@@ -55,13 +55,11 @@ fn run_qemu(qemu: &Path, image: &Path, ncpus: u32, accel: &str) -> Run {
 /// and the exit status.
 fn boots_on_qemu(ncpus: u32) {
     let Some(qemu) = find_qemu() else { return };
-    let dir = std::env::temp_dir().join(format!("topos-firmware-{}-{ncpus}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let image = dir.join("bios.bin");
-    std::fs::write(&image, firmware::bios_image().expect("the firmware assembles")).expect("image written");
+    let scratch = Scratch::new(&format!("topos-firmware-{ncpus}"));
+    let image = scratch.file("bios.bin", &firmware::bios_image().expect("the firmware assembles"));
 
     let run = run_qemu(&qemu, &image, ncpus, "tcg");
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     println!("qemu -smp {ncpus} (tcg): {:?} in {:?}\n{}", run.status, run.elapsed, run.stdout);
     let context = format!("-smp {ncpus}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
     assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");

@@ -257,10 +257,8 @@ fn a_debug_exit_storm_from_two_vcpus_stops_the_vm_once_with_the_first_status() {
 fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
     // mov al, 0x10; top: out 0xf4, al; inc al; jmp top
     let code = [0xb0, 0x10, 0xe6, 0xf4, 0xfe, 0xc0, 0xeb, 0xfa];
-    let dir = std::env::temp_dir().join(format!("topos-storm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bios.bin");
-    std::fs::write(&path, bios_at_reset(&code)).unwrap();
+    let scratch = support::Scratch::new("topos-storm");
+    let path = scratch.file("bios.bin", &bios_at_reset(&code));
     let kvm = support::kvm_present();
     for accel in ["interp", "kvm"] {
         if accel == "kvm" && !kvm {
@@ -270,7 +268,6 @@ fn topos_run_exits_with_the_first_status_of_a_debug_exit_storm() {
         assert!(!run.stderr.contains("panicked"), "{accel}: {}", run.stderr);
         assert_eq!(run.status, Some(0x21), "{accel}: (0x10 << 1) | 1, the first value; stderr: {}", run.stderr);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ----- 5. every vCPU halted ------------------------------------------------------------------

@@ -215,10 +215,8 @@ fn the_pits_ticks_reach_the_guest_through_the_in_kernel_pic() {
 #[test]
 fn the_pit_kernel_passes_on_qemu_tcg() {
     let Some(qemu) = support::find_qemu() else { return };
-    let dir = std::env::temp_dir().join(format!("topos-pit-kernel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("kernel");
-    std::fs::write(&path, kernel(Source::Pit).unwrap()).unwrap();
+    let scratch = support::Scratch::new("topos-pit-kernel").kept_if("TOPOS_KEEP_KERNEL");
+    let path = scratch.file("kernel", &kernel(Source::Pit).unwrap());
     let run = support::run_with_watchdog(
         std::process::Command::new(qemu)
             .args(["-machine", "pc", "-accel", "tcg", "-m", "64M", "-nodefaults", "-nographic", "-no-reboot"])
@@ -226,9 +224,7 @@ fn the_pit_kernel_passes_on_qemu_tcg() {
             .arg(&path)
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
     );
-    if std::env::var_os("TOPOS_KEEP_KERNEL").is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    drop(scratch);
     assert_eq!(run.status, Some(0x21), "{}", run.stderr);
 }
 

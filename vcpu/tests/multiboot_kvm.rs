@@ -10,7 +10,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use support::{find_qemu, kvm_present, run_with_watchdog, topos_run, Run};
+use support::{find_qemu, kvm_present, run_with_watchdog, topos_run, Run, Scratch};
 use topos_vcpu::board::memory_map::split_ram;
 use topos_vcpu::board::multiboot::{memory_map, MapOptions};
 use topos_vcpu::firmware::multiboot_kernel::{Boot, MmapEntry};
@@ -36,22 +36,20 @@ fn expected(kernel: &Path, ram: u64, ncpus: u32) -> Boot {
     }
 }
 
-fn write_kernel(format: KernelFormat, tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("topos-mb-kvm-{}-{tag}-{format:?}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("kernel");
-    std::fs::write(&path, firmware::multiboot_kernel(format).unwrap()).unwrap();
-    (dir, path)
+fn write_kernel(format: KernelFormat, tag: &str) -> (Scratch, std::path::PathBuf) {
+    let scratch = Scratch::new(&format!("topos-mb-kvm-{tag}-{format:?}"));
+    let path = scratch.file("kernel", &firmware::multiboot_kernel(format).unwrap());
+    (scratch, path)
 }
 
 fn boots_on_topos(format: KernelFormat, mem: &str, ram: u64) {
     if !kvm_present() {
         return;
     }
-    let (dir, path) = write_kernel(format, mem);
+    let (scratch, path) = write_kernel(format, mem);
     let kernel = path.display().to_string();
     let run = topos_run(&["--accel", "kvm", "--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     let context = format!("{format:?} -m {mem}: {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
     assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");
     if let Err(e) = transcript::check(&run.stdout, &expected(&path, ram, 2).expected_lines()) {
@@ -86,7 +84,7 @@ fn topos_and_qemu_on_kvm_print_the_same_lines() {
     }
     let Some(qemu) = find_qemu() else { return };
     for (format, mem) in [(KernelFormat::Elf, "256M"), (KernelFormat::AoutKludge, "4G")] {
-        let (dir, path) = write_kernel(format, &format!("cmp{mem}"));
+        let (scratch, path) = write_kernel(format, &format!("cmp{mem}"));
         let kernel = path.display().to_string();
         let ours = topos_run(&["--accel", "kvm", "--kernel", &kernel, "--append", APPEND, "-m", mem, "--smp", "2"]);
         let theirs = run_with_watchdog(
@@ -96,7 +94,7 @@ fn topos_and_qemu_on_kvm_print_the_same_lines() {
                 .arg(&path)
                 .args(["-append", APPEND, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]),
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(scratch);
         if theirs.status != Some(firmware::QEMU_STATUS_PASS) {
             println!("skipped: QEMU on KVM did not run the kernel here: {:?}\n{}", theirs.status, theirs.stderr);
             return;

@@ -10,7 +10,7 @@ use std::process::Command;
 
 mod support;
 
-use support::{find_qemu, run_with_watchdog, Run};
+use support::{find_qemu, run_with_watchdog, Run, Scratch};
 use topos_vcpu::firmware::multiboot_kernel::{self as mbk, Boot, MmapEntry};
 use topos_vcpu::firmware::{self, transcript, KernelFormat};
 
@@ -167,13 +167,11 @@ fn run_qemu(qemu: &Path, kernel: &Path, mem: &str) -> Run {
 /// exit status and the transcript against `want`.
 fn boots_on_qemu(format: KernelFormat, mem: &str, want: &str) {
     let Some(qemu) = find_qemu() else { return };
-    let dir = std::env::temp_dir().join(format!("topos-multiboot-{}-{format:?}-{mem}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kernel_path = dir.join("kernel");
-    std::fs::write(&kernel_path, kernel(format)).expect("kernel written");
+    let scratch = Scratch::new(&format!("topos-multiboot-{format:?}-{mem}"));
+    let kernel_path = scratch.file("kernel", &kernel(format));
 
     let run = run_qemu(&qemu, &kernel_path, mem);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     println!("qemu {format:?} -m {mem} (tcg): {:?} in {:?}\n{}", run.status, run.elapsed, run.stdout);
     let context =
         format!("{format:?} -m {mem}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
@@ -209,14 +207,12 @@ fn aout_kludge_boots_on_qemu_4g() {
 /// memory map (the interpreter's board reports no KVM-only ranges), the
 /// command line, the CPU count, the verdict.
 fn boots_on_the_interpreter(format: KernelFormat, mem: &str, want: &str) {
-    let dir = std::env::temp_dir().join(format!("topos-multiboot-interp-{}-{format:?}-{mem}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kernel_path = dir.join("kernel");
-    std::fs::write(&kernel_path, kernel(format)).expect("kernel written");
+    let scratch = Scratch::new(&format!("topos-multiboot-interp-{format:?}-{mem}"));
+    let kernel_path = scratch.file("kernel", &kernel(format));
     let path = kernel_path.display().to_string();
     let run =
         support::topos_run(&["--accel", "interp", "--kernel", &path, "--append", APPEND, "-m", mem, "--smp", "2"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     let context =
         format!("{format:?} -m {mem}: status {:?}\nstdout:\n{}\nstderr:\n{}", run.status, run.stdout, run.stderr);
     assert_eq!(run.status, Some(firmware::QEMU_STATUS_PASS), "{context}");

@@ -7,7 +7,7 @@
 mod support;
 
 use std::process::Command;
-use support::kvm_present;
+use support::{kvm_present, Scratch};
 use topos_devices::uart::SerialSink;
 use topos_vcpu::board::{PcConfig, PciModel};
 use topos_vcpu::machine::{Accel, Machine};
@@ -50,10 +50,8 @@ fn topos_run_boots_a_bios_file_and_exits_with_the_guests_status() {
     if !kvm_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("topos-pc-board-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bios.bin");
-    std::fs::write(&path, bios(b"ok\n", 0)).unwrap();
+    let scratch = Scratch::new("topos-pc-board");
+    let path = scratch.file("bios.bin", &bios(b"ok\n", 0));
     let out = Command::new(env!("CARGO_BIN_EXE_topos"))
         .args(["run", "--bios"])
         .arg(&path)
@@ -62,15 +60,12 @@ fn topos_run_boots_a_bios_file_and_exits_with_the_guests_status() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "(0 << 1) | 1");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn topos_mtree_prints_the_board_and_bad_options_are_errors() {
-    let dir = std::env::temp_dir().join(format!("topos-pc-mtree-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bios.bin");
-    std::fs::write(&path, bios(b"", 0)).unwrap();
+    let scratch = Scratch::new("topos-pc-mtree");
+    let path = scratch.file("bios.bin", &bios(b"", 0));
     let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["mtree", "--bios"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -94,7 +89,6 @@ fn topos_mtree_prints_the_board_and_bad_options_are_errors() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A minimal Multiboot kernel (a.out kludge, loaded at 1 MiB, entry at
@@ -133,10 +127,8 @@ fn topos_run_enters_a_multiboot_kernel_with_the_multiboot_state() {
     if !kvm_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("topos-pc-multiboot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("kernel.bin");
-    std::fs::write(&path, multiboot_kernel()).unwrap();
+    let scratch = Scratch::new("topos-pc-multiboot");
+    let path = scratch.file("kernel.bin", &multiboot_kernel());
     let out = Command::new(env!("CARGO_BIN_EXE_topos"))
         .args(["run", "--kernel"])
         .arg(&path)
@@ -155,14 +147,12 @@ fn topos_run_enters_a_multiboot_kernel_with_the_multiboot_state() {
     let out = Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--kernel"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Multiboot header"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn every_device_model_plugs_into_the_board_and_the_firmware_boots_from_a_flash() {
-    let dir = std::env::temp_dir().join(format!("topos-pc-devices-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fw = dir.join("fw.bin");
+    let scratch = Scratch::new("topos-pc-devices");
+    let fw = scratch.dir.join("fw.bin");
     let topos = env!("CARGO_BIN_EXE_topos");
     let out = Command::new(topos).args(["firmware", "-o"]).arg(&fw).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -191,7 +181,6 @@ fn every_device_model_plugs_into_the_board_and_the_firmware_boots_from_a_flash()
         assert!(stdout.ends_with("result: pass\n"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(1));
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -199,15 +188,13 @@ fn topos_run_stops_a_guest_whose_vcpus_all_halted_with_interrupts_off() {
     if !kvm_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("topos-pc-halted-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("bios.bin");
+    let scratch = Scratch::new("topos-pc-halted");
     // cli; hlt; jmp $-1: the BSP halts for good; the APs never get a SIPI.
-    std::fs::write(&path, support::bios_at_reset(&[0xfa, 0xf4, 0xeb, 0xfd])).unwrap();
+    let path = scratch.file("bios.bin", &support::bios_at_reset(&[0xfa, 0xf4, 0xeb, 0xfd]));
     let run = support::run_with_watchdog(
         Command::new(env!("CARGO_BIN_EXE_topos")).args(["run", "--smp", "2", "--bios"]).arg(&path),
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(scratch);
     assert_eq!(run.status, Some(0), "every vCPU halted: a clean stop; stderr: {}", run.stderr);
 }
 

@@ -76,6 +76,45 @@ impl Seeds {
     }
 }
 
+/// A scratch directory, `name` and the process id in the temporary
+/// directory; removed when dropped (also when a test fails), unless
+/// [`Scratch::kept_if`]'s variable is set.
+pub struct Scratch {
+    pub dir: PathBuf,
+    keep: Option<&'static str>,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        Scratch { dir, keep: None }
+    }
+
+    /// Kept (and said so) if the environment variable `var` is set.
+    pub fn kept_if(mut self, var: &'static str) -> Scratch {
+        self.keep = Some(var);
+        self
+    }
+
+    /// Writes `bytes` to `name` in the directory; returns its path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, bytes).expect("a scratch file");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep.is_some_and(|var| std::env::var_os(var).is_some()) {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// What one run produced.
 #[derive(Debug)]
 pub struct Run {

@@ -5,7 +5,7 @@
 //! the [`Bios`] skeleton here.
 
 use super::harness_asm::{asm, jmp_far};
-use super::{find_qemu, run_with_watchdog, Run};
+use super::{find_qemu, run_with_watchdog, Run, Scratch};
 use iced_x86::code_asm::*;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -71,12 +71,12 @@ pub struct Config {
     pub log: &'static str,
 }
 
-/// `qemu-system-x86_64` and a scratch directory (removed when dropped)
-/// holding the BIOS image and the RAM file.
+/// `qemu-system-x86_64` and a scratch directory holding the BIOS image and
+/// the RAM file.
 pub struct SharedRamQemu {
     config: Config,
     qemu: PathBuf,
-    dir: PathBuf,
+    scratch: Scratch,
     bios: PathBuf,
 }
 
@@ -87,17 +87,15 @@ impl SharedRamQemu {
         let qemu = find_qemu()?;
         static RUNNERS: AtomicU32 = AtomicU32::new(0);
         let n = RUNNERS.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("{}-{}-{n}", config.scratch, std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let path = dir.join("harness.bin");
-        std::fs::write(&path, bios).expect("the BIOS image");
-        Some(SharedRamQemu { config, qemu, dir, bios: path })
+        let scratch = Scratch::new(&format!("{}-{n}", config.scratch));
+        let bios = scratch.file("harness.bin", bios);
+        Some(SharedRamQemu { config, qemu, scratch, bios })
     }
 
     /// A new RAM file of `size` bytes (zeroed, open for reading and
     /// writing), and its path.
     pub fn ram_file(&self, size: u64) -> (PathBuf, File) {
-        let path = self.dir.join("ram");
+        let path = self.scratch.dir.join("ram");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -127,11 +125,5 @@ impl SharedRamQemu {
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
                 .args(&debug),
         )
-    }
-}
-
-impl Drop for SharedRamQemu {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
