@@ -148,18 +148,25 @@ impl topos_runtime::MemoryRegionOps for Remapper {
     fn write(&self, _addr: u64, _value: u64, _size: u32) {}
 }
 
-#[test]
-fn the_tlb_follows_a_view_change_that_a_later_device_access_loaded_first() {
-    // Within one run: the TLB takes 0x5000 → RAM; a device read maps
-    // another region there; a second device read brings the vCPU's memory
-    // path up to the new view; the next block must still see that the TLB
-    // was filled from the old one.
+/// RAM holding 0x1111_1111 at 0x5000, and a [`Remapper`] at 0x500000
+/// that maps a zeroed page over it.
+fn remapping_machine() -> (Topology, StandardSpaces) {
     let (topo, s) = machine();
     load(&s, 0x5000, &0x1111_1111u32.to_le_bytes());
     let over = topo.new_ram("over", 0x1000).unwrap();
     let dev = Remapper(std::sync::Mutex::new(Some((s.system.clone(), over))));
     let dev = topo.new_io("remapper", dev, topos_runtime::OpsConfig::default(), 0x1000).unwrap();
     s.system.add_subregion(0x50_0000, &dev).unwrap();
+    (topo, s)
+}
+
+#[test]
+fn the_tlb_follows_a_view_change_that_a_later_device_access_loaded_first() {
+    // Within one run: the TLB takes 0x5000 → RAM; a device read maps
+    // another region there; a second device read brings the vCPU's memory
+    // path up to the new view; the next block must still see that the TLB
+    // was filled from the old one.
+    let (_topo, s) = remapping_machine();
     // mov eax, [0x5000]; mov ebx, [0x500000]; mov ebx, [0x500000];
     // jmp 0x7100
     let code = [0xa1, 0, 0x50, 0, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0x8b, 0x1d, 0, 0, 0x50, 0, 0xe9, 0xea, 0, 0, 0];
@@ -176,12 +183,7 @@ fn the_tlb_follows_a_view_change_that_a_later_device_access_loaded_first() {
 fn a_self_looping_block_follows_a_view_change_that_a_device_access_loaded() {
     // As above, in a loop that runs until it sees the new region: the
     // block runs again without a look-up, which must not skip the check.
-    let (topo, s) = machine();
-    load(&s, 0x5000, &0x1111_1111u32.to_le_bytes());
-    let over = topo.new_ram("over", 0x1000).unwrap();
-    let dev = Remapper(std::sync::Mutex::new(Some((s.system.clone(), over))));
-    let dev = topo.new_io("remapper", dev, topos_runtime::OpsConfig::default(), 0x1000).unwrap();
-    s.system.add_subregion(0x50_0000, &dev).unwrap();
+    let (_topo, s) = remapping_machine();
     // 0x7000: mov eax, [0x5000]; mov ebx, [0x500000]; mov ebx, [0x500000];
     // test eax, eax; jnz 0x7000; hlt
     let code =
